@@ -1,0 +1,238 @@
+"""The `salmae` command line: parses options and dispatches to stage functions, nothing more.
+
+Every stage command takes `--config FILE.yaml` and repeatable `--set key=value`, layered over
+the stage's config dataclass (see `pipeline.config`). Stage modules are imported lazily so that
+`salmae --help` stays fast. `python -m pipeline.cli` (and so `torchrun -m pipeline.cli`) works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import SalmaeError
+
+
+class _Group(click.Group):
+    """A click group that prints a SalmaeError as one line and exits 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SalmaeError as e:
+            click.echo(f"salmae: error: {e}", err=True)
+            ctx.exit(SalmaeError.exit_code)
+
+
+def _config_options(f):
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config field (dotted keys for nested ones); repeatable.")(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="YAML file with config values (applied before options and --set).")(f)
+    return f
+
+
+def _run_stage(module: str, config_cls: str, config_path: str | None, overrides: tuple[str, ...],
+               **named: Any) -> Any:
+    """Resolve `module.config_cls` from the layers and call `module.run(cfg)`."""
+    from pipeline.config import resolve_config
+
+    mod = importlib.import_module(module)
+    cfg = resolve_config(getattr(mod, config_cls), config_path, overrides, **named)
+    return mod.run(cfg)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="salmae")
+def cli() -> None:
+    """salmae: saliency-guided MAE pretraining.
+
+    Stages: `saliency` (CLIP + Grad-CAM into a Zarr store), `pretrain` (MAE with
+    saliency-capped masks), `eval` (linear / kNN / fine-tune). Data tools: `shapes`,
+    `manifest`, `inspect`, `clip-train`. Whole pipeline: `demo`, `report`, `bench`.
+    """
+
+
+# --------------------------------------------------------------------------- data tools
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", "n", type=int, default=1024, show_default=True, help="Number of images.")
+@click.option("--image-size", type=int, default=64, show_default=True, help="Square image side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> identical bytes.")
+@click.option("--shard-size", type=int, default=256, show_default=True, help="Samples per tar shard.")
+@click.option("--imagefolder", is_flag=True, help="Also write a train/ + val/ ImageFolder split by shape class.")
+def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool) -> None:
+    """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
+    from pipeline.data.shapes import write_shapes
+
+    summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
+                           imagefolder=imagefolder)
+    click.echo(summary)
+
+
+@cli.group()
+def manifest() -> None:
+    """Build or verify a data manifest (one row per sample, identified by key)."""
+
+
+@manifest.command("build")
+@click.argument("shards")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .parquet path.")
+def manifest_build(shards: str, out: str) -> None:
+    """Scan SHARDS (brace pattern, paths or pipe: URLs) once and write the manifest."""
+    from pipeline.manifest import build_manifest, describe_manifest
+
+    click.echo(describe_manifest(build_manifest(shards, out)))
+
+
+@manifest.command("verify")
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.argument("shards")
+def manifest_verify(manifest_path: str, shards: str) -> None:
+    """Report missing, extra or changed shards between MANIFEST and SHARDS (exit 1 if any)."""
+    from pipeline.manifest import verify_manifest
+
+    report = verify_manifest(manifest_path, shards)
+    click.echo(report.describe())
+    if not report.ok:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- stage 1
+@cli.command()
+@click.option("--data", help="Caption shards: brace pattern, paths or pipe: URLs.")
+@click.option("--out", help="Output Zarr store (STORE.zarr).")
+@click.option("--manifest", "manifest_path", help="Use this manifest instead of building one.")
+@click.option("--clip-model", help="open_clip model config name (e.g. ViT-B-16, salmae-tiny).")
+@click.option("--clip-pretrained", help="open_clip pretrained tag, a local checkpoint FILE, or 'none'.")
+@click.option("--cam", help="CAM method: gradcam (fast path), gradcam++, layercam, eigencam, ...")
+@click.option("--batch-size", type=int)
+@click.option("--workers", type=int, help="DataLoader worker processes (decode + resize).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with another config.")
+@_config_options
+def saliency(config_path, overrides, manifest_path, **named) -> None:
+    """Stage 1: CLIP + Grad-CAM saliency per image into a resumable Zarr store."""
+    _run_stage("stages.saliency", "SaliencyConfig", config_path, overrides, manifest=manifest_path, **named)
+
+
+@cli.command("clip-train")
+@click.option("--data", help="Caption shards to train on.")
+@click.option("--out", help="Output checkpoint file (clip.pt).")
+@click.option("--clip-model", help="open_clip model config name (default: salmae-tiny).")
+@click.option("--seconds", type=float, help="Wall-clock training budget.")
+@click.option("--batch-size", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@_config_options
+def clip_train(config_path, overrides, **named) -> None:
+    """Train a tiny open_clip model contrastively on caption shards (the offline CLIP)."""
+    _run_stage("stages.clip_train", "ClipTrainConfig", config_path, overrides, **named)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--data", help="Shards of the store's data, to score maps against metadata bboxes.")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False), help="Write overlay PNGs here.")
+@click.option("--keys", help="Comma-separated keys to draw.")
+@click.option("--random", "n_random", type=int, help="Draw N random ok rows.")
+@click.option("--strategy", default="saliency", show_default=True, help="Mask strategy drawn in the overlays.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> None:
+    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics."""
+    from stages.inspect import format_summary, inspect_store
+
+    summary = inspect_store(store, data=data, png_dir=png_dir,
+                            keys=keys.split(",") if keys else None, n_random=n_random,
+                            strategy=strategy, seed=seed)
+    click.echo(format_summary(summary, as_json=as_json))
+
+
+# --------------------------------------------------------------------------- stage 2
+@cli.command()
+@click.option("--data", help="Image shards to pretrain on.")
+@click.option("--out", help="Run folder (created; holds config.yaml, checkpoints, metrics.jsonl).")
+@click.option("--saliency", help="Stage-1 Zarr store (needed for saliency/adaptive masks).")
+@click.option("--mask", type=click.Choice(["random", "block", "grid", "saliency", "adaptive"]))
+@click.option("--model", type=click.Choice(["tiny", "small", "base", "large", "huge"]))
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--resume", help="'latest' or a checkpoint path.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@_config_options
+def pretrain(config_path, overrides, **named) -> None:
+    """Stage 2: MAE pretraining with saliency-capped (or baseline) masks."""
+    _run_stage("stages.pretrain", "PretrainConfig", config_path, overrides, **named)
+
+
+# --------------------------------------------------------------------------- stage 3
+def _eval_command(protocol: str):
+    @click.option("--checkpoint", help="Stage-2 checkpoint, official MAE checkpoint or timm ViT weights.")
+    @click.option("--data", help="ImageFolder root (train/, val/) or labelled shards.")
+    @click.option("--out", help="Output folder for results.json.")
+    @click.option("--epochs", type=int)
+    @click.option("--batch-size", type=int)
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+    @_config_options
+    def command(config_path, overrides, **named) -> None:
+        _run_stage("stages.evaluate", "EvalConfig", config_path, overrides, protocol=protocol, **named)
+
+    command.__doc__ = {
+        "linear": "Linear probe on frozen features (BatchNorm + Linear, LARS, cached features).",
+        "knn": "Weighted kNN on L2-normalised frozen features (k=20, T=0.07).",
+        "finetune": "End-to-end fine-tuning with layer decay, mixup/cutmix, RandAugment.",
+    }[protocol]
+    return command
+
+
+@cli.group("eval")
+def eval_group() -> None:
+    """Stage 3: evaluate a pretrained encoder (linear, knn, finetune)."""
+
+
+for _protocol in ("linear", "knn", "finetune"):
+    eval_group.command(_protocol)(_eval_command(_protocol))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output markdown file.")
+def report(runs, out) -> None:
+    """Compare pretraining runs (and their evals) in one markdown table with PNG plots."""
+    from stages.report import write_report
+
+    click.echo(write_report(list(runs), out))
+
+
+# --------------------------------------------------------------------------- whole pipeline
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Demo folder (resumable).")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Pretrain+eval seeds per strategy.")
+@_config_options
+def demo(config_path, overrides, out, seeds) -> None:
+    """Run the whole pipeline on generated data with tiny models and write report.md."""
+    _run_stage("stages.demo", "DemoConfig", config_path, overrides, out=out, seeds=seeds)
+
+
+@cli.command()
+@click.argument("which", type=click.Choice(["all", "saliency", "pretrain", "eval"]), default="all")
+@click.option("--out", default="BENCHMARKS.md", show_default=True, help="Markdown file to (re)write.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Repeats per timing (median reported).")
+def bench(which, out, repeats) -> None:
+    """Measure the stage speed ratios and rewrite BENCHMARKS.md."""
+    from stages.bench import run_bench
+
+    click.echo(run_bench(which=which, out=out, repeats=repeats))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (`salmae`)."""
+    cli.main(args=argv, prog_name="salmae")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Layered configuration: dataclass defaults -> optional YAML file -> CLI options -> `--set`.
+
+Each stage defines one (possibly nested) dataclass with a comment per field. `resolve_config`
+merges the layers, converts values to the field types and rejects unknown keys with a
+suggestion; `save_config` writes the result as `config.yaml` into the stage's output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+from pipeline.errors import SalmaeError
+from pipeline.files import atomic_write_text
+
+T = TypeVar("T")
+
+
+def resolve_config(
+    cls: type[T],
+    yaml_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    **named: Any,
+) -> T:
+    """Build a `cls` instance from defaults, a YAML file, named options and `key=value` strings.
+
+    Named options whose value is None are treated as "not given". Dotted keys (`optim.lr=1e-3`)
+    reach into nested dataclasses.
+    """
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise SalmaeError(f"config file {path} not found; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SalmaeError(f"config file {path} is not valid YAML ({e.__class__.__name__}); fix its syntax") from e
+        if not isinstance(loaded, dict):
+            raise SalmaeError(f"config file {path} must hold a mapping of keys to values")
+        _merge(values, loaded)
+    for key, value in named.items():
+        if value is not None:
+            _set_dotted(values, key, value)
+    for item in overrides:
+        if "=" not in item:
+            raise SalmaeError(f"--set {item!r} must look like key=value (e.g. --set optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(cls, values, prefix="")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-YAML-friendly dict of a config dataclass (paths become strings, tuples lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _merge(dst: dict, src: Mapping) -> None:
+    for key, value in src.items():
+        if isinstance(value, Mapping):
+            _merge(dst.setdefault(key, {}), value)
+        else:
+            dst[key] = value
+
+
+def _set_dotted(dst: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        dst = dst.setdefault(part, {})
+    dst[parts[-1]] = value
+
+
+def _build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        if key not in fields:
+            full = prefix + key
+            valid = [prefix + name for name in fields]
+            close = difflib.get_close_matches(full, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise SalmaeError(f"unknown config key '{full}' for {cls.__name__}{hint}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise SalmaeError(f"config key '{prefix + name}' is a section; set its fields as {prefix + name}.FIELD=…")
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert `value` to the annotated type, or raise a one-line error naming `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except SalmaeError as e:
+                errors.append(str(e))
+        raise SalmaeError(errors[0] if errors else f"config key '{key}' has an invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise SalmaeError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise SalmaeError(f"config key '{key}' expects a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key) for v in value] if inner is not Any else list(value)
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise SalmaeError(f"config key '{key}' expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SalmaeError(f"config key '{key}' expects an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise SalmaeError(f"config key '{key}' expects an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise SalmaeError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SalmaeError(f"config key '{key}' expects a number, got {value!r}") from None
+    if hint is str:
+        return value if isinstance(value, str) else str(value)
+    if hint is Path:
+        return Path(value)
+    return value
