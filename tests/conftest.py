@@ -1,0 +1,32 @@
+"""Shared fixtures: small generated datasets, written once per test session into a temp dir.
+
+Tests never touch the network and never write inside the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores here: keep each test process to one intra-op thread so parallel work stays predictable.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """64 captioned 32-px shapes in 2 img2dataset shards (00000.tar, 00001.tar) + ImageFolder split."""
+    from pipeline.data.shapes import write_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes(out, n=64, image_size=32, seed=0, shard_size=32, imagefolder=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_pattern(shapes_dir) -> str:
+    """Brace pattern over the shards of `shapes_dir`."""
+    return str(shapes_dir / "{00000..00001}.tar")
