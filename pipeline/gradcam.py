@@ -1,0 +1,182 @@
+"""Grad-CAM of CLIP's image–caption similarity over the ViT patch grid.
+
+The target for sample i is the cosine similarity of image i's embedding to the embedding of
+*its own* caption (text encoded without gradients). Two ways to compute the map:
+
+- `fast_gradcam` (the default, `--cam gradcam`): the visual trunk runs with every parameter
+  frozen, so no graph is recorded until the chosen layer; a forward hook there swaps the
+  activation for a detached leaf that requires grad. Autograd therefore spans only the tail of
+  the network, and `torch.autograd.grad` returns the gradient w.r.t. that one activation.
+- `library_cam` (`--cam gradcam++|layercam|eigencam|xgradcam|...`): pytorch-grad-cam as the
+  method zoo and as the reference for the fast path (see tests/test_gradcam.py).
+
+The default layer is the input norm `ln_1` of the last visual block: the block *output* gets
+zero gradient for the class-token pooled embedding (only the class token reaches the head
+after the last block), while `ln_1` feeds the last attention, which mixes patch tokens into it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import SalmaeError
+
+DEFAULT_LAYER = "transformer.resblocks.-1.ln_1"   # relative to model.visual
+
+# --cam METHOD -> pytorch_grad_cam class name ("gradcam" is the fast path; "gradcam-lib" is the
+# library's own GradCAM, kept for comparisons and benchmarks).
+LIBRARY_METHODS = {
+    "gradcam-lib": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "hirescam": "HiResCAM",
+    "gradcamelementwise": "GradCAMElementWise",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+}
+CAM_METHODS = ("gradcam", *LIBRARY_METHODS)
+
+
+def resolve_layer(model: nn.Module, layer: str = DEFAULT_LAYER) -> tuple[nn.Module, str]:
+    """Find `layer` (dotted path under `model.visual`, negative indices allowed) -> (module, canonical path)."""
+    module: nn.Module = model.visual
+    parts = []
+    for part in layer.split("."):
+        try:
+            if part.lstrip("-").isdigit():
+                seq = module
+                index = int(part) % len(seq)
+                module = seq[index]
+                parts.append(str(index))
+            else:
+                module = getattr(module, part)
+                parts.append(part)
+        except (AttributeError, IndexError, TypeError):
+            raise SalmaeError(f"CAM layer {layer!r} not found under model.visual (failed at {part!r}); "
+                              f"use a dotted path such as {DEFAULT_LAYER}") from None
+    if not isinstance(module, nn.Module):
+        raise SalmaeError(f"CAM layer {layer!r} is not a module; use a dotted path such as {DEFAULT_LAYER}")
+    return module, ".".join(parts)
+
+
+@torch.no_grad()
+def encode_captions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens: [N, T] int -> text embeddings [N, D], L2-normalised, no graph."""
+    return F.normalize(model.encode_text(tokens), dim=-1)
+
+
+def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """ViT tokens [N, 1 + gh*gw, C] (class token first) -> [N, C, gh, gw] over the patch tokens."""
+    gh, gw = grid
+    patches = tokens[:, 1:, :]                                   # drop the class token
+    return patches.reshape(patches.shape[0], gh, gw, patches.shape[-1]).permute(0, 3, 1, 2)
+
+
+def gradcam_from_tokens(act: torch.Tensor, grad: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Grad-CAM from a layer's tokens and their gradients.
+
+    act, grad: [N, 1 + gh*gw, C] -> cam: [N, gh, gw] = ReLU(sum_c mean_tokens(grad_c) * act_c).
+    """
+    act_g, grad_g = tokens_to_grid(act, grid), tokens_to_grid(grad, grid)   # [N, C, gh, gw]
+    weights = grad_g.mean(dim=(2, 3), keepdim=True)                         # [N, C, 1, 1]
+    return F.relu((weights * act_g).sum(dim=1))
+
+
+def fast_gradcam(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
+                 layer: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """Own-caption Grad-CAM with autograd only from `layer` to the output.
+
+    images: [N, 3, H, W] normalised; text_emb: [N, D] (row i = image i's caption) -> [N, gh, gw] raw CAM.
+    The model's parameters must not require grad (as `load_clip` leaves them).
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def start_graph_here(_module, _inputs, output):
+        leaf = output.detach().requires_grad_(True)   # everything before this ran without a graph
+        captured["act"] = leaf
+        return leaf
+
+    handle = layer.register_forward_hook(start_graph_here)
+    try:
+        with torch.enable_grad():
+            image_emb = model.encode_image(images)                               # [N, D]
+            target = F.cosine_similarity(image_emb, text_emb.to(image_emb.dtype), dim=-1)  # [N]
+            (grad,) = torch.autograd.grad(target.sum(), captured["act"])
+    finally:
+        handle.remove()
+    return gradcam_from_tokens(captured["act"].detach().float(), grad.float(), grid)
+
+
+def minmax_per_image(cam: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """[N, gh, gw] -> each map shifted to min 0 and divided by (max + eps), as pytorch-grad-cam does."""
+    flat = cam.flatten(1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    flat = flat / (flat.max(dim=1, keepdim=True).values + eps)
+    return flat.view_as(cam)
+
+
+class OwnCaptionSimilarity(nn.Module):
+    """images [N, 3, H, W] -> cosine similarity [N, 1] of image i to caption i (fixed text embeddings)."""
+
+    def __init__(self, model: nn.Module, text_emb: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("text_emb", text_emb.detach())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image_emb = self.model.encode_image(images)
+        return F.cosine_similarity(image_emb, self.text_emb.to(image_emb.dtype), dim=-1)[:, None]
+
+
+class SimilarityTarget:
+    """pytorch-grad-cam target: the (single) similarity output of one sample."""
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output.reshape(-1)[0]
+
+
+def library_cam(method: str, model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
+                layer: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam `method` on the own-caption similarity -> [N, gh, gw] at grid resolution.
+
+    The library min-max normalises every map (its output is in [0, 1]); asking it for the grid
+    size as "target size" makes its resize an identity, so maps compare 1:1 with `fast_gradcam`.
+    """
+    import pytorch_grad_cam
+
+    if method not in LIBRARY_METHODS:
+        raise SalmaeError(f"unknown --cam {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    base = getattr(pytorch_grad_cam, LIBRARY_METHODS[method])
+    cam_cls = type(f"Grid{base.__name__}", (base,), {"get_target_width_height": lambda self, x: (grid[1], grid[0])})
+    wrapper = OwnCaptionSimilarity(model, text_emb)
+    images = images.detach().clone().requires_grad_(True)   # parameters are frozen: let the graph start at the input
+    cam = cam_cls(model=wrapper, target_layers=[layer], reshape_transform=lambda t: tokens_to_grid(t, grid))
+    try:
+        out = cam(input_tensor=images, targets=[SimilarityTarget() for _ in range(len(images))])
+    finally:
+        cam.activations_and_grads.release()
+    return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(images.device)
+
+
+def compute_cam(method: str) -> Callable[..., torch.Tensor]:
+    """The CAM function for `--cam method`, with `fast_gradcam`'s signature."""
+    if method == "gradcam":
+        return fast_gradcam
+    if method not in LIBRARY_METHODS:
+        raise SalmaeError(f"unknown --cam {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    return lambda model, images, text_emb, layer, grid: library_cam(method, model, images, text_emb, layer, grid)
+
+
+def cam_normalisation(method: str) -> str:
+    """How the stored maps are scaled (recorded in the store's attrs)."""
+    if method == "gradcam":
+        return "none: raw ReLU Grad-CAM of the cosine image-caption similarity (scale varies per image)"
+    return "minmax per image to [0, 1] (pytorch-grad-cam)"

@@ -1,0 +1,144 @@
+"""open_clip loading for stage 1: one code path for tags, local checkpoint files and random weights.
+
+`load_clip(name, pretrained, device)` returns the model in eval mode with frozen parameters, the
+image geometry/normalisation it expects (`ClipInfo`), its tokenizer, and a `record` dict that
+goes into the saliency store's attrs so a map can always be traced to the exact weights.
+
+`pretrained` is one of
+- an open_clip tag (`laion2b_s34b_b88k`, `openai`, ...): weights from open_clip's cache or the
+  network; the tag's own mean/std and QuickGELU setting are applied;
+- a local checkpoint FILE (the offline path): its sha256 is recorded. A file does not bring its
+  tag's mean/std, so they come from the file itself when it carries a `preprocess_cfg` (files
+  written by `salmae clip-train` do), else from open_clip's model/preprocess defaults. QuickGELU is
+  taken from the file's `quick_gelu` entry if present, or from a `-quickgelu` model name
+  (e.g. `ViT-B-16-quickgelu` for OpenAI weights saved as a plain state dict);
+- `none`: random weights, only when asked for explicitly; recorded as such.
+
+Our configs in `configs/` are registered with open_clip on import: `salmae-tiny` (64 px, the
+offline CLIP that `salmae clip-train` trains) and `salmae-micro` (32 px, for tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from pipeline.errors import SalmaeError
+from pipeline.files import sha256_file
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_MODEL = "salmae-tiny"
+
+for _config in sorted(CONFIG_DIR.glob("*.json")):
+    open_clip.add_model_config(_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipInfo:
+    """What the data loader needs to feed the image tower."""
+
+    input_size: tuple[int, int]       # (H, W) the image is resized (squashed) to
+    mean: tuple[float, float, float]  # per-channel normalisation applied after scaling to [0, 1]
+    std: tuple[float, float, float]
+    grid: tuple[int, int]             # (gh, gw) patch grid of the vision transformer
+    context_length: int               # text tokens per caption
+
+
+def is_random(pretrained: str | None) -> bool:
+    return pretrained is None or str(pretrained).lower() == "none"
+
+
+def load_clip(
+    name: str, pretrained: str | None, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, ClipInfo, Callable[[list[str]], torch.Tensor], dict[str, Any]]:
+    """Build open_clip model `name` with weights `pretrained` (tag, FILE or 'none').
+
+    Returns `(model, info, tokenizer, record)`; the model is in eval mode with
+    `requires_grad=False` on every parameter (saliency needs gradients w.r.t. activations only).
+    """
+    if name not in open_clip.list_models():
+        raise SalmaeError(f"unknown --clip-model {name!r}; use an open_clip config name "
+                          f"(e.g. ViT-B-16, {TINY_MODEL}; `python -c 'import open_clip; print(open_clip.list_models())'`)")
+    kwargs: dict[str, Any] = {}
+    record: dict[str, Any] = {"clip_model": name, "clip_pretrained": "none", "pretrained_sha256": None}
+    if is_random(pretrained):
+        weights = None
+    elif _looks_like_file(pretrained):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise SalmaeError(f"CLIP checkpoint {path} not found; pass an existing file to --clip-pretrained "
+                              f"(train one with `salmae clip-train --out {path}`), an open_clip tag, or 'none'")
+        weights = str(path)
+        extras = _file_extras(path)
+        if extras.get("model_name") not in (None, name):
+            raise SalmaeError(f"CLIP checkpoint {path} was trained as {extras['model_name']!r}, not {name!r}; "
+                              f"pass --clip-model {extras['model_name']}")
+        pp = extras.get("preprocess_cfg") or {}
+        if "mean" in pp and "std" in pp:
+            kwargs.update(image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]))
+        if extras.get("quick_gelu") or extras.get("openai_jit"):
+            kwargs["force_quick_gelu"] = True
+        record.update(clip_pretrained=str(path), pretrained_sha256=sha256_file(path))
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag_cfg:
+            raise SalmaeError(f"--clip-pretrained {pretrained!r} is neither a file nor an open_clip tag for {name}; "
+                              f"known tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}")
+        if tag_cfg.get("quick_gelu"):  # OpenAI weights were trained with QuickGELU
+            kwargs["force_quick_gelu"] = True
+        weights = pretrained
+        record.update(clip_pretrained=pretrained)
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=weights, device=device, **kwargs)
+    except RuntimeError as e:
+        if weights is not None and not _looks_like_file(weights):
+            raise SalmaeError(f"could not fetch open_clip weights {name}/{weights} ({str(e)[:100]}); offline, pass a "
+                              "local checkpoint FILE to --clip-pretrained") from e
+        raise SalmaeError(f"could not load CLIP checkpoint {weights} into {name} ({str(e)[:160]}); "
+                          "check that --clip-model matches the checkpoint") from e
+    model.eval().requires_grad_(False)
+    visual = model.visual
+    pp = visual.preprocess_cfg
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    tokenizer = open_clip.get_tokenizer(name)
+    info = ClipInfo(input_size=tuple(int(s) for s in size), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                    grid=tuple(int(g) for g in visual.grid_size), context_length=int(model.context_length))
+    record.update(quick_gelu=bool(kwargs.get("force_quick_gelu", False)), mean=list(info.mean), std=list(info.std),
+                  input_size=list(info.input_size), grid=list(info.grid))
+    return model, info, tokenizer, record
+
+
+def checkpoint_extras(model_name: str, mean, std, quick_gelu: bool = False) -> dict[str, Any]:
+    """What `salmae clip-train` stores beside `state_dict` so `load_clip` can rebuild preprocessing."""
+    return {"model_name": model_name, "preprocess_cfg": {"mean": list(mean), "std": list(std)},
+            "quick_gelu": bool(quick_gelu)}
+
+
+def _looks_like_file(pretrained: str) -> bool:
+    p = str(pretrained)
+    return Path(p).exists() or "/" in p or "\\" in p or p.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
+
+
+def _file_extras(path: Path) -> dict[str, Any]:
+    """Preprocessing hints stored in a checkpoint dict; OpenAI JIT archives imply QuickGELU."""
+    if path.suffix in (".safetensors", ".npz", ".npy"):
+        return {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if any(n.endswith("constants.pkl") for n in zf.namelist()):
+                return {"openai_jit": True}
+    except zipfile.BadZipFile:
+        pass
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise SalmaeError(f"CLIP checkpoint {path} could not be read ({e.__class__.__name__}); "
+                          "is it a complete torch state dict?") from e
+    if isinstance(state, dict) and "state_dict" in state:
+        return {k: state[k] for k in ("model_name", "preprocess_cfg", "quick_gelu") if k in state}
+    return {}
