@@ -1,0 +1,125 @@
+"""MAE model: shapes, official key layout, padded variable-length batches, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import masking
+from pipeline.errors import SalmaeError
+from pipeline.models.mae import MaskedAutoencoderViT, build_mae
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_mae("tiny", **{**TINY, **kw}).eval()
+
+
+def official_keys(depth: int, decoder_depth: int) -> set[str]:
+    """The state-dict keys of facebookresearch/mae MaskedAutoencoderViT."""
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias"]
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+            "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed",
+            "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"}
+    keys |= {f"blocks.{i}.{k}" for i in range(depth) for k in block}
+    keys |= {f"decoder_blocks.{i}.{k}" for i in range(decoder_depth) for k in block}
+    return keys
+
+
+def test_shapes_and_loss():
+    model = _model()
+    imgs = torch.randn(3, 3, 32, 32)
+    loss, pred, mask = model(imgs, mask_ratio=0.75)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert pred.shape == (3, 16, 8 * 8 * 3) and mask.shape == (3, 16)
+    assert (mask.sum(1) == 12).all()
+    assert model.unpatchify(model.patchify(imgs)).equal(imgs)
+    per_image = model(imgs, masking=masking.random_mask(3, 16, 0.75, generator=torch.Generator().manual_seed(0)),
+                      reduction="none")[0]
+    assert per_image.shape == (3,)
+
+
+def test_official_key_layout_loads_strict():
+    model = _model()
+    sd = model.state_dict()
+    assert set(sd) == official_keys(2, 1)
+    # a state dict with official names (e.g. from a converted checkpoint) loads strictly into a fresh model
+    official = {k: torch.randn_like(v) for k, v in sd.items()}
+    fresh = _model()
+    fresh.load_state_dict(official, strict=True)
+    assert torch.equal(fresh.state_dict()["blocks.1.attn.qkv.weight"], official["blocks.1.attn.qkv.weight"])
+    assert not fresh.pos_embed.requires_grad and not fresh.decoder_pos_embed.requires_grad
+    assert fresh.norm.eps == 1e-6
+    rebuilt = MaskedAutoencoderViT(**fresh.model_args)
+    assert set(rebuilt.state_dict()) == set(sd)
+
+
+def test_noise_reproduces_mask():
+    model = _model()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    a = model(imgs, noise=noise)
+    b = model(imgs, noise=noise)
+    assert torch.equal(a[2], b[2]) and torch.allclose(a[0], b[0])
+    _, mask_ref, _ = masking.random_mask(2, 16, 0.75, noise=noise)
+    assert torch.equal(a[2], mask_ref)
+
+
+def test_precomputed_triple_equals_noise_path():
+    model = _model()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    a = model(imgs, noise=noise)
+    b = model(imgs, masking=masking.random_mask(2, 16, 0.75, noise=noise))
+    assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_padded_batch_equals_each_image_alone():
+    model = _model()
+    imgs = torch.randn(3, 3, 32, 32)
+    sal = torch.zeros(3, 16)
+    sal[0, :2] = 1.0
+    sal[1, :8] = 1.0
+    sal[2, :] = 1.0
+    ids_keep, mask, ids_restore = masking.adaptive_mask(sal, base=0.6, var=0.3, delta=0.5,
+                                                        generator=torch.Generator().manual_seed(0))
+    counts = (mask == 0).sum(1)
+    assert counts.unique().numel() == 3  # genuinely variable lengths
+    batch_loss, batch_pred, _ = model(imgs, masking=(ids_keep, mask, ids_restore), reduction="none")
+    for i in range(3):
+        k = int(counts[i])
+        alone = (ids_keep[i:i + 1, :k], mask[i:i + 1], ids_restore[i:i + 1])
+        loss_i, pred_i, _ = model(imgs[i:i + 1], masking=alone, reduction="none")
+        torch.testing.assert_close(batch_loss[i:i + 1], loss_i, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch_pred[i:i + 1], pred_i, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_and_online_salience():
+    model = _model()
+    imgs = torch.randn(2, 3, 32, 32)
+    triple = masking.random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    w = masking.boundary_weights(triple[1], model.grid, 3.0)
+    plain = model(imgs, masking=triple)[0]
+    weighted = model(imgs, masking=triple, weight=w)[0]
+    assert torch.isfinite(weighted) and not torch.allclose(plain, weighted)
+    assert model.token_salience(imgs).shape == (2, 16)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "large", "huge"])
+def test_presets(preset):
+    from pipeline.models.mae import PRESETS
+
+    args = PRESETS[preset]
+    assert args["embed_dim"] % args["num_heads"] == 0
+    if preset in ("base", "large", "huge"):
+        assert (args["decoder_embed_dim"], args["decoder_depth"]) == (512, 8)
+    if preset == "tiny":
+        model = build_mae("tiny")
+        assert model(torch.randn(1, 3, 64, 64))[1].shape == (1, 64, 192)
+    with pytest.raises(SalmaeError):
+        build_mae("gigantic")
