@@ -1,0 +1,103 @@
+"""Paired augmentation for stage 2: one RandomResizedCrop + flip applied to an image AND its saliency map.
+
+MAE trains with RandomResizedCrop(scale 0.2–1) and a horizontal flip. A saliency map computed on
+the whole image is only meaningful for masking if it sees the same crop and flip; so the crop box
+is drawn once (`sample_crop_box`) and used for both: the image is resized-cropped, the map is
+area-pooled over the same box (in map coordinates) onto the MAE patch grid
+(`crop_flip_saliency`). All randomness comes from a `torch.Generator`, so a sample's
+augmentation depends only on its seed (not on the worker or DDP rank that loads it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_crop_box(width: int, height: int, generator: torch.Generator | None = None,
+                    scale: tuple[float, float] = (0.2, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """torchvision's RandomResizedCrop.get_params, drawn from `generator`; returns (x0, y0, x1, y1)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(3, generator=generator).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            pos = torch.rand(2, generator=generator).tolist()
+            top = int(pos[0] * (height - h + 1))
+            left = int(pos[1] * (width - w + 1))
+            return (left, top, left + w, top + h)
+    # fallback: central crop with the ratio clipped into range
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return (left, top, left + w, top + h)
+
+
+def crop_flip_image(img: Image.Image, box: Box, flip: bool, size: int) -> torch.Tensor:
+    """PIL image -> normalised tensor [3, size, size] of `box` (bicubic, as MAE), flipped if asked."""
+    x0, y0, x1, y1 = box
+    t = TF.to_image(img)
+    t = TF.resized_crop(t, int(y0), int(x0), int(y1 - y0), int(x1 - x0), [size, size],
+                        interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    if flip:
+        t = TF.horizontal_flip(t)
+    t = TF.to_dtype(t, torch.float32, scale=True)
+    return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def crop_flip_saliency(sal: torch.Tensor, frame: Sequence[float], box: Box, flip: bool,
+                       out_grid: tuple[int, int], upsample: int = 8) -> torch.Tensor:
+    """Apply an image crop box and flip to a saliency map and area-pool it to the patch grid.
+
+    The map is treated as piecewise constant per cell (nearest-upsampled by `upsample`), then
+    `roi_align` averages it over each output patch's area with about one sample per upsampled
+    cell, so each output value is the map's mean over that patch (to within 1/upsample of a cell).
+
+    Args:
+        sal: [gh, gw] map covering `frame` = (x0, y0, x1, y1) of the image (image pixels).
+        frame: the image region the map covers.
+        box: crop box (x0, y0, x1, y1) in image pixels (from `sample_crop_box`).
+        flip: whether the cropped image was flipped horizontally.
+        out_grid: (Gh, Gw) MAE patch grid.
+    Returns:
+        [Gh, Gw] float32 mean saliency per output patch; parts of the crop outside the frame count as 0.
+    """
+    gh, gw = sal.shape
+    fx0, fy0, fx1, fy1 = (float(v) for v in frame)
+    f = upsample
+    sx, sy = f * gw / max(fx1 - fx0, 1e-6), f * gh / max(fy1 - fy0, 1e-6)  # upsampled cells per pixel
+    x0, y0, x1, y1 = box
+    roi = torch.tensor([[0, (x0 - fx0) * sx, (y0 - fy0) * sy, (x1 - fx0) * sx, (y1 - fy0) * sy]],
+                       dtype=torch.float32)
+    fine = sal.float().repeat_interleave(f, 0).repeat_interleave(f, 1)[None, None]  # [1, 1, f*gh, f*gw]
+    # aligned=True: cell (u, v) spans [u, u+1) in these coordinates; sampling_ratio=0 -> adaptive
+    out = roi_align(fine, roi, output_size=out_grid, spatial_scale=1.0, sampling_ratio=0, aligned=True)[0, 0]
+    return out.flip(-1) if flip else out
+
+
+def resize_saliency(sal: torch.Tensor, frame: Sequence[float], image_size: tuple[int, int],
+                    out_grid: tuple[int, int]) -> torch.Tensor:
+    """No augmentation (evaluation/visualisation): the whole image as the crop box. [gh, gw] -> [Gh, Gw]."""
+    w, h = image_size
+    return crop_flip_saliency(sal, frame, (0, 0, w, h), False, out_grid)
+
