@@ -1,0 +1,204 @@
+"""The saliency store: a Zarr v3 group that stage 1 writes and stage 2 / `salmae inspect` read.
+
+Layout of `STORE.zarr` (rows in manifest order, N rows):
+    saliency    float16 [N, gh, gw]  raw non-negative CAM (normalisation in attrs)
+    status      uint8   [N]          0 pending, 1 ok, >= 2 a named failure (`STATUS_CODES`)
+    key         str     [N]          img2dataset key, leading zeros kept
+    frame       float32 [N, 4]       x0, y0, x1, y1 of the image region the map covers (pixels)
+    image_size  int32   [N, 2]       W, H of the original image
+    _done/NNNNN.json                 completion marker of Zarr shard NNNNN (written last, atomically)
+    manifest.parquet, config.yaml, run.log   written by stage 1 beside the arrays
+
+Every array is sharded along rows with the same `rows_per_shard`, so Zarr shard i of every
+array holds rows [i*R, (i+1)*R): one writer owns a whole shard, and a shard is complete exactly
+when its marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from pipeline.errors import SalmaeError
+from pipeline.files import atomic_write_json
+
+FORMAT = "salmae-saliency-store/1"
+DONE_DIR = "_done"
+ARRAYS = ("saliency", "status", "key", "frame", "image_size")
+
+STATUS_PENDING, STATUS_OK = 0, 1
+# code -> reason; 2.. are the data layer's DAMAGE_REASONS codes, then stage 1's own failures.
+STATUS_CODES: dict[int, str] = {
+    0: "pending",
+    1: "ok",
+    2: "unreadable_image",
+    3: "missing_image",
+    4: "missing_caption",
+    5: "empty_caption",
+    6: "bad_json",
+    7: "truncated_tar",
+    8: "nonfinite_map",
+    9: "damaged",          # any other damage reason the data layer reports
+}
+CODE_OF: dict[str, int] = {reason: code for code, reason in STATUS_CODES.items()}
+
+
+def status_code(reason: str | None) -> int:
+    """Manifest/sample status ('ok' or a damage reason) -> store status code."""
+    if reason in (None, "ok"):
+        return STATUS_OK
+    return CODE_OF.get(reason, CODE_OF["damaged"])
+
+
+def _chunk_rows(rows_per_shard: int, target: int = 64) -> int:
+    """Largest divisor of `rows_per_shard` not above `target` (rows per compressed chunk)."""
+    return max(d for d in range(1, min(target, rows_per_shard) + 1) if rows_per_shard % d == 0)
+
+
+def create_store(path: str | Path, *, keys: Sequence[str], image_sizes: np.ndarray, frames: np.ndarray,
+                 grid: tuple[int, int], rows_per_shard: int, attrs: dict[str, Any]) -> None:
+    """Create (replacing any existing) store at `path` with per-row keys/geometry and empty maps.
+
+    image_sizes: [N, 2] int (W, H); frames: [N, 4] float (x0, y0, x1, y1).
+    """
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    n, (gh, gw) = len(keys), grid
+    c = _chunk_rows(rows_per_shard)
+    compressor = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+
+    def array(name, shape, dtype, chunks, fill):
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                                  shards=(rows_per_shard, *shape[1:]), compressors=compressor, fill_value=fill)
+
+    array("saliency", (n, gh, gw), "float16", (c, gh, gw), 0)
+    array("status", (n,), "uint8", (rows_per_shard,), STATUS_PENDING)
+    keys_arr = array("key", (n,), str, (rows_per_shard,), "")
+    frame_arr = array("frame", (n, 4), "float32", (rows_per_shard, 4), 0)
+    size_arr = array("image_size", (n, 2), "int32", (rows_per_shard, 2), 0)
+    if n:
+        keys_arr[:] = np.asarray(list(keys), dtype=str)
+        frame_arr[:] = np.asarray(frames, dtype=np.float32)
+        size_arr[:] = np.asarray(image_sizes, dtype=np.int32)
+    group.attrs.update({"format": FORMAT, "rows_per_shard": rows_per_shard, "n_rows": n, "grid": [gh, gw],
+                        "status_codes": {str(k): v for k, v in STATUS_CODES.items()}, **attrs})
+    (path / DONE_DIR).mkdir()
+
+
+class SaliencyStore:
+    """Read (and, for stage 1, shard-wise write) access to a saliency store."""
+
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self._group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.grid: tuple[int, int] = tuple(self.attrs["grid"])
+        self.rows_per_shard: int = int(self.attrs["rows_per_shard"])
+        self._saliency = group["saliency"]
+        self._status = group["status"]
+        self._keys: np.ndarray | None = None
+        self._row_of: dict[str, int] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "SaliencyStore":
+        """Open a store (`mode='r'` read-only, `'r+'` for stage 1's writers)."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise SalmaeError(f"saliency store {path} not found; create it with `salmae saliency --out {path}`")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as e:
+            raise SalmaeError(f"{path} is not a readable Zarr v3 group ({e.__class__.__name__}); "
+                              "recreate it with `salmae saliency --overwrite`") from e
+        if group.attrs.get("format") != FORMAT or any(name not in group for name in ARRAYS):
+            raise SalmaeError(f"{path} is not a salmae saliency store; point to the --out of `salmae saliency`")
+        return cls(path, group)
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return int(self._status.shape[0])
+
+    @property
+    def keys(self) -> np.ndarray:
+        """[N] str keys in row order."""
+        if self._keys is None:
+            self._keys = np.asarray(self._group["key"][:], dtype=str)
+        return self._keys
+
+    @property
+    def status(self) -> np.ndarray:
+        """[N] uint8 status codes (read fresh each time: stage 1 may still be writing)."""
+        return np.asarray(self._status[:], dtype=np.uint8)
+
+    def row_of(self, key: str) -> int | None:
+        if self._row_of is None:
+            self._row_of = {k: i for i, k in enumerate(self.keys.tolist())}
+        return self._row_of.get(key)
+
+    def read(self, rows: Sequence[int]) -> np.ndarray:
+        """Maps of `rows` -> [n, gh, gw] float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, *self.grid), dtype=np.float32)
+        return np.asarray(self._saliency.get_orthogonal_selection((rows,)), dtype=np.float32)
+
+    def frames(self, rows: Sequence[int]) -> np.ndarray:
+        """[n, 4] float32 (x0, y0, x1, y1) in image pixels."""
+        return np.asarray(self._group["frame"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+
+    def image_sizes(self, rows: Sequence[int]) -> np.ndarray:
+        """[n, 2] int32 (W, H)."""
+        return np.asarray(self._group["image_size"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+
+    def load_all(self) -> np.ndarray:
+        """[N, gh, gw] float32, the whole map array in memory."""
+        return np.asarray(self._saliency[:], dtype=np.float32)
+
+    # ------------------------------------------------------------------ shards (stage 1)
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self) // self.rows_per_shard)
+
+    def shard_rows(self, shard: int) -> range:
+        lo = shard * self.rows_per_shard
+        return range(lo, min(lo + self.rows_per_shard, len(self)))
+
+    def marker_path(self, shard: int) -> Path:
+        return self.path / DONE_DIR / f"{shard:05d}.json"
+
+    def is_done(self, shard: int) -> bool:
+        return self.marker_path(shard).is_file()
+
+    def done_markers(self) -> dict[int, dict[str, Any]]:
+        out = {}
+        for p in sorted((self.path / DONE_DIR).glob("*.json")):
+            try:
+                out[int(p.stem)] = json.loads(p.read_text())
+            except (ValueError, json.JSONDecodeError):
+                continue
+        return out
+
+    def write_shard(self, shard: int, saliency: np.ndarray, status: np.ndarray, marker: dict[str, Any]) -> None:
+        """Write one whole Zarr shard (maps + statuses), then its completion marker.
+
+        saliency: [rows, gh, gw]; status: [rows] uint8. The marker is written atomically after the data,
+        so a killed writer leaves the shard unmarked and a rerun rewrites it from scratch.
+        """
+        rows = self.shard_rows(shard)
+        self._saliency[rows.start:rows.stop] = np.asarray(saliency, dtype=np.float16)
+        self._status[rows.start:rows.stop] = np.asarray(status, dtype=np.uint8)
+        atomic_write_json(self.marker_path(shard), {"shard": shard, "rows": [rows.start, rows.stop], **marker})
+
+    def array_nbytes(self, name: str = "saliency") -> int:
+        """Bytes on disk of one array (all its shard files)."""
+        root = self.path / name
+        return sum(os.path.getsize(p) for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
