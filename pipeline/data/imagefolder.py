@@ -1,0 +1,196 @@
+"""Labelled image data for evaluation: ImageNet-style ImageFolder splits, or labelled shards.
+
+ImageFolder layout: `ROOT/train/<class>/*.jpg` and `ROOT/val/<class>/*.jpg` (ImageNet-1k as
+usually extracted, or `salmae shapes --imagefolder`). Use
+
+    train_ds, val_ds, split = load_imagefolder_splits(root, train_transform, val_transform)
+
+`train_ds` / `val_ds` are torchvision `ImageFolder`s yielding `(transform(rgb_pil), class_index)`
+with one class mapping (the train folders, sorted) for both; `split.classes`, `split.counts()`
+(`{"train", "val", "skipped"}`, for results.json) and `split.skipped` (`[(path, reason)]`)
+describe them. Unreadable images are skipped and recorded, never fatal; an empty class folder
+or a val class that train lacks is a one-line SalmaeError.
+
+`check="header"` probes every file when the split is opened (header plus end-of-file marker;
+a full decode only when that is inconclusive). On ImageNet that is a pass over 1.33M files:
+pass `check="none"` to skip it; an unreadable file met later is then skipped in `__getitem__`
+(the next image is returned) and recorded in that process's `dataset.skipped`.
+
+`LabelledShards(spec, transform, split=None)` is the same for img2dataset shards whose KEY.json
+carries an integer `label` (the generated shapes): a small in-memory map-style dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from pipeline.data.shards import DamagedSampleError, decode_image, iter_samples
+from pipeline.errors import SalmaeError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+Check = Literal["header", "none"]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Read an image file as RGB (any mode converted); raises DamagedSampleError if unreadable."""
+    with open(path, "rb") as f:
+        return decode_image(f.read(), key=path)
+
+
+def probe_file(path: str) -> None:
+    """Raise DamagedSampleError unless `path` looks like a complete, readable image."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            fmt = im.format
+            f.seek(max(0, os.path.getsize(path) - 16))
+            tail = f.read().rstrip(b"\x00")
+    except Exception as e:
+        raise DamagedSampleError("unreadable_image", path, f"{type(e).__name__}: {e}") from None
+    complete = (fmt == "JPEG" and tail.endswith(b"\xff\xd9")) or (fmt == "PNG" and b"IEND" in tail)
+    if not complete:
+        load_rgb(path)  # inconclusive from the tail: decode fully to decide
+
+
+class ImageFolderDataset(ImageFolder):
+    """One ImageFolder directory read with a fixed class mapping, skipping unreadable images."""
+
+    def __init__(self, root: str | Path, class_to_idx: dict[str, int], transform: Callable | None = None,
+                 check: Check = "header"):
+        self._class_to_idx = dict(class_to_idx)
+        self.skipped: list[tuple[str, str]] = []  # (path, DAMAGE_REASONS code)
+        accept = self._accept_probed if check == "header" else _has_image_suffix
+        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=accept,
+                         allow_empty=True)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(self._class_to_idx, key=self._class_to_idx.__getitem__)
+        return classes, dict(self._class_to_idx)
+
+    def _accept_probed(self, path: str) -> bool:
+        if not _has_image_suffix(path):
+            return False
+        try:
+            probe_file(path)
+            return True
+        except DamagedSampleError as e:
+            self.skipped.append((path, e.reason))
+            return False
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except DamagedSampleError as e:
+                self.skipped.append((self.samples[i][0], e.reason))
+        raise SalmaeError(f"no readable image in {self.root}; check the files")
+
+
+def _has_image_suffix(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+@dataclass
+class ImageFolderSplit:
+    """The train and val datasets of an ImageFolder root, sharing the train class mapping."""
+
+    root: Path
+    train: ImageFolderDataset
+    val: ImageFolderDataset
+    classes: list[str]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.train.skipped + self.val.skipped
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "skipped": len(self.skipped)}
+
+    @classmethod
+    def open(cls, root: str | Path, train_transform: Callable | None = None,
+             val_transform: Callable | None = None, check: Check = "header") -> "ImageFolderSplit":
+        root = Path(root)
+        train_classes = _class_folders(root, "train")
+        val_classes = _class_folders(root, "val")
+        unknown = sorted(set(val_classes) - set(train_classes))
+        if unknown:
+            raise SalmaeError(f"val class '{unknown[0]}' in {root / 'val'} has no folder in {root / 'train'} "
+                              f"({len(unknown)} such); add it to train or remove it from val")
+        class_to_idx = {name: i for i, name in enumerate(train_classes)}
+        train = ImageFolderDataset(root / "train", class_to_idx, train_transform, check)
+        val = ImageFolderDataset(root / "val", class_to_idx, val_transform, check)
+        if not len(train) or not len(val):
+            which = "train" if not len(train) else "val"
+            raise SalmaeError(f"no readable images in {root / which} ({len(train.skipped) + len(val.skipped)} "
+                              "unreadable); check the files")
+        return cls(root=root, train=train, val=val, classes=train_classes)
+
+
+def _class_folders(root: Path, split: str) -> list[str]:
+    folder = root / split
+    if not folder.is_dir():
+        raise SalmaeError(f"ImageFolder split {folder} not found; --data must hold train/ and val/ "
+                          "with one folder per class (e.g. from `salmae shapes OUT --imagefolder`)")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SalmaeError(f"{folder} holds no class folders; expected {folder}/<class>/<image>.jpg")
+    for name in classes:
+        if not any(_has_image_suffix(p.name) for p in (folder / name).iterdir()):
+            raise SalmaeError(f"class folder {folder / name} holds no images; add images or remove the folder")
+    return classes
+
+
+def load_imagefolder_splits(root: str | Path, train_transform: Callable | None = None,
+                            val_transform: Callable | None = None, check: Check = "header",
+                            ) -> tuple[ImageFolderDataset, ImageFolderDataset, ImageFolderSplit]:
+    """(train_ds, val_ds, split) for `root/train` and `root/val`; see the module docstring."""
+    split = ImageFolderSplit.open(root, train_transform, val_transform, check)
+    return split.train, split.val, split
+
+
+@dataclass
+class LabelledShards(Dataset):
+    """Samples of img2dataset shards whose KEY.json has an integer `label`, held in memory.
+
+    Yields `(transform(rgb_pil), label)`. `split` keeps only samples whose KEY.json `split`
+    equals it (the shapes generator writes "train"/"val"). Damaged or unlabelled samples are
+    skipped and recorded in `skipped` as (key, reason). `classes[label]` is the KEY.json
+    `shape` (or the label as text).
+    """
+
+    spec: str | Sequence[str]
+    transform: Callable | None = None
+    split: str | None = None
+    items: list[tuple[str, bytes, int]] = field(default_factory=list, init=False, repr=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
+    classes: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        names: dict[int, str] = {}
+        for s in iter_samples(self.spec, decode=False):
+            label = s.meta.get("label")
+            if s.error or not isinstance(label, int):
+                self.skipped.append((s.key, s.error or "no_label"))
+            elif self.split is None or s.meta.get("split") == self.split:
+                self.items.append((s.key, s.image_bytes, label))
+                names.setdefault(label, str(s.meta.get("shape", label)))
+        if not self.items:
+            raise SalmaeError(f"no labelled samples in {self.spec!r}"
+                              f"{f' with split={self.split}' if self.split else ''}; "
+                              "their KEY.json needs an integer 'label' (see `salmae shapes`)")
+        self.classes = [names.get(i, str(i)) for i in range(max(names) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        key, data, label = self.items[index]
+        image = decode_image(data, key)
+        return (self.transform(image) if self.transform else image), label
