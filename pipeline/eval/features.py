@@ -1,0 +1,99 @@
+"""Frozen-encoder features: distributed extraction, gathering onto every rank, and an on-disk cache.
+
+Rank r encodes items r, r + W, r + 2W, … (no padding, no duplicates); the pieces are then
+all-gathered and put back in dataset order, so every rank holds the same `[N, D]` tensor as a
+single process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from pipeline import dist
+from pipeline.device import autocast, pin_memory
+from pipeline.files import atomic_path
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Features:
+    feats: torch.Tensor   # [N, D] float32, CPU, dataset order
+    labels: torch.Tensor  # [N] int64
+    ok: torch.Tensor      # [N] bool: False where the image file could not be read
+
+    def readable(self) -> "Features":
+        return Features(self.feats[self.ok], self.labels[self.ok], self.ok[self.ok])
+
+
+def encode(encoder: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """Pooled encoder features (class token or global pool, after the final norm): [B, 3, H, W] -> [B, D]."""
+    return encoder.forward_head(encoder.forward_features(imgs), pre_logits=True)
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
+                     workers: int = 0, desc: str = "features") -> Features:
+    """Encode every item of `dataset` (items `(img, label, index, ok)`), split over ranks."""
+    encoder.eval()
+    n, r, w = len(dataset), dist.rank(), dist.world_size()
+    mine = list(range(r, n, w))
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=pin_memory(device))
+    chunks, labels, oks = [], [], []
+    for imgs, y, _, ok in tqdm(loader, desc=desc, disable=not dist.is_main(), leave=False):
+        with autocast(device):
+            f = encode(encoder, imgs.to(device, non_blocking=True))
+        chunks.append(f.float().cpu())
+        labels.append(y)
+        oks.append(ok)
+    dim = encoder.num_features
+    local = Features(torch.cat(chunks) if chunks else torch.zeros(0, dim),
+                     torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+                     torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool))
+    return local if w == 1 else _gather_strided(local, n, device)
+
+
+def _gather_strided(local: Features, n: int, device: torch.device) -> Features:
+    """All-gather rank-strided pieces and interleave them back into dataset order."""
+    w = dist.world_size()
+    per_rank = -(-n // w)  # ceil: rank r holds len(range(r, n, w)) <= per_rank items
+    # NCCL gathers CUDA tensors only; gloo gathers CPU ones.
+    comm = device if device.type == "cuda" else torch.device("cpu")
+    packed = torch.zeros(per_rank, local.feats.shape[1] + 2, device=comm)
+    k = local.feats.shape[0]
+    packed[:k, :-2] = local.feats.to(comm)
+    packed[:k, -2] = local.labels.to(comm, torch.float32)
+    packed[:k, -1] = local.ok.to(comm, torch.float32)
+    pieces = [torch.empty_like(packed) for _ in range(w)]
+    torch_dist.all_gather(pieces, packed)
+    full = torch.empty(n, packed.shape[1])
+    for r, piece in enumerate(pieces):
+        count = len(range(r, n, w))
+        full[r::w] = piece[:count].cpu()
+    return Features(full[:, :-2].contiguous(), full[:, -2].long(), full[:, -1].bool())
+
+
+def cached_features(path: Path, key: dict[str, Any], compute) -> tuple[Features, bool]:
+    """Load features from `path` if it was written for `key`, else `compute()` and save them (rank 0).
+
+    Returns (features, whether they came from the cache).
+    """
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("key") == {**key, "cache_version": CACHE_VERSION}:
+            return Features(blob["feats"], blob["labels"], blob["ok"]), True
+    feats = compute()
+    if dist.is_main():
+        with atomic_path(path) as tmp:
+            torch.save({"key": {**key, "cache_version": CACHE_VERSION}, "feats": feats.feats,
+                        "labels": feats.labels, "ok": feats.ok}, tmp)
+    dist.barrier()
+    return feats, False

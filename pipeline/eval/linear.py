@@ -1,0 +1,137 @@
+"""Linear probe: MAE's BatchNorm (no affine) + Linear head, LARS, and the epoch loop.
+
+The loop takes its batches from a `FeatureBatches` source, so training on cached features and
+training by re-running the frozen encoder each epoch share every line that matters: same batch
+order (seeded per epoch, split over ranks), same head, same optimiser steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from timm.optim import Lars
+from tqdm import tqdm
+
+from pipeline import dist
+from pipeline.device import autocast, pin_memory
+from pipeline.eval.features import encode
+from pipeline.eval.schedule import cosine_lr, set_lr
+
+
+class LinearProbeHead(nn.Module):
+    """BatchNorm1d(affine=False) then Linear: [B, D] -> [B, C] (MAE's linear-probe head)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(feats))
+
+
+def lars_for_head(head: nn.Module, lr: float, weight_decay: float = 0.0) -> Lars:
+    """timm's LARS with MAE's grouping: trust-ratio scaling on matrices only, plain SGD on biases."""
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    groups = [{"params": matrices, "always_adapt": True, "weight_decay": weight_decay},
+              {"params": vectors, "always_adapt": False, "weight_decay": 0.0}]
+    return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """This rank's shuffled index batches for `epoch` (DistributedSampler order; last short batch dropped
+    unless it is the only one, since BatchNorm needs more than one row)."""
+    sampler = DistributedSampler(range(n), num_replicas=dist.world_size(), rank=dist.rank(),
+                                 shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class FeatureBatches(Protocol):
+    def __len__(self) -> int: ...
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class CachedBatches:
+    """Batches of precomputed features: [B, D] rows picked from an [N, D] tensor.
+
+    Indices run over the whole split, unreadable rows included and then dropped from their
+    batch, exactly as `EncoderBatches` does, so both sources yield the same batches.
+    """
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor, batch_size: int,
+                 seed: int, device):
+        self.feats, self.labels, self.ok = feats.to(device), labels.to(device), ok.to(device)
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self) -> int:
+        return len(epoch_batches(self.feats.shape[0], self.batch_size, 0, self.seed))
+
+    def epoch(self, epoch: int):
+        for idx in epoch_batches(self.feats.shape[0], self.batch_size, epoch, self.seed):
+            idx = torch.as_tensor(idx, device=self.feats.device)
+            idx = idx[self.ok[idx]]
+            yield self.feats[idx], self.labels[idx]
+
+
+class EncoderBatches:
+    """Batches encoded on the fly by the frozen encoder (needed with random augmentation).
+
+    `dataset` yields `(img, label, index, ok)`; indices are positions in `dataset`, and unreadable
+    items are dropped from their batch.
+    """
+
+    def __init__(self, encoder: nn.Module, dataset: Dataset, batch_size: int, seed: int, device,
+                 workers: int = 0):
+        self.encoder, self.dataset, self.device = encoder, dataset, device
+        self.batch_size, self.seed, self.workers = batch_size, seed, workers
+        self.unreadable: set[int] = set()  # dataset indices this rank failed to read
+
+    def __len__(self) -> int:
+        return len(epoch_batches(len(self.dataset), self.batch_size, 0, self.seed))
+
+    def epoch(self, epoch: int):
+        batches = epoch_batches(len(self.dataset), self.batch_size, epoch, self.seed)
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                            pin_memory=pin_memory(self.device))
+        self.encoder.eval()
+        for imgs, labels, index, ok in loader:
+            self.unreadable.update(index[~ok].tolist())
+            with torch.no_grad(), autocast(self.device):
+                feats = encode(self.encoder, imgs[ok].to(self.device, non_blocking=True)).float()
+            yield feats, labels[ok].to(self.device)
+
+
+def train_linear_head(head: nn.Module, batches: FeatureBatches, optimizer: torch.optim.Optimizer, *,
+                      epochs: int, base_lr: float, warmup_epochs: int, start_epoch: int = 0,
+                      on_epoch: Callable[[int, float], None] | None = None) -> None:
+    """The probe's epoch loop: cross-entropy on (features, label) batches, per-step cosine lr."""
+    steps_per_epoch = len(batches)
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    for epoch in tqdm(range(start_epoch, epochs), desc="linear", disable=not dist.is_main(), leave=False):
+        head.train()
+        loss_sum, seen = 0.0, 0
+        for i, (feats, labels) in enumerate(batches.epoch(epoch)):
+            if labels.numel() == 0:  # every image of this batch unreadable
+                continue
+            set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + i, total, warmup, base_lr))
+            loss = F.cross_entropy(head(feats), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * labels.shape[0]
+            seen += labels.shape[0]
+        if on_epoch is not None:
+            mean = torch.tensor(loss_sum / max(seen, 1), device=labels.device)
+            on_epoch(epoch, float(dist.all_reduce_mean(mean)))

@@ -1,0 +1,330 @@
+"""Stage 3: measure what a pretrained encoder learned — linear probe, kNN or fine-tune.
+
+`salmae eval {linear,knn,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
+(`pipeline.models.encoder`), reads an ImageFolder root (`pipeline.eval.data`) and runs one
+protocol with MAE's / DINO's defaults. The same command runs as one process or under torchrun
+(DDP; features are extracted split over ranks and all-gathered). Output: `DIR/results.json`
+(atomic), `DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols
+cache features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epoch to
+`DIR/checkpoint-latest.pth` (`--set resume=latest` continues).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline import __version__, dist
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import config_to_dict, save_config
+from pipeline.device import pick_device
+from pipeline.errors import SalmaeError
+from pipeline.eval.data import EvalImages, ImageList, scan_imagefolder
+from pipeline.eval.features import Features, cached_features, extract_features
+from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints
+from pipeline.eval.knn import knn_predict
+from pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
+                                  train_linear_head)
+from pipeline.eval.metrics import topk_correct
+from pipeline.eval.transforms import eval_transform, finetune_train_transform, linear_train_transform
+from pipeline.files import atomic_write_json, sha256_file
+from pipeline.logging import MetricsWriter, get_logger, setup_logging
+from pipeline.models.encoder import EncoderSpec, load_encoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_EPOCHS = {"linear": 90, "knn": 0, "finetune": 100}
+DEFAULT_BATCH = {"linear": 256, "knn": 256, "finetune": 64}
+
+
+@dataclass
+class LinearConfig:
+    blr: float = 0.1             # base lr; lr = blr * global batch / 256 (MAE linear probe)
+    warmup_epochs: int = 10      # linear warmup before the half-cycle cosine
+    weight_decay: float = 0.0    # LARS weight decay on the head's weight matrix
+    augment: bool = False        # MAE's RandomResizedCrop + flip; True disables the feature cache
+    cache: bool = True           # extract train features once (needs augment=False); False re-encodes each epoch
+
+
+@dataclass
+class KnnConfig:
+    k: int = 20                  # neighbours that vote
+    temperature: float = 0.07    # vote weight exp(cos / T)
+
+
+@dataclass
+class FinetuneConfig:
+    blr: float = 5e-4            # base lr; lr = blr * global batch / 256 (AdamW)
+    min_lr: float = 1e-6         # floor of the cosine schedule
+    warmup_epochs: int = 5       # linear warmup epochs
+    weight_decay: float = 0.05   # AdamW weight decay (not on norms, biases, tokens)
+    layer_decay: float = 0.75    # layer-wise lr decay (timm create_optimizer_v2)
+    drop_path: float = 0.1       # stochastic depth rate
+    mixup: float = 0.8           # Mixup alpha (0 with cutmix 0 = off)
+    cutmix: float = 1.0          # CutMix alpha
+    label_smoothing: float = 0.1  # smoothing of the (mixed) targets
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy ('' = none)
+    re_prob: float = 0.25        # random-erasing probability
+    clip_grad: float | None = None  # max grad norm (None = no clipping)
+
+
+@dataclass
+class EvalConfig:
+    protocol: Literal["linear", "knn", "finetune"] = "linear"  # which evaluation to run
+    checkpoint: str = ""          # stage-2 checkpoint, official MAE checkpoint or timm ViT weights
+    data: str = ""                # ImageFolder root with train/ and val/ class folders
+    out: str = ""                 # output folder (results.json, config.yaml, run.log, caches)
+    epochs: int | None = None     # training epochs (None = protocol default: linear 90, finetune 100)
+    batch_size: int | None = None  # per-process batch (None = linear/knn 256, finetune 64)
+    device: str = "auto"          # auto, cpu or cuda
+    global_pool: bool | None = None  # mean-pool patch tokens instead of the class token (None: finetune only)
+    image_size: int | None = None  # eval input side (None = the pretraining size; pos-embed resampled otherwise)
+    mean: tuple[float, ...] = IMAGENET_MEAN  # normalisation mean (as in pretraining)
+    std: tuple[float, ...] = IMAGENET_STD    # normalisation std
+    crop_pct: float = 0.875       # eval resize = image_size / crop_pct, then centre crop
+    workers: int = 4              # DataLoader worker processes
+    seed: int = 0                 # seeds head init, batch order and augmentation
+    resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
+    timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it
+    num_heads: int | None = None  # attention heads for inferred architectures (default embed_dim // 64)
+    linear: LinearConfig = field(default_factory=LinearConfig)    # linear-probe settings
+    knn: KnnConfig = field(default_factory=KnnConfig)             # kNN settings
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tune settings
+
+
+@dataclass
+class _Context:
+    """What every protocol needs, prepared once by `run`."""
+
+    cfg: EvalConfig
+    out: Path
+    device: torch.device
+    epochs: int
+    batch_size: int
+    image_size: int
+    train: ImageList
+    val: ImageList
+    checkpoint_sha256: str
+    metrics: MetricsWriter
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate `cfg.checkpoint` with `cfg.protocol`; write and return the results dict."""
+    for name in ("checkpoint", "data", "out"):
+        if not getattr(cfg, name):
+            raise SalmaeError(f"eval needs --{name.replace('_', '-')}; pass it on the command line or with --set {name}=…")
+    start = time.time()
+    out = Path(cfg.out)
+    device = pick_device(cfg.device)
+    dist.init(device)
+    out.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(out)
+    if dist.is_main():
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    train, val = scan_imagefolder(cfg.data)
+    ckpt_sha = sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
+    ctx = _Context(cfg=cfg, out=out, device=device,
+                   epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS[cfg.protocol],
+                   batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], image_size=0,
+                   train=train, val=val, checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"))
+    log.info("eval %s of %s on %s: %d train / %d val images, %d classes, %d process(es)", cfg.protocol,
+             cfg.checkpoint, cfg.data, len(train.paths), len(val.paths), len(train.classes), dist.world_size())
+    protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
+    outcome = protocol(ctx)
+    results = _results(ctx, outcome, seconds=time.time() - start)
+    if dist.is_main():
+        atomic_write_json(out / "results.json", results)
+    dist.barrier()
+    log.info("eval %s: top-1 %.2f%%, top-5 %.2f%% -> %s", cfg.protocol, results["top1"], results["top5"],
+             out / "results.json")
+    return results
+
+
+# --------------------------------------------------------------------------- protocols
+def _load(ctx: _Context, *, num_classes: int = 0, global_pool: bool = False, drop_path: float = 0.0):
+    cfg = ctx.cfg
+    encoder, spec = load_encoder(cfg.checkpoint, img_size=cfg.image_size, global_pool=global_pool,
+                                 num_classes=num_classes, drop_path_rate=drop_path,
+                                 num_heads=cfg.num_heads, timm_model=cfg.timm_model)
+    ctx.image_size = cfg.image_size or spec.pretrain_img_size
+    return encoder.to(ctx.device), spec
+
+
+def _frozen_features(ctx: _Context, encoder, images: ImageList, split: str, transform) -> Features:
+    """Features of one split through the frozen encoder, from DIR/features-SPLIT.pt when still valid."""
+    cfg = ctx.cfg
+    key = {"checkpoint_sha256": ctx.checkpoint_sha256, "split": split, "image_size": ctx.image_size,
+           "global_pool": bool(cfg.global_pool), "mean": list(cfg.mean), "std": list(cfg.std),
+           "crop_pct": cfg.crop_pct, "timm_model": cfg.timm_model, "num_heads": cfg.num_heads,
+           "files": hashlib.sha256("\n".join(images.paths).encode()).hexdigest()}
+    dataset = EvalImages(images, transform, ctx.image_size)
+    feats, hit = cached_features(ctx.out / f"features-{split}.pt", key, lambda: extract_features(
+        encoder, dataset, batch_size=ctx.batch_size, device=ctx.device, workers=cfg.workers, desc=split))
+    if hit:
+        get_logger().info("%s features reused from %s", split, ctx.out / f"features-{split}.pt")
+    return feats
+
+
+def _run_knn(ctx: _Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    encoder, spec = _load(ctx, global_pool=bool(cfg.global_pool))
+    tf = eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct)
+    train = _frozen_features(ctx, encoder, ctx.train, "train", tf)
+    val = _frozen_features(ctx, encoder, ctx.val, "val", tf)
+    tr, va = train.readable(), val.readable()
+    scores = knn_predict(tr.feats, tr.labels, va.feats, len(ctx.train.classes), k=cfg.knn.k,
+                         temperature=cfg.knn.temperature)
+    top1, top5 = topk_correct(scores, va.labels)
+    n = max(va.labels.numel(), 1)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": 0, "spec": spec,
+            "train_unreadable": _bad(train), "val_unreadable": _bad(val),
+            "n_train": tr.labels.numel(), "n_val": va.labels.numel()}
+
+
+def _run_linear(ctx: _Context) -> dict[str, Any]:
+    cfg, lc = ctx.cfg, ctx.cfg.linear
+    encoder, spec = _load(ctx, global_pool=bool(cfg.global_pool))
+    encoder.requires_grad_(False)
+    tf_eval = eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct)
+    val = _frozen_features(ctx, encoder, ctx.val, "val", tf_eval)
+    use_cache = lc.cache and not lc.augment
+    if use_cache:
+        train = _frozen_features(ctx, encoder, ctx.train, "train", tf_eval)
+        batches = CachedBatches(train.feats, train.labels, train.ok, ctx.batch_size, cfg.seed, ctx.device)
+        n_train = int(train.ok.sum())
+    else:
+        tf_train = linear_train_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct, augment=lc.augment)
+        batches = EncoderBatches(encoder, EvalImages(ctx.train, tf_train, ctx.image_size), ctx.batch_size,
+                                 cfg.seed, ctx.device, workers=cfg.workers)
+    torch.manual_seed(cfg.seed)  # same head init whichever path
+    head = LinearProbeHead(encoder.num_features, len(ctx.train.classes)).to(ctx.device)
+    lr = lc.blr * ctx.batch_size * dist.world_size() / 256
+    optimizer = lars_for_head(head, lr, lc.weight_decay)
+    trained = DistributedDataParallel(head) if dist.world_size() > 1 else head
+    train_linear_head(trained, batches, optimizer, epochs=ctx.epochs, base_lr=lr,
+                      warmup_epochs=lc.warmup_epochs, on_epoch=lambda e, loss: _log_epoch(ctx, e, loss))
+    head.eval()
+    va = val.readable()
+    with torch.no_grad():
+        logits = head(va.feats.to(ctx.device)).cpu()
+    top1, top5 = topk_correct(logits, va.labels)
+    n = max(va.labels.numel(), 1)
+    if use_cache:
+        train_bad = _bad(train)
+    else:
+        train_bad = gather_ints(sorted(batches.unreadable))
+        n_train = len(ctx.train.paths) - len(train_bad)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": ctx.epochs, "spec": spec,
+            "train_unreadable": train_bad, "val_unreadable": _bad(val), "n_train": n_train,
+            "n_val": va.labels.numel(), "cached_features": use_cache, "lr": lr}
+
+
+def _run_finetune(ctx: _Context) -> dict[str, Any]:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    cfg, fc = ctx.cfg, ctx.cfg.finetune
+    num_classes = len(ctx.train.classes)
+    global_pool = True if cfg.global_pool is None else cfg.global_pool
+    model, spec = _load(ctx, num_classes=num_classes, global_pool=global_pool, drop_path=fc.drop_path)
+    torch.manual_seed(cfg.seed)
+    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE's head init
+    train_ds = EvalImages(ctx.train, finetune_train_transform(ctx.image_size, cfg.mean, cfg.std,
+                                                              fc.auto_augment, fc.re_prob), ctx.image_size)
+    val_ds = EvalImages(ctx.val, eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct), ctx.image_size)
+    sampler = DistributedSampler(train_ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+                                 seed=cfg.seed)
+    drop_last = len(train_ds) >= ctx.batch_size * dist.world_size()
+    loader = DataLoader(train_ds, batch_size=ctx.batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda")
+    lr = fc.blr * ctx.batch_size * dist.world_size() / 256
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=fc.weight_decay,
+                                    layer_decay=fc.layer_decay)
+    use_mixup = fc.mixup > 0 or fc.cutmix > 0
+    mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, label_smoothing=fc.label_smoothing,
+                  num_classes=num_classes) if use_mixup else None
+    criterion = SoftTargetCrossEntropy() if use_mixup else (
+        LabelSmoothingCrossEntropy(fc.label_smoothing) if fc.label_smoothing > 0 else torch.nn.CrossEntropyLoss())
+    start_epoch = _resume_finetune(ctx, model, optimizer)
+    trained = DistributedDataParallel(model) if dist.world_size() > 1 else model
+    steps = len(loader)
+    train_bad: list[int] = []
+    for epoch in range(start_epoch, ctx.epochs):
+        sampler.set_epoch(epoch)
+        loss, bad = finetune_one_epoch(trained, loader, optimizer, criterion, ctx.device, epoch=epoch,
+                                       total_steps=ctx.epochs * steps, warmup_steps=fc.warmup_epochs * steps,
+                                       base_lr=lr, min_lr=fc.min_lr, mixup=mixup, clip_grad=fc.clip_grad)
+        train_bad += bad
+        _log_epoch(ctx, epoch, loss)
+        if dist.is_main():
+            save_checkpoint(ctx.out / "checkpoint-latest.pth", model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), epoch=epoch, config=config_to_dict(cfg))
+        dist.barrier()
+    top1, top5, n_val, val_bad = evaluate_classifier(model, val_ds, batch_size=ctx.batch_size,
+                                                     device=ctx.device, workers=cfg.workers)
+    train_bad = sorted(set(gather_ints(train_bad)))
+    return {"top1": top1, "top5": top5, "epochs": ctx.epochs, "spec": spec, "train_unreadable": train_bad,
+            "val_unreadable": val_bad, "n_train": len(train_ds) - len(train_bad), "n_val": n_val,
+            "lr": lr, "resumed_from_epoch": start_epoch}
+
+
+def _resume_finetune(ctx: _Context, model, optimizer) -> int:
+    """Restore model + optimizer from `resume`; return the first epoch still to run."""
+    resume = ctx.cfg.resume
+    if not resume:
+        return 0
+    path = ctx.out / "checkpoint-latest.pth" if resume == "latest" else Path(resume)
+    if resume == "latest" and not path.is_file():
+        return 0  # nothing to resume: a fresh run
+    state = load_checkpoint(path)
+    if "optimizer" not in state or "epoch" not in state:
+        raise SalmaeError(f"resume checkpoint {path} is not a fine-tune checkpoint (no optimizer/epoch); "
+                          "pass DIR/checkpoint-latest.pth of an earlier `salmae eval finetune`")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    get_logger().info("resumed fine-tune from %s after epoch %d", path, state["epoch"])
+    return int(state["epoch"]) + 1
+
+
+# --------------------------------------------------------------------------- results
+def _bad(feats: Features) -> list[int]:
+    return torch.nonzero(~feats.ok).flatten().tolist()
+
+
+def _log_epoch(ctx: _Context, epoch: int, loss: float) -> None:
+    ctx.metrics.write(protocol=ctx.cfg.protocol, epoch=epoch, loss=loss)
+    if dist.is_main():
+        get_logger().info("%s epoch %d/%d: loss %.4f", ctx.cfg.protocol, epoch + 1, ctx.epochs, loss)
+
+
+def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str, Any]:
+    spec: EncoderSpec = outcome["spec"]
+    skipped = [ctx.train.paths[i] for i in outcome["train_unreadable"]] + \
+              [ctx.val.paths[i] for i in outcome["val_unreadable"]]
+    extra = {k: outcome[k] for k in ("cached_features", "lr", "resumed_from_epoch") if k in outcome}
+    return {
+        "protocol": ctx.cfg.protocol,
+        "top1": round(float(outcome["top1"]), 4),
+        "top5": round(float(outcome["top5"]), 4),
+        "epochs": outcome["epochs"],
+        "checkpoint": str(Path(ctx.cfg.checkpoint).resolve()),
+        "checkpoint_sha256": ctx.checkpoint_sha256,
+        "counts": {"train": int(outcome["n_train"]), "val": int(outcome["n_val"]), "skipped": len(skipped),
+                   "skipped_files": skipped, "classes": len(ctx.train.classes)},
+        "encoder": {"source": spec.source, **{k: v for k, v in spec.arch.items()},
+                    "pretrain_img_size": spec.pretrain_img_size, "eval_img_size": ctx.image_size},
+        "config": config_to_dict(ctx.cfg),
+        "world_size": dist.world_size(),
+        "seconds": round(seconds, 3),
+        "salmae_version": __version__,
+        **extra,
+    }
