@@ -129,9 +129,9 @@ class SaliencyStore:
 
     @property
     def keys(self) -> np.ndarray:
-        """[N] str keys in row order."""
+        """[N] keys in row order (object array of str)."""
         if self._keys is None:
-            self._keys = np.asarray(self._group["key"][:], dtype=str)
+            self._keys = np.array([str(k) for k in self._group["key"][:]], dtype=object)
         return self._keys
 
     @property

@@ -1,0 +1,206 @@
+"""`salmae inspect STORE`: what a saliency store holds and, given the data, how well its maps localise.
+
+Map statistics are over rows with status ok. With `data` (the store's shards) and a `bbox` in a
+sample's KEY.json, the maps are scored against the box: the pointing game (is the centre of the
+argmax patch inside the box?) and the share of saliency mass inside the box next to the box's
+share of the frame's area (what a uniform map would score).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.errors import SalmaeError
+from pipeline.store import STATUS_CODES, STATUS_OK, SaliencyStore
+
+EXAMPLE_KEYS = 5   # example keys listed per failure reason
+
+
+def inspect_store(store: str | Path, data: str | None = None, png_dir: str | Path | None = None,
+                  keys: Sequence[str] | None = None, n_random: int | None = None, strategy: str = "saliency",
+                  seed: int = 0) -> dict[str, Any]:
+    """Summarise `store` (see module doc); write overlay PNGs for `keys` / `n_random` rows into `png_dir`."""
+    st = SaliencyStore.open(store)
+    status = st.status
+    ok_rows = np.flatnonzero(status == STATUS_OK)
+    summary: dict[str, Any] = {
+        "store": str(store), "rows": len(st), "grid": list(st.grid),
+        "status": _status_counts(st, status),
+        "attrs": {k: v for k, v in st.attrs.items() if k not in ("status_codes", "fingerprint")},
+        "maps": _map_stats(st.read(ok_rows)) if len(ok_rows) else {},
+    }
+    meta: dict[str, dict] = {}
+    if data is not None:
+        meta = _read_meta(data, set(st.keys.tolist()))
+        summary["localisation"] = _localisation(st, ok_rows, meta)
+    if png_dir is not None:
+        rows = _rows_to_draw(st, ok_rows, keys, n_random, seed)
+        summary["png"] = _write_pngs(st, rows, data, meta, Path(png_dir), strategy, seed)
+    return summary
+
+
+def format_summary(summary: dict[str, Any], as_json: bool = False) -> str:
+    """Human-readable (or JSON) text of an `inspect_store` summary."""
+    if as_json:
+        return json.dumps(summary, indent=2, default=str)
+    lines = [f"store {summary['store']}: {summary['rows']} rows, grid {summary['grid'][0]}x{summary['grid'][1]}"]
+    for reason, info in summary["status"].items():
+        examples = f"  e.g. {', '.join(info['examples'])}" if info.get("examples") else ""
+        lines.append(f"  {reason:<18} {info['count']:>8}{examples}")
+    attrs = summary["attrs"]
+    lines.append(f"  model {attrs.get('clip_model')} / {attrs.get('clip_pretrained')}, cam {attrs.get('cam')} "
+                 f"at {attrs.get('layer')}, input {attrs.get('input_size')}, manifest {str(attrs.get('manifest_hash'))[:12]}")
+    maps = summary.get("maps") or {}
+    if maps:
+        lines.append(f"  maps: entropy {maps['entropy']:.3f} nats ({maps['entropy_rel']:.2f} of uniform), "
+                     f"top-25% patches hold {maps['top25_mass']:.2f} of the mass, zero maps {maps['zero_maps']}")
+    loc = summary.get("localisation")
+    if loc:
+        if loc["n"]:
+            lines.append(f"  bbox ({loc['n']} maps): pointing game {loc['pointing_game']:.3f}, mass in box "
+                         f"{loc['mass_in_box']:.3f} vs box area share {loc['box_area_share']:.3f}")
+        else:
+            lines.append("  bbox: no ok rows with a bbox in the data's metadata")
+    if summary.get("png"):
+        lines.append(f"  wrote {len(summary['png'])} overlay PNGs to {Path(summary['png'][0]).parent}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- statistics
+def _status_counts(st: SaliencyStore, status: np.ndarray) -> dict[str, dict]:
+    out = {}
+    for code in np.unique(status):
+        rows = np.flatnonzero(status == code)
+        entry: dict[str, Any] = {"count": int(len(rows))}
+        if code >= 2:
+            entry["examples"] = [str(st.keys[r]) for r in rows[:EXAMPLE_KEYS]]
+        out[STATUS_CODES.get(int(code), f"code_{code}")] = entry
+    return out
+
+
+def _map_stats(maps: np.ndarray) -> dict[str, float]:
+    """maps: [n, gh, gw] -> mean entropy, entropy relative to uniform, top-25% mass share."""
+    flat = np.clip(maps.reshape(len(maps), -1).astype(np.float64), 0, None)   # [n, L]
+    total = flat.sum(1)
+    nonzero = total > 0
+    length = flat.shape[1]
+    p = flat[nonzero] / total[nonzero, None]
+    entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+    top = max(1, math.ceil(length / 4))
+    top_mass = np.sort(p, axis=1)[:, ::-1][:, :top].sum(1)
+    return {"entropy": float(entropy.mean()) if len(p) else float("nan"),
+            "entropy_rel": float(entropy.mean() / math.log(length)) if len(p) and length > 1 else float("nan"),
+            "top25_mass": float(top_mass.mean()) if len(p) else float("nan"),
+            "zero_maps": int((~nonzero).sum())}
+
+
+def _patch_boxes(frame: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Pixel boxes [gh*gw, 4] of the patches of a map covering `frame` (x0, y0, x1, y1)."""
+    gh, gw = grid
+    x0, y0, x1, y1 = frame
+    xs, ys = np.linspace(x0, x1, gw + 1), np.linspace(y0, y1, gh + 1)
+    return np.array([[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(gh) for j in range(gw)])
+
+
+def _overlap(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """Fraction of each box's area [K] that lies inside `box`."""
+    w = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
+    h = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return w * h / np.maximum(area, 1e-12)
+
+
+def _localisation(st: SaliencyStore, ok_rows: np.ndarray, meta: dict[str, dict]) -> dict[str, Any]:
+    rows = [int(r) for r in ok_rows if isinstance(meta.get(str(st.keys[r]), {}).get("bbox"), (list, tuple))]
+    if not rows:
+        return {"n": 0}
+    maps, frames = st.read(rows), st.frames(rows)
+    hits, mass, area_share = [], [], []
+    for m, frame, r in zip(maps, frames, rows):
+        box = meta[str(st.keys[r])]["bbox"]
+        boxes = _patch_boxes(frame, st.grid)
+        flat = np.clip(m.reshape(-1).astype(np.float64), 0, None)
+        centre = boxes[int(flat.argmax())]
+        cx, cy = (centre[0] + centre[2]) / 2, (centre[1] + centre[3]) / 2
+        hits.append(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
+        inside = _overlap(boxes, box)
+        mass.append(float((flat * inside).sum() / flat.sum()) if flat.sum() > 0 else float("nan"))
+        area_share.append(float(_overlap(np.asarray([frame]), box)[0]))   # box area / frame area
+    return {"n": len(rows), "pointing_game": float(np.mean(hits)), "mass_in_box": float(np.nanmean(mass)),
+            "box_area_share": float(np.mean(area_share))}
+
+
+# ---------------------------------------------------------------------------- data and figures
+def _read_meta(data: str, keys: set[str]) -> dict[str, dict]:
+    from pipeline.data.shards import iter_samples
+
+    return {s.key: s.meta for s in iter_samples(data, decode=False) if s.key in keys}
+
+
+def _rows_to_draw(st: SaliencyStore, ok_rows: np.ndarray, keys: Sequence[str] | None, n_random: int | None,
+                  seed: int) -> list[int]:
+    rows = []
+    for key in keys or []:
+        row = st.row_of(key)
+        if row is None:
+            raise SalmaeError(f"key {key!r} is not in store {st.path}; list keys with `salmae inspect --json`")
+        rows.append(row)
+    if n_random:
+        rng = np.random.default_rng(seed)
+        rows += sorted(rng.choice(ok_rows, size=min(n_random, len(ok_rows)), replace=False).tolist())
+    return rows
+
+
+def _mask_for(strategy: str, saliency: np.ndarray, grid: tuple[int, int], seed: int) -> np.ndarray | None:
+    """The mask `strategy` would draw on the store's grid (None if pipeline.masking is unavailable)."""
+    try:
+        import torch
+
+        from pipeline.masking import make_mask
+    except ImportError:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    sal = torch.from_numpy(saliency.reshape(1, -1).astype(np.float32))
+    _, mask, _ = make_mask(strategy, 1, tuple(grid), 0.75, saliency=sal, generator=gen)
+    return mask.reshape(grid).numpy()
+
+
+def _write_pngs(st: SaliencyStore, rows: list[int], data: str | None, meta: dict[str, dict], out: Path,
+                strategy: str, seed: int) -> list[str]:
+    from pipeline.viz import save_saliency_overlay
+
+    if rows and data is None:
+        raise SalmaeError("--png needs --data SHARDS to draw the images under the maps")
+    wanted = {str(st.keys[r]): r for r in rows}
+    images = _read_images(data, set(wanted)) if rows else {}
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    for key, row in wanted.items():
+        if key not in images:
+            continue
+        sal = st.read([row])[0]
+        mask = _mask_for(strategy, sal, st.grid, seed) if st.status[row] == STATUS_OK else None
+        path = out / f"{key}.png"
+        save_saliency_overlay(path, images[key], sal, frame=tuple(st.frames([row])[0]), mask=mask,
+                              bbox=meta.get(key, {}).get("bbox"), mask_label=f"{strategy} mask",
+                              title=f"{key} [{STATUS_CODES[int(st.status[row])]}]")
+        written.append(str(path))
+    return written
+
+
+def _read_images(data: str, keys: set[str]) -> dict[str, np.ndarray]:
+    from pipeline.data.shards import decode_image, iter_samples
+
+    images = {}
+    for s in iter_samples(data, decode=False):
+        if s.key in keys and s.image_bytes is not None:
+            try:
+                images[s.key] = np.asarray(decode_image(s.image_bytes, s.key))
+            except SalmaeError:
+                continue
+    return images

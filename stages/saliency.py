@@ -1,0 +1,325 @@
+"""Stage 1: CLIP + Grad-CAM saliency for every sample of caption shards, into a Zarr store.
+
+Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun rank r computes
+shards i with i % world == r; batches are formed inside a shard in row order, so the numbers do
+not depend on the world size. A shard's completion marker is written after its rows, so a rerun
+of the same command skips finished shards and ends with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import __version__, dist
+from pipeline.config import save_config
+from pipeline.device import autocast, pick_device, pin_memory
+from pipeline.errors import SalmaeError
+from pipeline.files import atomic_write_json
+from pipeline.gradcam import CAM_METHODS, DEFAULT_LAYER, cam_normalisation, compute_cam, encode_captions, resolve_layer
+from pipeline.logging import get_logger, setup_logging
+from pipeline.models.clip import load_clip
+from pipeline.store import STATUS_CODES, STATUS_OK, CODE_OF, SaliencyStore, create_store, status_code
+
+MANIFEST_NAME = "manifest.parquet"
+REPORT_NAME = "saliency_report.json"
+FRAME_CONVENTION = "whole image resized (squashed, aspect not kept) to input_size; frame = [0, 0, W, H]"
+
+
+@dataclasses.dataclass
+class SaliencyConfig:
+    data: str | None = None           # caption shards: brace pattern, paths or pipe: URLs (optional on a rerun)
+    out: Path = Path("runs/saliency/store.zarr")  # the Zarr store; saliency_report.json goes beside it
+    manifest: Path | None = None      # use this manifest instead of building one from `data`
+    clip_model: str = "ViT-B-16"      # open_clip config name (salmae-tiny for the offline CLIP)
+    clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE, or 'none'
+    cam: str = "gradcam"              # gradcam = fast path; library methods: gradcam++, layercam, eigencam, ...
+    layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
+    batch_size: int = 64              # images per forward/backward (keep it fixed across a resume)
+    workers: int = 2                  # DataLoader worker processes (decode + resize)
+    device: str = "auto"              # auto | cpu | cuda
+    overwrite: bool = False           # replace a store made with another config or other data
+    rows_per_shard: int = 1024        # rows per Zarr shard = unit of work, resume and writing
+    seed: int = 0                     # seeds torch (only library CAMs with randomness use it)
+
+
+def run(cfg: SaliencyConfig) -> dict[str, Any]:
+    """Compute (or finish) the store at `cfg.out`; returns the summary also written to saliency_report.json."""
+    if cfg.cam not in CAM_METHODS:
+        raise SalmaeError(f"unknown --cam {cfg.cam!r}; choose one of {', '.join(CAM_METHODS)}")
+    if cfg.rows_per_shard < 1 or cfg.batch_size < 1:
+        raise SalmaeError("rows_per_shard and batch_size must be positive; fix --set rows_per_shard / --batch-size")
+    out = Path(cfg.out)
+    setup_logging(None)
+    device = pick_device(cfg.device)
+    dist.init(device)
+    torch.manual_seed(cfg.seed)
+    model, info, tokenizer, record = load_clip(cfg.clip_model, cfg.clip_pretrained, device)
+    layer, layer_path = resolve_layer(model, cfg.layer)
+    if dist.is_main():
+        _prepare_store(cfg, out, record, layer_path, info)
+    dist.barrier()
+    log = setup_logging(out)
+    store = SaliencyStore.open(out, mode="r+")
+    manifest = _load_manifest(out / MANIFEST_NAME)
+    started = time.time()
+    run_id = f"{started:.6f}"
+    todo = [s for s in range(store.n_shards) if s % dist.world_size() == dist.rank() and not store.is_done(s)]
+    log.info("stage 1: %d rows in %d shards, %d to do on this rank (world %d); model %s/%s, cam %s at %s",
+             len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model, record["clip_pretrained"],
+             cfg.cam, layer_path)
+    n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id)
+    dist.barrier()
+    summary = _summarise(store, out, started, run_id, n_images) if dist.is_main() else {}
+    dist.barrier()
+    return summary
+
+
+# ---------------------------------------------------------------------------- store set-up (rank 0)
+def _prepare_store(cfg: SaliencyConfig, out: Path, record: dict, layer_path: str, info) -> None:
+    """Create the store, or check that an existing one was made by the same config and data."""
+    manifest, manifest_file = _resolve_manifest(cfg, out)
+    try:
+        _create_or_check(cfg, out, record, layer_path, info, manifest, manifest_file)
+    finally:
+        staging = out.with_name(f".{out.name}.build.parquet")
+        if staging.exists():
+            staging.unlink()
+
+
+def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manifest, manifest_file) -> None:
+    fingerprint = {"clip_model": record["clip_model"], "clip_pretrained": record["clip_pretrained"],
+                   "pretrained_sha256": record["pretrained_sha256"], "cam": cfg.cam, "layer": layer_path,
+                   "input_size": record["input_size"], "manifest_hash": manifest.hash,
+                   "rows_per_shard": cfg.rows_per_shard}
+    if (out / "zarr.json").exists():
+        existing = SaliencyStore.open(out).attrs.get("fingerprint", {})
+        if existing == fingerprint:
+            return
+        if not cfg.overwrite:
+            changed = sorted(k for k in fingerprint if existing.get(k) != fingerprint[k])
+            what = ", ".join(f"{k}: {existing.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
+            raise SalmaeError(f"store {out} was made with another config or data ({what}); "
+                              "pass --overwrite to recompute it, or choose another --out")
+    if manifest_file is None or not Path(manifest_file).is_file():
+        raise SalmaeError(f"no manifest for store {out}; pass --data SHARDS (or --manifest FILE)")
+    widths = np.asarray(manifest.column("width"), dtype=np.int32)
+    heights = np.asarray(manifest.column("height"), dtype=np.int32)
+    sizes = np.stack([widths, heights], axis=1)                        # [N, 2] (W, H)
+    frames = np.concatenate([np.zeros_like(sizes), sizes], 1).astype(np.float32)  # [N, 4] whole image
+    attrs = {"fingerprint": fingerprint, **record, "cam": cfg.cam, "layer": layer_path,
+             "input_size": record["input_size"], "frame": FRAME_CONVENTION, "manifest_hash": manifest.hash,
+             "salmae_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "normalisation": cam_normalisation(cfg.cam),
+             "target": "cosine similarity of the image embedding to its own caption's text embedding"}
+    staged = out.with_name(f".{out.name}.{MANIFEST_NAME}")
+    shutil.copyfile(manifest_file, staged)                             # survive create_store's rmtree of `out`
+    create_store(out, keys=manifest.keys, image_sizes=sizes, frames=frames, grid=info.grid,
+                 rows_per_shard=cfg.rows_per_shard, attrs=attrs)
+    staged.replace(out / MANIFEST_NAME)
+    save_config(cfg, out / "config.yaml")
+
+
+def _resolve_manifest(cfg: SaliencyConfig, out: Path):
+    """The manifest this run describes, and a file holding it (None if it must still be written)."""
+    from pipeline.manifest import build_manifest, load_manifest, verify_manifest
+
+    if cfg.manifest is not None:
+        manifest = _load_manifest(cfg.manifest)
+        if cfg.data:
+            report = verify_manifest(cfg.manifest, cfg.data)
+            if not report.ok:
+                raise SalmaeError(f"manifest {cfg.manifest} does not match --data ({report.describe().splitlines()[0]}); "
+                                  f"rebuild it with `salmae manifest build '{cfg.data}' -o {cfg.manifest}`")
+        return manifest, cfg.manifest
+    stored = out / MANIFEST_NAME
+    if cfg.data:
+        staging = out.with_name(f".{out.name}.build.parquet")
+        manifest = build_manifest(cfg.data, staging)
+        if stored.is_file() and load_manifest(stored).hash != manifest.hash and not cfg.overwrite:
+            staging.unlink()
+            raise SalmaeError(f"store {out} was built from other data (manifest hash differs from --data {cfg.data}); "
+                              "pass --overwrite to recompute, or point --data at the original shards")
+        return manifest, staging
+    if stored.is_file():
+        return load_manifest(stored), stored
+    raise SalmaeError(f"store {out} does not exist yet; pass --data SHARDS (or --manifest FILE) to create it")
+
+
+def _load_manifest(path: Path):
+    from pipeline.manifest import load_manifest
+
+    if not Path(path).is_file():
+        raise SalmaeError(f"manifest {path} not found; build one with `salmae manifest build SHARDS -o {path}`")
+    return load_manifest(path)
+
+
+# ---------------------------------------------------------------------------- data loading
+class _RowImages(Dataset):
+    """Manifest row -> (row, normalised image [3, H, W] or None, damage reason or None).
+
+    Local tars are read by byte offset (random access); streamed shards (pipe: URLs) are read
+    whole once per worker and cached by key.
+    """
+
+    def __init__(self, rows: dict[int, tuple[str, str, int, int]], info):
+        self.rows = rows                      # row -> (key, shard url, image offset, image bytes)
+        self.size_wh = (info.input_size[1], info.input_size[0])
+        self.mean = torch.tensor(info.mean).view(3, 1, 1)
+        self.std = torch.tensor(info.std).view(3, 1, 1)
+        self._cached_url: str | None = None
+        self._cache: dict[str, bytes | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int):
+        from pipeline.data.shards import DamagedSampleError, decode_image
+
+        key, url, offset, nbytes = self.rows[row]
+        try:
+            image = decode_image(self._image_bytes(key, url, offset, nbytes), key)
+        except DamagedSampleError as e:
+            return row, None, e.reason
+        image = image.resize(self.size_wh, Image.BICUBIC)    # squash the whole image into the CLIP input
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return row, (x - self.mean) / self.std, None
+
+    def _image_bytes(self, key: str, url: str, offset: int, nbytes: int) -> bytes:
+        from pipeline.data.shards import DamagedSampleError, iter_shard, read_member
+
+        if _is_local_tar(url) and offset >= 0:
+            return read_member(url, offset, nbytes)
+        if url != self._cached_url:
+            self._cache = {s.key: s.image_bytes for s in iter_shard(url, decode=False)}
+            self._cached_url = url
+        data = self._cache.get(key)
+        if data is None:
+            raise DamagedSampleError("missing_image", key)
+        return data
+
+
+def _is_local_tar(url: str) -> bool:
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
+
+
+def _collate(items):
+    rows = [r for r, _, _ in items]
+    errors = [e for _, _, e in items]
+    images = [x for _, x, _ in items if x is not None]
+    return rows, (torch.stack(images) if images else None), errors
+
+
+def _shard_urls(cfg: SaliencyConfig, manifest) -> dict[str, str]:
+    from pipeline.data.shards import expand_shards, shard_name
+
+    urls = expand_shards(cfg.data) if cfg.data else list(manifest.shard_urls)
+    return {shard_name(u): u for u in urls}
+
+
+# ---------------------------------------------------------------------------- compute
+def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, info, tokenizer, layer,
+                    device, run_id: str) -> int:
+    """Compute and write every shard in `todo`; returns the number of images run through CLIP."""
+    from tqdm import tqdm
+
+    urls = _shard_urls(cfg, manifest)
+    keys, shards, captions = manifest.keys, manifest.column("shard"), manifest.column("caption")
+    offsets, nbytes, statuses = manifest.column("image_offset"), manifest.column("image_nbytes"), manifest.status
+    plans: dict[int, dict[str, Any]] = {}
+    batches, batch_shard, rows_info = [], [], {}
+    for s in todo:
+        rows = store.shard_rows(s)
+        status = np.array([status_code(statuses[r]) for r in rows], dtype=np.uint8)
+        for i, r in enumerate(rows):
+            if status[i] == STATUS_OK and not (captions[r] or "").strip():
+                status[i] = CODE_OF["empty_caption"]
+        ok_rows = [r for i, r in enumerate(rows) if status[i] == STATUS_OK]
+        missing = sorted({shards[r] for r in ok_rows} - set(urls))
+        if missing:
+            raise SalmaeError(f"shard {missing[0]} of the store's manifest is not in --data; pass the original shards")
+        for r in ok_rows:
+            rows_info[r] = (keys[r], urls[shards[r]], int(offsets[r]), int(nbytes[r]))
+        bs = [ok_rows[i:i + cfg.batch_size] for i in range(0, len(ok_rows), cfg.batch_size)]
+        plans[s] = {"saliency": np.zeros((len(rows), *store.grid), np.float16), "status": status,
+                    "left": len(bs), "started": None}
+        batches += bs
+        batch_shard += [s] * len(bs)
+    for s in todo:
+        if plans[s]["left"] == 0:
+            _finish_shard(store, s, plans.pop(s), run_id)
+    if not batches:
+        return 0
+    loader = DataLoader(_RowImages(rows_info, info), batch_sampler=batches, num_workers=cfg.workers,
+                        collate_fn=_collate, pin_memory=pin_memory(device),
+                        persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
+    cam_fn = compute_cam(cfg.cam)
+    bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
+    n_images = 0
+    for (rows, images, errors), s in zip(loader, batch_shard):
+        plan = plans[s]
+        plan["started"] = plan["started"] or time.time()
+        lo = store.shard_rows(s).start
+        good = [r for r, e in zip(rows, errors) if e is None]
+        for r, e in zip(rows, errors):
+            if e is not None:
+                plan["status"][r - lo] = status_code(e)
+        if images is not None:
+            with autocast(device):
+                text_emb = encode_captions(model, tokenizer([captions[r] for r in good]).to(device))
+                cams = cam_fn(model, images.to(device, non_blocking=True), text_emb, layer, info.grid)
+            cams = cams.float().cpu().numpy().astype(np.float16)   # [n, gh, gw]
+            for r, cam in zip(good, cams):
+                finite = bool(np.isfinite(cam).all())
+                plan["saliency"][r - lo] = cam if finite else 0
+                plan["status"][r - lo] = STATUS_OK if finite else CODE_OF["nonfinite_map"]
+            n_images += len(good)
+        bar.update(len(rows))
+        plan["left"] -= 1
+        if plan["left"] == 0:
+            _finish_shard(store, s, plans.pop(s), run_id)
+    bar.close()
+    return n_images
+
+
+def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str) -> None:
+    status = plan["status"]
+    seconds = time.time() - plan["started"] if plan["started"] else 0.0
+    marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
+              "images": int((status == STATUS_OK).sum() + (status == CODE_OF["nonfinite_map"]).sum())}
+    store.write_shard(shard, plan["saliency"], status, marker)
+
+
+# ---------------------------------------------------------------------------- report (rank 0)
+def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_images_rank0: int) -> dict[str, Any]:
+    status = store.status
+    keys = store.keys
+    counts = {STATUS_CODES[int(c)]: int(n) for c, n in zip(*np.unique(status, return_counts=True))}
+    failures = [{"key": str(keys[i]), "reason": STATUS_CODES[int(status[i])]} for i in np.flatnonzero(status >= 2)]
+    markers = store.done_markers()
+    seconds = time.time() - started
+    this_run = sum(m.get("images", 0) for m in markers.values() if m.get("run_id") == run_id)
+    nbytes = store.array_nbytes("saliency")
+    summary = {
+        "store": str(out), "rows": len(store), "grid": list(store.grid), "counts": counts,
+        "damaged": len(failures), "failures": failures,
+        "shards": store.n_shards, "shards_done": len(markers),
+        "images_this_run": this_run, "seconds": round(seconds, 3),
+        "images_per_s": round(this_run / seconds, 2) if seconds > 0 else None,
+        "bytes_per_image": round(nbytes / max(len(store), 1), 2), "saliency_bytes": nbytes,
+        "manifest_hash": store.attrs.get("manifest_hash"), "clip_model": store.attrs.get("clip_model"),
+        "clip_pretrained": store.attrs.get("clip_pretrained"), "cam": store.attrs.get("cam"),
+    }
+    atomic_write_json(out.parent / REPORT_NAME, summary)
+    get_logger().info("stage 1 done: %d rows, %s; %.1f img/s this run, %.0f bytes/image; report %s",
+                      len(store), counts, summary["images_per_s"] or 0, summary["bytes_per_image"],
+                      out.parent / REPORT_NAME)
+    return summary
