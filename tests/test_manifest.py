@@ -1,0 +1,114 @@
+"""Data manifests: one row per sample in a stable order, a location-independent hash, verify."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data.shapes import write_shapes
+from pipeline.manifest import build_manifest, describe_manifest, load_manifest, verify_manifest
+from pipeline.errors import SalmaeError
+
+
+@pytest.fixture()
+def shards_copy(tmp_path, shapes_dir):
+    """The two generated shards copied somewhere we may damage them."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(shapes_dir / name, folder / name)
+    return folder
+
+
+def test_one_row_per_sample_with_contract_columns(tmp_path, shapes_dir, shapes_pattern):
+    m = build_manifest(shapes_pattern, tmp_path / "m.parquet")
+    table = pq.read_table(tmp_path / "m.parquet")
+    assert table.column_names == ["row", "key", "shard", "caption", "width", "height", "status",
+                                 "image_offset", "image_nbytes", "image_ext"]
+    assert table.schema.field("row").type == pa.int64() and table.schema.field("width").type == pa.int32()
+    assert table.column("row").to_pylist() == list(range(64)) == list(range(len(m)))
+    parquet_keys = [k for n in ("00000", "00001") for k in pq.read_table(shapes_dir / f"{n}.parquet").column("key").to_pylist()]
+    assert m.keys == parquet_keys  # shard order, then key
+    assert set(m.status) == {"ok"} and set(m.column("width")) == {32}
+    assert table.schema.metadata[b"salmae.hash"].decode() == m.hash
+    assert not list(tmp_path.glob(".m.parquet.tmp*"))  # written through a temp file
+
+
+def test_order_and_hash_stable_and_location_independent(tmp_path, shapes_pattern, shards_copy):
+    a = build_manifest(shapes_pattern, tmp_path / "a.parquet")
+    b = build_manifest(shapes_pattern, tmp_path / "b.parquet")
+    moved = build_manifest(str(shards_copy / "{00000..00001}.tar"))
+    piped = build_manifest([f"pipe:cat {shards_copy / name}" for name in ("00000.tar", "00001.tar")])
+    assert a.keys == b.keys and a.table.equals(b.table)
+    assert a.hash == b.hash == moved.hash == piped.hash
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def test_load_and_lookups(tmp_path, shapes_pattern):
+    built = build_manifest(shapes_pattern, tmp_path / "m.parquet")
+    m = load_manifest(tmp_path / "m.parquet")
+    assert m.hash == built.hash and m.keys == built.keys and m.shard_urls == built.shard_urls
+    assert m.row_of(m.keys[40]) == 40
+    assert m.rows_of_shard("00001.tar") == list(range(32, 64))
+    with pytest.raises(SalmaeError, match="'99999'"):
+        m.row_of("99999")
+    assert "64 rows from 2 shards; 64 ok, 0 damaged" in describe_manifest(m)
+
+
+def test_damaged_samples_are_rows(tmp_path, shards_copy):
+    data = (shards_copy / "00001.tar").read_bytes()
+    (shards_copy / "00001.tar").write_bytes(data[: len(data) // 2])
+    m = build_manifest(str(shards_copy / "{00000..00001}.tar"))
+    statuses = m.status
+    assert statuses.count("truncated_tar") == 1 and statuses[-1] == "truncated_tar"
+    assert 32 < len(m) < 64 and statuses.count("ok") == len(m) - 1
+    assert "truncated_tar 1" in describe_manifest(m)
+
+
+def test_load_errors_name_the_file(tmp_path, shapes_pattern):
+    with pytest.raises(SalmaeError, match="nope.parquet not found.*salmae manifest build"):
+        load_manifest(tmp_path / "nope.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(SalmaeError, match="junk.parquet"):
+        load_manifest(tmp_path / "junk.parquet")
+    pq.write_table(pa.table({"key": ["1"]}), tmp_path / "other.parquet")
+    with pytest.raises(SalmaeError, match="not a salmae manifest"):
+        load_manifest(tmp_path / "other.parquet")
+    m = build_manifest(shapes_pattern, tmp_path / "m.parquet")
+    edited = m.table.set_column(3, "caption", pa.array(["x"] * len(m))).replace_schema_metadata(
+        pq.read_table(tmp_path / "m.parquet").schema.metadata)
+    pq.write_table(edited, tmp_path / "m.parquet")
+    with pytest.raises(SalmaeError, match="edited"):
+        load_manifest(tmp_path / "m.parquet")
+
+
+def test_verify_reports_missing_extra_changed(tmp_path, shards_copy):
+    pattern = str(shards_copy / "{00000..00001}.tar")
+    build_manifest(pattern, tmp_path / "m.parquet")
+    report = verify_manifest(tmp_path / "m.parquet", pattern)
+    assert report.ok and "matches 2 shards (64 rows)" in report.describe()
+
+    missing = verify_manifest(tmp_path / "m.parquet", str(shards_copy / "00000.tar"))
+    assert not missing.ok and missing.missing == ["00001.tar"] and "missing (1): 00001.tar" in missing.describe()
+
+    write_shapes(tmp_path / "more", n=96, image_size=32, seed=0, shard_size=32)
+    extra = verify_manifest(tmp_path / "m.parquet", [pattern, str(tmp_path / "more" / "00002.tar")])
+    assert extra.extra == ["00002.tar"] and not extra.missing
+
+    write_shapes(tmp_path / "other", n=64, image_size=32, seed=9, shard_size=32)  # same keys, other bytes
+    shutil.copy(tmp_path / "other" / "00001.tar", shards_copy / "00001.tar")
+    changed = verify_manifest(tmp_path / "m.parquet", pattern)
+    assert list(changed.changed) == ["00001.tar"] and "image bytes changed" in changed.describe()
+
+
+def test_duplicate_keys_and_names_are_errors(tmp_path, shapes_dir):
+    (tmp_path / "x").mkdir()
+    shutil.copy(shapes_dir / "00000.tar", tmp_path / "x" / "00000.tar")
+    with pytest.raises(SalmaeError, match="00000.tar appears twice"):
+        build_manifest([str(shapes_dir / "00000.tar"), str(tmp_path / "x" / "00000.tar")])
+    shutil.copy(shapes_dir / "00000.tar", tmp_path / "x" / "00005.tar")
+    with pytest.raises(SalmaeError, match="appears in both 00000.tar and 00005.tar"):
+        build_manifest(str(tmp_path / "x" / "{00000,00005}.tar"))
