@@ -1,0 +1,266 @@
+"""Stage 2: MAE pretraining with saliency-capped (or baseline) masks.
+
+`run(cfg)` wires data, model, optimizer and checkpoints; the epoch loop is
+`pipeline.engine_pretrain.train_one_epoch`. The run folder holds `config.yaml`, `run.log`,
+`metrics.jsonl`, `checkpoint-latest.pth`, `checkpoint-EEEE.pth` and `png/epoch-EEEE.png`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+from pipeline import dist
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import config_to_dict, save_config
+from pipeline.device import pick_device, pin_memory
+from pipeline.engine_pretrain import MaskPlan, batch_masks, cosine_lr, step_seed, train_one_epoch
+from pipeline.errors import SalmaeError
+from pipeline.logging import MetricsWriter, get_logger, setup_logging
+from pipeline.masking import RatioSpec
+from pipeline.models.mae import build_mae
+
+
+@dataclass
+class ArchConfig:
+    """Overrides of the MAE preset (None = the preset's value)."""
+
+    img_size: int | None = None           # input side in pixels
+    patch_size: int | None = None         # patch side in pixels
+    embed_dim: int | None = None          # encoder width
+    depth: int | None = None              # encoder blocks
+    num_heads: int | None = None          # encoder heads
+    decoder_embed_dim: int | None = None  # decoder width (MAE: 512)
+    decoder_depth: int | None = None      # decoder blocks (MAE: 8)
+    decoder_num_heads: int | None = None  # decoder heads
+    norm_pix_loss: bool = True            # per-patch normalised pixel targets (MAE's best setting)
+
+
+@dataclass
+class MaskConfig:
+    """Options of the mask strategy chosen by `mask`."""
+
+    ratio: str = "0.75"                    # a number, or uniform:LO,HI sampled per image/batch
+    ratio_per: Literal["image", "batch"] = "image"  # where a ratio distribution is sampled
+    cap: float = 0.25                      # saliency: fraction of patches masked by saliency
+    cap_ramp_epochs: float = 0             # ramp the cap linearly from 0 over these epochs (0 = off)
+    select: Literal["topk", "sample"] = "topk"  # saliency: most salient, or sampled ∝ s^(1/tau)
+    tau: float = 1.0                       # temperature of select=sample
+    inverse: bool = False                  # mask the least salient (ablation)
+    base: float = 0.75                     # adaptive: base ratio
+    var: float = 0.1                       # adaptive: ratio spread around base
+    delta: float = 0.5                     # adaptive: salient threshold on max-normalised maps
+    boundary_weight: float = 1.0           # loss weight of masked patches bordering visible ones
+    source: Literal["store", "online"] = "store"  # saliency from the stage-1 store or the model itself
+    skip_missing: bool = False             # skip samples without ok saliency (default: random mask)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-iteration cosine schedule, as MAE."""
+
+    blr: float = 1.5e-4                    # base lr; lr = blr * effective batch / 256
+    lr: float | None = None                # absolute lr (overrides blr)
+    min_lr: float = 0.0                    # lr at the end of the cosine
+    warmup_epochs: float = 1.0             # linear warmup length
+    weight_decay: float = 0.05             # not applied to norms, biases, tokens, pos-embeds
+    accum_iter: int = 1                    # gradient accumulation steps per optimizer step
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 2 configuration."""
+
+    data: str = ""                         # image shards (brace pattern, paths, pipe: URLs)
+    out: Path = Path("runs/pretrain")      # run folder
+    saliency: str | None = None            # stage-1 Zarr store (saliency/adaptive masks; PNG column)
+    manifest: str | None = None            # manifest of `data` (default: built by scanning the shards)
+    mask: Literal["random", "block", "grid", "saliency", "adaptive"] = "saliency"  # mask strategy
+    model: Literal["tiny", "small", "base", "large", "huge"] = "tiny"  # MAE preset
+    epochs: int = 10                       # total epochs
+    batch_size: int = 64                   # images per process per iteration
+    resume: str | None = None              # 'latest' or a checkpoint path
+    device: str = "auto"                   # auto | cpu | cuda
+    seed: int = 0                          # model init, data order, augmentation and masks
+    workers: int = 2                       # DataLoader worker processes
+    data_mode: Literal["indexed", "stream"] = "indexed"  # random access (local tars) or webdataset stream
+    shuffle_buffer: int = 1000             # stream mode shuffle buffer
+    save_every: int = 5                    # also keep checkpoint-EEEE.pth every N epochs
+    log_every: int = 1                     # metrics.jsonl step records every N iterations
+    viz_samples: int = 6                   # fixed samples in each epoch's PNG grid (0 = none)
+    compile: bool = False                  # torch.compile the model
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Train; returns {run, epochs, loss, checkpoint}."""
+    device = pick_device(cfg.device)
+    dist.init(device)
+    out = Path(cfg.out)
+    log = setup_logging(out)
+    ckpt_path = _resume_path(cfg, out)
+    if dist.is_main():
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    model = build_mae(cfg.model, **{f.name: getattr(cfg.arch, f.name) for f in fields(ArchConfig)
+                                    if getattr(cfg.arch, f.name) is not None}).to(device)
+    dataset, saliency_store = _dataset(cfg, model)
+    plan = _mask_plan(cfg)
+    if plan.uses_saliency and plan.source == "store" and saliency_store is None:
+        raise SalmaeError(f"--mask {cfg.mask} needs a saliency store: pass --saliency STORE.zarr "
+                          "(or --set masking.source=online)")
+    loader, sampler = _loader(cfg, dataset, device)
+    world = dist.world_size()
+    eff_batch = cfg.batch_size * cfg.optim.accum_iter * world
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay,
+                                       no_weight_decay_list=("cls_token", "mask_token", "pos_embed", "decoder_pos_embed"))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
+    start_epoch = 0
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path, map_location="cpu")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    log.info("stage 2: %d samples, %s masks, %s model %s, %d x %d x %d = %d per step, lr %.3g",
+             len(dataset), cfg.mask, cfg.model, model.model_args, cfg.batch_size, cfg.optim.accum_iter,
+             world, eff_batch, lr)
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    viz = _viz_batch(cfg, dataset) if dist.is_main() and cfg.viz_samples > 0 else None
+    lr_at = lambda e: cosine_lr(e, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)  # noqa: E731
+    stats: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        sampler_or_ds = sampler if sampler is not None else dataset
+        sampler_or_ds.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        stats = train_one_epoch(train_model, model, loader, optimizer, device, epoch, plan, lr_at,
+                                cfg.optim.accum_iter, metrics, cfg.log_every)
+        metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
+                      fallback=stats["fallback"], lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+        log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
+                 stats["masked"], stats["fallback"], time.time() - t0)
+        if dist.is_main():
+            _save(cfg, out, model, optimizer, scaler, epoch, stats)
+            if viz is not None:
+                _write_png(out / "png" / f"epoch-{epoch:04d}.png", model, viz, plan, device)
+        dist.barrier()
+    if dataset.n_skipped:
+        log.info("%d samples without ok saliency were skipped", dataset.n_skipped)
+    dist.barrier()
+    return {"run": str(out), "epochs": cfg.epochs, "loss": stats.get("loss"),
+            "checkpoint": str(out / "checkpoint-latest.pth")}
+
+
+# --------------------------------------------------------------------------- wiring helpers
+def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
+    latest = out / "checkpoint-latest.pth"
+    if cfg.resume is None:
+        if latest.exists():
+            raise SalmaeError(f"run folder {out} already holds checkpoints; pass --resume latest to continue "
+                              "or choose a new --out")
+        return None
+    if cfg.resume == "latest":
+        return latest if latest.exists() else None
+    return Path(cfg.resume)
+
+
+def _dataset(cfg: PretrainConfig, model):
+    from pipeline.data.pretrain_data import (IndexedPretrainDataset, StreamPretrainDataset,
+                                             load_saliency_table)
+    from pipeline.data.shards import expand_shards
+    from pipeline.manifest import build_manifest, load_manifest
+    from pipeline.store import SaliencyStore
+
+    if not cfg.data:
+        raise SalmaeError("no training data: pass --data SHARDS (brace pattern, paths or pipe: URLs)")
+    urls = expand_shards(cfg.data)
+    manifest = load_manifest(cfg.manifest) if cfg.manifest else build_manifest(urls)
+    table = store = None
+    if cfg.saliency and cfg.masking.source == "store":
+        store = SaliencyStore.open(cfg.saliency)
+        table = load_saliency_table(manifest, store)
+        get_logger().info("saliency store %s: %d of %d rows usable, %d fall back to %s", cfg.saliency,
+                          int(table.ok.sum()), len(table.ok), table.n_failed,
+                          "being skipped" if cfg.masking.skip_missing else "random masks")
+    common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
+                  skip_missing=cfg.masking.skip_missing, seed=cfg.seed)
+    if cfg.data_mode == "stream":
+        ds = StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, **common)
+        ds.n_skipped = 0
+        return ds, store
+    return IndexedPretrainDataset(manifest, urls, **common), store
+
+
+def _loader(cfg: PretrainConfig, dataset, device):
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.pretrain_data import GlobalBatchSampler
+
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin_memory(device),
+              drop_last=True, persistent_workers=False)
+    if cfg.data_mode == "stream":
+        return DataLoader(dataset, **kw), None
+    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, dist.world_size(), dist.rank(), cfg.seed)
+    return DataLoader(dataset, sampler=sampler, **kw), sampler
+
+
+def _mask_plan(cfg: PretrainConfig) -> MaskPlan:
+    m = cfg.masking
+    return MaskPlan(strategy=cfg.mask, ratio=RatioSpec.parse(m.ratio, m.ratio_per), cap=m.cap,
+                    cap_ramp_epochs=m.cap_ramp_epochs, select=m.select, tau=m.tau, inverse=m.inverse,
+                    base=m.base, var=m.var, delta=m.delta, boundary_weight=m.boundary_weight,
+                    source=m.source, seed=cfg.seed)
+
+
+def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict) -> None:
+    config = config_to_dict(cfg)
+    config["model_args"] = dict(model.model_args)
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 epoch=epoch, step=(epoch + 1) * stats["steps"], config=config, loss=float(stats["loss"]))
+    save_checkpoint(out / "checkpoint-latest.pth", **state)
+    if cfg.save_every > 0 and (epoch + 1) % cfg.save_every == 0:
+        save_checkpoint(out / f"checkpoint-{epoch:04d}.pth", **state)
+
+
+def _viz_batch(cfg: PretrainConfig, dataset) -> dict | None:
+    """The same first samples every epoch, without augmentation."""
+    if not hasattr(dataset, "rows"):  # stream mode: no random access
+        return None
+    from torch.utils.data import default_collate
+
+    keep = dataset.augment
+    dataset.augment = False
+    items = [dataset[i] for i in range(min(cfg.viz_samples, len(dataset)))]
+    dataset.augment = keep
+    return default_collate(items) if items else None
+
+
+@torch.no_grad()
+def _write_png(path: Path, model, batch: dict, plan: MaskPlan, device) -> None:
+    from pipeline.viz_mae import save_mae_grid
+
+    was_training = model.training
+    model.eval()
+    n = batch["image"].shape[0]
+    triple, _, _ = batch_masks(plan, batch, model, model.grid, 1e9, step_seed(plan.seed, -1, 0), (0, n), device)
+    imgs = batch["image"].to(device)
+    _, pred, mask = model(imgs, masking=triple)
+    sal = model.token_salience(imgs) if plan.source == "online" else batch["saliency"]
+    save_mae_grid(path, model, imgs.cpu(), sal.cpu(), pred.cpu(), mask.cpu())
+    model.train(was_training)

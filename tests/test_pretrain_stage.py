@@ -1,0 +1,142 @@
+"""Stage 2 end to end on the tiny shapes data: run folder, resume equivalence, DDP == 1 process, store checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import resolve_config
+from pipeline.errors import SalmaeError
+from pipeline.logging import read_metrics
+
+TINY_ARCH = {"arch.img_size": 32, "arch.patch_size": 8, "arch.embed_dim": 32, "arch.depth": 1,
+             "arch.num_heads": 2, "arch.decoder_embed_dim": 32, "arch.decoder_depth": 1,
+             "arch.decoder_num_heads": 2}
+
+
+def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), manifest_hash=None) -> Path:
+    """A saliency store like stage 1's: 4x4 maps with 1 on the cells covering each image's bbox."""
+    from pipeline.data.shards import iter_samples
+    from pipeline.manifest import build_manifest
+    from pipeline.store import SaliencyStore, create_store
+
+    manifest = build_manifest(shapes_pattern)
+    samples = {s.key: s for s in iter_samples(shapes_pattern, decode=False)}
+    n, grid = len(manifest), (4, 4)
+    sizes = np.array([[manifest.column("width")[i], manifest.column("height")[i]] for i in range(n)])
+    frames = np.array([[0, 0, w, h] for w, h in sizes], np.float32)
+    create_store(path, keys=manifest.keys, image_sizes=sizes, frames=frames, grid=grid, rows_per_shard=32,
+                 attrs={"manifest_hash": manifest_hash or manifest.hash})
+    maps = np.zeros((n, *grid), np.float32)
+    for i, key in enumerate(manifest.keys):
+        x0, y0, x1, y1 = samples[key].meta["bbox"]
+        w, h = sizes[i]
+        maps[i, int(y0 / h * 4):max(int(y0 / h * 4) + 1, int(np.ceil(y1 / h * 4))),
+             int(x0 / w * 4):max(int(x0 / w * 4) + 1, int(np.ceil(x1 / w * 4)))] = 1.0
+    status = np.ones(n, np.uint8)
+    status[list(failed_rows)] = 8
+    store = SaliencyStore.open(path, mode="r+")
+    for shard in range(store.n_shards):
+        rows = store.shard_rows(shard)
+        st = status[rows.start:rows.stop].copy()
+        st[[r - rows.start for r in pending_rows if r in rows]] = 0
+        store.write_shard(shard, maps[rows.start:rows.stop], st, {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, shapes_pattern) -> Path:
+    return _store(tmp_path_factory.mktemp("store") / "store.zarr", shapes_pattern, failed_rows=(3, 40))
+
+
+def _cfg(out, data, **over):
+    from stages.pretrain import PretrainConfig
+
+    base = dict(TINY_ARCH, **{"workers": 0, "viz_samples": 2, "optim.warmup_epochs": 1, "optim.blr": 1e-3})
+    base.update(over)
+    named = {k: base.pop(k) for k in list(base) if k in ("saliency", "mask", "epochs", "batch_size", "resume",
+                                                          "device")}
+    return resolve_config(PretrainConfig, None, [f"{k}={v}" for k, v in base.items()], data=data, out=str(out),
+                          device="cpu", **named)
+
+
+def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
+    from stages.pretrain import run
+
+    out = tmp_path / "run"
+    summary = run(_cfg(out, shapes_pattern, saliency=str(store_path), mask="saliency", epochs=2, batch_size=8,
+                       save_every=1))
+    assert np.isfinite(summary["loss"])
+    for name in ("config.yaml", "run.log", "metrics.jsonl", "checkpoint-latest.pth", "checkpoint-0000.pth",
+                 "checkpoint-0001.pth", "png/epoch-0000.png", "png/epoch-0001.png"):
+        assert (out / name).is_file(), name
+    ckpt = load_checkpoint(out / "checkpoint-latest.pth")
+    assert {"model", "optimizer", "scaler", "epoch", "config", "version"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["model_args"]["embed_dim"] == 32
+    assert "blocks.0.attn.qkv.weight" in ckpt["model"] and "decoder_pred.weight" in ckpt["model"]
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert {"loss", "lr", "masked", "fallback", "epoch", "step"} <= set(steps[0])
+    assert steps[0]["masked"] == 12
+    # rows 3 and 40 have failed saliency: they are trained with random masks and counted
+    assert sum(r["fallback"] for r in records if r["kind"] == "epoch") >= 1
+    # the second run in the same folder without --resume refuses to overwrite
+    with pytest.raises(SalmaeError, match="resume"):
+        run(_cfg(out, shapes_pattern, saliency=str(store_path), mask="saliency", epochs=2, batch_size=8))
+
+
+@pytest.mark.parametrize("mask", ["random", "adaptive"])
+def test_resume_equivalence(tmp_path, shapes_pattern, store_path, mask):
+    from stages.pretrain import run
+
+    kw = dict(saliency=str(store_path), mask=mask, batch_size=16, viz_samples=0)
+    run(_cfg(tmp_path / "straight", shapes_pattern, epochs=2, **kw))
+    run(_cfg(tmp_path / "split", shapes_pattern, epochs=1, **kw))
+    run(_cfg(tmp_path / "split", shapes_pattern, epochs=2, resume="latest", **kw))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint-latest.pth")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint-latest.pth")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_store_checks(tmp_path, shapes_pattern):
+    from stages.pretrain import run
+
+    pending = _store(tmp_path / "pending.zarr", shapes_pattern, pending_rows=(33, 34, 35))
+    with pytest.raises(SalmaeError, match=r"misses 3 of \d+ rows .*00001\.tar \(3\)"):
+        run(_cfg(tmp_path / "a", shapes_pattern, saliency=str(pending), mask="saliency", epochs=1, batch_size=8))
+    other = _store(tmp_path / "other.zarr", shapes_pattern, manifest_hash="0" * 64)
+    with pytest.raises(SalmaeError, match="another manifest"):
+        run(_cfg(tmp_path / "b", shapes_pattern, saliency=str(other), mask="saliency", epochs=1, batch_size=8))
+    with pytest.raises(SalmaeError, match="needs a saliency store"):
+        run(_cfg(tmp_path / "c", shapes_pattern, mask="saliency", epochs=1, batch_size=8))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path, shapes_pattern, store_path):
+    """torchrun with 2 gloo processes x batch 8 == 1 process x batch 16 (same global batch)."""
+    from stages.pretrain import run
+
+    kw = dict(saliency=str(store_path), mask="saliency", epochs=1, viz_samples=0)
+    run(_cfg(tmp_path / "one", shapes_pattern, batch_size=16, **kw))
+    sets = [f"{k}={v}" for k, v in dict(TINY_ARCH, workers=0, viz_samples=0, **{"optim.warmup_epochs": 1,
+                                                                                 "optim.blr": 1e-3}).items()]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+           "-m", "pipeline.cli", "pretrain", "--data", shapes_pattern, "--out", str(tmp_path / "two"),
+           "--saliency", str(store_path), "--mask", "saliency", "--epochs", "1", "--batch-size", "8",
+           "--device", "cpu"] + [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "one" / "checkpoint-latest.pth")["model"]
+    b = load_checkpoint(tmp_path / "two" / "checkpoint-latest.pth")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
