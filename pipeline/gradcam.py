@@ -52,9 +52,9 @@ def resolve_layer(model: nn.Module, layer: str = DEFAULT_LAYER) -> tuple[nn.Modu
     for part in layer.split("."):
         try:
             if part.lstrip("-").isdigit():
-                seq = module
-                index = int(part) % len(seq)
-                module = seq[index]
+                seq, index = module, int(part)
+                module = seq[index]                       # IndexError for out-of-range indices
+                index %= len(seq)
                 parts.append(str(index))
             else:
                 module = getattr(module, part)
