@@ -11,7 +11,6 @@ cache features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epo
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import config_to_dict, save_config
 from pipeline.device import pick_device
 from pipeline.errors import SalmaeError
-from pipeline.eval.data import EvalImages, ImageList, scan_imagefolder
+from pipeline.eval.data import EvalData, open_eval_data
 from pipeline.eval.features import Features, cached_features, extract_features
 from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints
 from pipeline.eval.knn import knn_predict
@@ -89,6 +88,7 @@ class EvalConfig:
     std: tuple[float, ...] = IMAGENET_STD    # normalisation std
     crop_pct: float = 0.875       # eval resize = image_size / crop_pct, then centre crop
     workers: int = 4              # DataLoader worker processes
+    check: Literal["header", "none"] = "header"  # probe every image file when opening the data (skips unreadable ones)
     seed: int = 0                 # seeds head init, batch order and augmentation
     resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
     timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it
@@ -108,10 +108,9 @@ class _Context:
     epochs: int
     batch_size: int
     image_size: int
-    train: ImageList
-    val: ImageList
     checkpoint_sha256: str
     metrics: MetricsWriter
+    data: EvalData | None = None  # opened by the protocol, once the input size is known
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
@@ -128,14 +127,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
-    train, val = scan_imagefolder(cfg.data)
     ckpt_sha = sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
     ctx = _Context(cfg=cfg, out=out, device=device,
                    epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS[cfg.protocol],
                    batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], image_size=0,
-                   train=train, val=val, checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"))
-    log.info("eval %s of %s on %s: %d train / %d val images, %d classes, %d process(es)", cfg.protocol,
-             cfg.checkpoint, cfg.data, len(train.paths), len(val.paths), len(train.classes), dist.world_size())
+                   checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"))
     protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
     outcome = protocol(ctx)
     results = _results(ctx, outcome, seconds=time.time() - start)
@@ -148,23 +144,31 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- protocols
-def _load(ctx: _Context, *, num_classes: int = 0, global_pool: bool = False, drop_path: float = 0.0):
+def _load(ctx: _Context, *, global_pool: bool = False, drop_path: float = 0.0):
     cfg = ctx.cfg
     encoder, spec = load_encoder(cfg.checkpoint, img_size=cfg.image_size, global_pool=global_pool,
-                                 num_classes=num_classes, drop_path_rate=drop_path,
-                                 num_heads=cfg.num_heads, timm_model=cfg.timm_model)
+                                 drop_path_rate=drop_path, num_heads=cfg.num_heads, timm_model=cfg.timm_model)
     ctx.image_size = cfg.image_size or spec.pretrain_img_size
     return encoder.to(ctx.device), spec
 
 
-def _frozen_features(ctx: _Context, encoder, images: ImageList, split: str, transform) -> Features:
+def _open_data(ctx: _Context, train_transform, val_transform) -> EvalData:
+    cfg = ctx.cfg
+    ctx.data = open_eval_data(cfg.data, train_transform, val_transform, ctx.image_size, check=cfg.check)
+    get_logger().info("eval %s of %s on %s: %d train / %d val images, %d classes, %d skipped, %d process(es)",
+                      cfg.protocol, cfg.checkpoint, cfg.data, len(ctx.data.train), len(ctx.data.val),
+                      len(ctx.data.classes), len(ctx.data.skipped), dist.world_size())
+    return ctx.data
+
+
+def _frozen_features(ctx: _Context, encoder, split: str) -> Features:
     """Features of one split through the frozen encoder, from DIR/features-SPLIT.pt when still valid."""
     cfg = ctx.cfg
     key = {"checkpoint_sha256": ctx.checkpoint_sha256, "split": split, "image_size": ctx.image_size,
            "global_pool": bool(cfg.global_pool), "mean": list(cfg.mean), "std": list(cfg.std),
            "crop_pct": cfg.crop_pct, "timm_model": cfg.timm_model, "num_heads": cfg.num_heads,
-           "files": hashlib.sha256("\n".join(images.paths).encode()).hexdigest()}
-    dataset = EvalImages(images, transform, ctx.image_size)
+           "files": ctx.data.fingerprint(split)}
+    dataset = ctx.data.train if split == "train" else ctx.data.val
     feats, hit = cached_features(ctx.out / f"features-{split}.pt", key, lambda: extract_features(
         encoder, dataset, batch_size=ctx.batch_size, device=ctx.device, workers=cfg.workers, desc=split))
     if hit:
@@ -176,35 +180,33 @@ def _run_knn(ctx: _Context) -> dict[str, Any]:
     cfg = ctx.cfg
     encoder, spec = _load(ctx, global_pool=bool(cfg.global_pool))
     tf = eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct)
-    train = _frozen_features(ctx, encoder, ctx.train, "train", tf)
-    val = _frozen_features(ctx, encoder, ctx.val, "val", tf)
+    data = _open_data(ctx, tf, tf)
+    train, val = _frozen_features(ctx, encoder, "train"), _frozen_features(ctx, encoder, "val")
     tr, va = train.readable(), val.readable()
-    scores = knn_predict(tr.feats, tr.labels, va.feats, len(ctx.train.classes), k=cfg.knn.k,
+    scores = knn_predict(tr.feats, tr.labels, va.feats, len(data.classes), k=cfg.knn.k,
                          temperature=cfg.knn.temperature)
     top1, top5 = topk_correct(scores, va.labels)
     n = max(va.labels.numel(), 1)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": 0, "spec": spec,
-            "train_unreadable": _bad(train), "val_unreadable": _bad(val),
-            "n_train": tr.labels.numel(), "n_val": va.labels.numel()}
+            "train_unreadable": _bad(train), "val_unreadable": _bad(val)}
 
 
 def _run_linear(ctx: _Context) -> dict[str, Any]:
     cfg, lc = ctx.cfg, ctx.cfg.linear
     encoder, spec = _load(ctx, global_pool=bool(cfg.global_pool))
     encoder.requires_grad_(False)
-    tf_eval = eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct)
-    val = _frozen_features(ctx, encoder, ctx.val, "val", tf_eval)
     use_cache = lc.cache and not lc.augment
+    tf_eval = eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct)
+    tf_train = linear_train_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct, augment=lc.augment)
+    data = _open_data(ctx, tf_train, tf_eval)
+    val = _frozen_features(ctx, encoder, "val")
     if use_cache:
-        train = _frozen_features(ctx, encoder, ctx.train, "train", tf_eval)
+        train = _frozen_features(ctx, encoder, "train")
         batches = CachedBatches(train.feats, train.labels, train.ok, ctx.batch_size, cfg.seed, ctx.device)
-        n_train = int(train.ok.sum())
     else:
-        tf_train = linear_train_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct, augment=lc.augment)
-        batches = EncoderBatches(encoder, EvalImages(ctx.train, tf_train, ctx.image_size), ctx.batch_size,
-                                 cfg.seed, ctx.device, workers=cfg.workers)
+        batches = EncoderBatches(encoder, data.train, ctx.batch_size, cfg.seed, ctx.device, workers=cfg.workers)
     torch.manual_seed(cfg.seed)  # same head init whichever path
-    head = LinearProbeHead(encoder.num_features, len(ctx.train.classes)).to(ctx.device)
+    head = LinearProbeHead(encoder.num_features, len(data.classes)).to(ctx.device)
     lr = lc.blr * ctx.batch_size * dist.world_size() / 256
     optimizer = lars_for_head(head, lr, lc.weight_decay)
     trained = DistributedDataParallel(head) if dist.world_size() > 1 else head
@@ -216,14 +218,9 @@ def _run_linear(ctx: _Context) -> dict[str, Any]:
         logits = head(va.feats.to(ctx.device)).cpu()
     top1, top5 = topk_correct(logits, va.labels)
     n = max(va.labels.numel(), 1)
-    if use_cache:
-        train_bad = _bad(train)
-    else:
-        train_bad = gather_ints(sorted(batches.unreadable))
-        n_train = len(ctx.train.paths) - len(train_bad)
+    train_bad = _bad(train) if use_cache else gather_ints(sorted(batches.unreadable))
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": ctx.epochs, "spec": spec,
-            "train_unreadable": train_bad, "val_unreadable": _bad(val), "n_train": n_train,
-            "n_val": va.labels.numel(), "cached_features": use_cache, "lr": lr}
+            "train_unreadable": train_bad, "val_unreadable": _bad(val), "cached_features": use_cache, "lr": lr}
 
 
 def _run_finetune(ctx: _Context) -> dict[str, Any]:
@@ -233,18 +230,19 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
     from torch.utils.data import DataLoader, DistributedSampler
 
     cfg, fc = ctx.cfg, ctx.cfg.finetune
-    num_classes = len(ctx.train.classes)
     global_pool = True if cfg.global_pool is None else cfg.global_pool
-    model, spec = _load(ctx, num_classes=num_classes, global_pool=global_pool, drop_path=fc.drop_path)
+    model, spec = _load(ctx, global_pool=global_pool, drop_path=fc.drop_path)
+    data = _open_data(ctx, finetune_train_transform(ctx.image_size, cfg.mean, cfg.std, fc.auto_augment, fc.re_prob),
+                      eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct))
+    num_classes = len(data.classes)
     torch.manual_seed(cfg.seed)
+    model.reset_classifier(num_classes)
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE's head init
-    train_ds = EvalImages(ctx.train, finetune_train_transform(ctx.image_size, cfg.mean, cfg.std,
-                                                              fc.auto_augment, fc.re_prob), ctx.image_size)
-    val_ds = EvalImages(ctx.val, eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct), ctx.image_size)
-    sampler = DistributedSampler(train_ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+    model.to(ctx.device)
+    sampler = DistributedSampler(data.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
                                  seed=cfg.seed)
-    drop_last = len(train_ds) >= ctx.batch_size * dist.world_size()
-    loader = DataLoader(train_ds, batch_size=ctx.batch_size, sampler=sampler, drop_last=drop_last,
+    drop_last = len(data.train) >= ctx.batch_size * dist.world_size()
+    loader = DataLoader(data.train, batch_size=ctx.batch_size, sampler=sampler, drop_last=drop_last,
                         num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda")
     lr = fc.blr * ctx.batch_size * dist.world_size() / 256
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=fc.weight_decay,
@@ -269,11 +267,10 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
             save_checkpoint(ctx.out / "checkpoint-latest.pth", model=model.state_dict(),
                             optimizer=optimizer.state_dict(), epoch=epoch, config=config_to_dict(cfg))
         dist.barrier()
-    top1, top5, n_val, val_bad = evaluate_classifier(model, val_ds, batch_size=ctx.batch_size,
-                                                     device=ctx.device, workers=cfg.workers)
-    train_bad = sorted(set(gather_ints(train_bad)))
-    return {"top1": top1, "top5": top5, "epochs": ctx.epochs, "spec": spec, "train_unreadable": train_bad,
-            "val_unreadable": val_bad, "n_train": len(train_ds) - len(train_bad), "n_val": n_val,
+    top1, top5, _, val_bad = evaluate_classifier(model, data.val, batch_size=ctx.batch_size,
+                                                 device=ctx.device, workers=cfg.workers)
+    return {"top1": top1, "top5": top5, "epochs": ctx.epochs, "spec": spec,
+            "train_unreadable": sorted(set(gather_ints(train_bad))), "val_unreadable": val_bad,
             "lr": lr, "resumed_from_epoch": start_epoch}
 
 
@@ -308,8 +305,10 @@ def _log_epoch(ctx: _Context, epoch: int, loss: float) -> None:
 
 def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str, Any]:
     spec: EncoderSpec = outcome["spec"]
-    skipped = [ctx.train.paths[i] for i in outcome["train_unreadable"]] + \
-              [ctx.val.paths[i] for i in outcome["val_unreadable"]]
+    data = ctx.data
+    late = [data.train.name(i) for i in outcome["train_unreadable"]] + \
+           [data.val.name(i) for i in outcome["val_unreadable"]]
+    skipped = data.skipped + late
     extra = {k: outcome[k] for k in ("cached_features", "lr", "resumed_from_epoch") if k in outcome}
     return {
         "protocol": ctx.cfg.protocol,
@@ -318,10 +317,11 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
         "epochs": outcome["epochs"],
         "checkpoint": str(Path(ctx.cfg.checkpoint).resolve()),
         "checkpoint_sha256": ctx.checkpoint_sha256,
-        "counts": {"train": int(outcome["n_train"]), "val": int(outcome["n_val"]), "skipped": len(skipped),
-                   "skipped_files": skipped, "classes": len(ctx.train.classes)},
-        "encoder": {"source": spec.source, **{k: v for k, v in spec.arch.items()},
-                    "pretrain_img_size": spec.pretrain_img_size, "eval_img_size": ctx.image_size},
+        "counts": {"train": len(data.train) - len(outcome["train_unreadable"]),
+                   "val": len(data.val) - len(outcome["val_unreadable"]),
+                   "skipped": len(skipped), "skipped_files": skipped, "classes": len(data.classes)},
+        "encoder": {"source": spec.source, **spec.arch, "pretrain_img_size": spec.pretrain_img_size,
+                    "eval_img_size": ctx.image_size},
         "config": config_to_dict(ctx.cfg),
         "world_size": dist.world_size(),
         "seconds": round(seconds, 3),

@@ -124,9 +124,9 @@ def test_finetune_separable_and_resumes(colour_folder, mae_checkpoint, tmp_path)
     out = tmp_path / "ft"
     first = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=2, **sets))
     assert (out / "checkpoint-latest.pth").is_file() and first["resumed_from_epoch"] == 0
-    res = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=6, resume="latest", **sets))
+    res = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=15, resume="latest", **sets))
     assert res["resumed_from_epoch"] == 2
-    assert [m["epoch"] for m in read_metrics(out / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
+    assert [m["epoch"] for m in read_metrics(out / "metrics.jsonl")] == list(range(15))
     assert res["top1"] >= 75.0, res  # chance 25 %; mixup/cutmix/RandAugment on, as by default
     assert res["config"]["finetune"]["layer_decay"] == 0.75 and res["config"]["finetune"]["mixup"] == 0.8
 
@@ -137,10 +137,12 @@ def test_missing_data_folders_are_one_line_errors(colour_folder, mae_checkpoint,
     (bad / "train" / "dog").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(bad / "train" / "cat" / "a.png")
     (bad / "val" / "cat").mkdir(parents=True)
-    with pytest.raises(SalmaeError, match=r"class folder .*dog is empty"):
+    Image.new("RGB", (8, 8)).save(bad / "val" / "cat" / "d.png")
+    with pytest.raises(SalmaeError, match=r"class folder .*dog"):
         run(_cfg("knn", mae_checkpoint, bad, tmp_path / "o1"))
     Image.new("RGB", (8, 8)).save(bad / "train" / "dog" / "b.png")
     (bad / "val" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(bad / "val" / "bird" / "c.png")
     with pytest.raises(SalmaeError, match="val class.*bird"):
         run(_cfg("knn", mae_checkpoint, bad, tmp_path / "o2"))
 

@@ -1,89 +1,84 @@
-"""Eval datasets: an ImageFolder root (`ROOT/train`, `ROOT/val`, one folder per class).
+"""Eval datasets on top of the data layer: an ImageFolder root or labelled shards.
 
-Every item is `(image [3, S, S], label, index, ok)`: an unreadable file yields a zero image with
-`ok=False` instead of an exception, so loops can skip it and the run can list it in
-`results.json`. Class indices come from `train/`; a val class missing from train, or an empty
-class folder, is a one-line `SalmaeError`.
+`open_eval_data(data, train_transform, val_transform)` returns train/val datasets whose items
+are `(image [3, S, S], label, index, ok)`: the index lets distributed loops put results back in
+dataset order, and `ok=False` (a zero image) marks a file that turned out unreadable only when
+decoded, so loops skip it instead of crashing. Files found unreadable up front (the data
+layer's header probe) are already left out and listed in `skipped`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from pipeline.data.imagefolder import ImageFolderSplit, LabelledShards
 from pipeline.errors import SalmaeError
 
 
-@dataclass
-class ImageList:
-    """One split: image paths with their class indices, and the class names."""
+class IndexedImages(Dataset):
+    """Wrap a `(img, label)` dataset as `(img, label, index, ok)`; a decode error gives `ok=False`."""
 
-    paths: list[str]
-    labels: list[int]
-    classes: list[str]
-
-
-class EvalImages(Dataset):
-    """`ImageList` + transform -> `(img, label, index, ok)`; unreadable files give `ok=False`."""
-
-    def __init__(self, images: ImageList, transform: Callable, image_size: int):
-        self.images = images
-        self.transform = transform
-        self.image_size = image_size
+    def __init__(self, base: Dataset, image_size: int):
+        self.base, self.image_size = base, image_size
 
     def __len__(self) -> int:
-        return len(self.images.paths)
+        return len(self.base)
 
     def __getitem__(self, index: int):
-        label = self.images.labels[index]
         try:
-            with Image.open(self.images.paths[index]) as im:
-                img = self.transform(im.convert("RGB"))
+            img, label = self.base[index]
             return img, label, index, True
-        except (OSError, ValueError, SyntaxError):  # truncated / corrupt / not an image
-            return torch.zeros(3, self.image_size, self.image_size), label, index, False
+        except (OSError, ValueError, SalmaeError):  # a file damaged after the split was opened
+            return torch.zeros(3, self.image_size, self.image_size), self.label(index), index, False
+
+    def label(self, index: int) -> int:
+        if hasattr(self.base, "targets"):
+            return int(self.base.targets[index])
+        return int(self.base.items[index][2])  # LabelledShards: (key, bytes, label)
+
+    def name(self, index: int) -> str:
+        """File path (ImageFolder) or shard key of item `index`."""
+        if hasattr(self.base, "samples"):
+            return self.base.samples[index][0]
+        return self.base.items[index][0]
 
 
-def scan_imagefolder(root: str | Path) -> tuple[ImageList, ImageList]:
-    """The train and val splits of an ImageFolder root, with train's class indices."""
-    root = Path(root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise SalmaeError(f"eval data {root} has no {split}/ folder; pass an ImageFolder root with "
-                              "train/ and val/ class folders (e.g. `salmae shapes OUT --imagefolder` -> OUT/imagefolder)")
-    train_classes = _class_folders(root / "train")
-    val_classes = _class_folders(root / "val")
-    missing = sorted(set(val_classes) - set(train_classes))
-    if missing:
-        raise SalmaeError(f"val class(es) {', '.join(missing[:5])} of {root / 'val'} have no folder in "
-                          f"{root / 'train'}; add them to train/ or remove them from val/")
-    index = {name: i for i, name in enumerate(train_classes)}
-    return (_list_split(root / "train", train_classes, index),
-            _list_split(root / "val", val_classes, index, classes=train_classes))
+@dataclass
+class EvalData:
+    """Train and val datasets with one class mapping, and what was skipped while opening them."""
+
+    train: IndexedImages
+    val: IndexedImages
+    classes: list[str]
+    skipped: list[str]  # paths (or shard keys) of unreadable images left out
+
+    def fingerprint(self, split: str) -> str:
+        """Hash of the item names of a split (a feature cache is only valid for the same files)."""
+        ds = self.train if split == "train" else self.val
+        return hashlib.sha256("\n".join(ds.name(i) for i in range(len(ds))).encode()).hexdigest()
 
 
-def _class_folders(split_dir: Path) -> list[str]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise SalmaeError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/<image files>")
-    return classes
-
-
-def _list_split(split_dir: Path, names: Sequence[str], index: dict[str, int],
-                classes: Sequence[str] | None = None) -> ImageList:
-    paths, labels = [], []
-    for name in names:
-        files = sorted(p for p in (split_dir / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-        if not files:
-            raise SalmaeError(f"class folder {split_dir / name} is empty (no image files); "
-                              "add images or remove the folder")
-        paths += [str(p) for p in files]
-        labels += [index[name]] * len(files)
-    return ImageList(paths, labels, list(classes or names))
+def open_eval_data(data: str, train_transform: Callable, val_transform: Callable, image_size: int,
+                   check: str = "header") -> EvalData:
+    """Open `data`: an ImageFolder root (`train/`, `val/`) or labelled shards (KEY.json `split` train/val)."""
+    root = Path(data)
+    if root.is_dir():
+        split = ImageFolderSplit.open(root, train_transform, val_transform, check=check)
+        return EvalData(IndexedImages(split.train, image_size), IndexedImages(split.val, image_size),
+                        list(split.classes), [path for path, _ in split.skipped])
+    if not any(ch in data for ch in "{*") and not root.suffix == ".tar" and not data.startswith("pipe:"):
+        raise SalmaeError(f"eval data {data} is neither an ImageFolder root nor shards; pass a folder with "
+                          "train/ and val/ class folders, or labelled shards (e.g. 'DIR/{00000..00003}.tar')")
+    train = LabelledShards(data, train_transform, split="train")
+    val = LabelledShards(data, val_transform, split="val")
+    if max(val.items, key=lambda item: item[2])[2] >= len(train.classes):
+        raise SalmaeError(f"val samples of {data} carry labels that no train sample has; "
+                          "every val class needs train samples")
+    skipped = sorted({key for key, _ in train.skipped + val.skipped})
+    return EvalData(IndexedImages(train, image_size), IndexedImages(val, image_size), train.classes, skipped)
