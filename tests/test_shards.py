@@ -179,3 +179,8 @@ def test_tar_cut_on_a_member_boundary_is_truncated(tmp_path, shapes_dir):
     (tmp_path / "cut.tar").write_bytes((shapes_dir / "00000.tar").read_bytes()[:end])
     samples = list(iter_shard(str(tmp_path / "cut.tar")))
     assert [s.error for s in samples] == [None, None, "truncated_tar"]
+
+
+def test_failing_pipe_command_is_a_salmae_error():
+    with pytest.raises(SalmaeError, match="shard command 'pipe:cat /nonexistent/00000.tar' failed"):
+        list(iter_shard("pipe:cat /nonexistent/00000.tar"))

@@ -262,6 +262,7 @@ def iter_shard(url: str, decode: bool = True, keys: Collection[str] | None = Non
     group_key: str | None = None
     members: dict[str, tuple[bytes, int, int]] = {}  # ext -> (data, offset, size)
     end_of_last = 0
+    finished = False
     try:
         try:
             tar = tarfile.open(fileobj=io.BufferedReader(stream, 1 << 16), mode="r|")
@@ -287,8 +288,18 @@ def iter_shard(url: str, decode: bool = True, keys: Collection[str] | None = Non
         elif wanted is None or (group_key or "") in wanted:
             yield Sample(key=group_key or "", shard=url, image=None, image_bytes=None, caption=None,
                          error="truncated_tar")
+        finished = True
     finally:
+        _close(raw, url, report=finished)
+
+
+def _close(raw: BinaryIO, url: str, report: bool) -> None:
+    """Close a shard stream; a `pipe:` command that failed is the user's to fix, so say so."""
+    try:
         raw.close()
+    except OSError as e:
+        if report:  # not when the consumer stopped early: the pipe may then die of SIGPIPE
+            raise SalmaeError(f"shard command {url!r} failed ({e}); run it by hand to see why") from None
 
 
 def _finished_cleanly(stream: _TailStream, tar: tarfile.TarFile, end_of_last: int) -> bool:
