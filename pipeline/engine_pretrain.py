@@ -106,7 +106,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     sums = {"loss": 0.0, "masked": 0.0, "fallback": 0}
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
-    for step, batch in enumerate(bar):
+    for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
         progress = epoch + step / steps
         if step % accum_iter == 0:
             for group in optimizer.param_groups:

@@ -108,14 +108,14 @@ def run(cfg: PretrainConfig) -> dict:
     ckpt_path = _resume_path(cfg, out)
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
+    plan = _mask_plan(cfg)
+    if plan.uses_saliency and plan.source == "store" and not cfg.saliency:
+        raise SalmaeError(f"--mask {cfg.mask} needs a saliency store: pass --saliency STORE.zarr "
+                          "(or --set masking.source=online)")
     torch.manual_seed(cfg.seed)
     model = build_mae(cfg.model, **{f.name: getattr(cfg.arch, f.name) for f in fields(ArchConfig)
                                     if getattr(cfg.arch, f.name) is not None}).to(device)
-    dataset, saliency_store = _dataset(cfg, model)
-    plan = _mask_plan(cfg)
-    if plan.uses_saliency and plan.source == "store" and saliency_store is None:
-        raise SalmaeError(f"--mask {cfg.mask} needs a saliency store: pass --saliency STORE.zarr "
-                          "(or --set masking.source=online)")
+    dataset, _ = _dataset(cfg, model)
     loader, sampler = _loader(cfg, dataset, device)
     world = dist.world_size()
     eff_batch = cfg.batch_size * cfg.optim.accum_iter * world
@@ -201,9 +201,8 @@ def _dataset(cfg: PretrainConfig, model):
     common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
                   skip_missing=cfg.masking.skip_missing, seed=cfg.seed)
     if cfg.data_mode == "stream":
-        ds = StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, **common)
-        ds.n_skipped = 0
-        return ds, store
+        return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
+                                     world=dist.world_size(), **common), store
     return IndexedPretrainDataset(manifest, urls, **common), store
 
 
@@ -240,7 +239,7 @@ def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict) -> 
 
 def _viz_batch(cfg: PretrainConfig, dataset) -> dict | None:
     """The same first samples every epoch, without augmentation."""
-    if not hasattr(dataset, "rows"):  # stream mode: no random access
+    if not hasattr(dataset, "augment"):  # stream mode: no random access
         return None
     from torch.utils.data import default_collate
 

@@ -173,37 +173,65 @@ class GlobalBatchSampler(Sampler[int]):
 # --------------------------------------------------------------------------- stream mode
 class StreamPretrainDataset(IterableDataset):
     """webdataset pipeline for pipe:/remote shards: shard shuffle, split by node and worker,
-    a shuffle buffer; saliency looked up by key through the manifest. Not DDP-exact (streams
-    never are); every rank sees a disjoint subset of the shards."""
+    a shuffle buffer; saliency looked up by key through the manifest.
+
+    Not DDP-exact (streams never are): each rank reads its own subset of the shards, repeated as
+    needed, so that every rank yields the same number of samples per epoch (``len(self)``,
+    = usable rows // (batch * world) batches) and no rank waits for another at the end.
+    """
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, batch_size: int = 1, world: int = 1):
         self.manifest, self.urls, self.img_size, self.grid = manifest, shard_urls, img_size, grid
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
-        self.rows = {k: i for i, (k, s) in enumerate(zip(manifest.keys, manifest.status)) if s == "ok"}
+        self.rows = {k: i for i, (k, s) in enumerate(zip(manifest.keys, manifest.status)) if s == "ok"
+                     and not (skip_missing and saliency is not None and not saliency.ok[i])}
+        self.n_skipped = sum(1 for s in manifest.status if s == "ok") - len(self.rows)
+        self.length = len(self.rows) // (batch_size * world) * batch_size  # samples per rank and epoch
+        if self.length == 0:
+            raise SalmaeError(f"{len(self.rows)} training samples cannot fill one global batch of "
+                              f"{batch_size} x {world} processes; lower --batch-size")
+
+    def __len__(self) -> int:
+        return self.length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        quota = -(-self.length // workers)  # this worker's share (the loop stops at len(self))
+        produced, rounds = 0, 0
+        while produced < quota:
+            before = produced
+            for item in self._one_pass(rounds):
+                yield item
+                produced += 1
+                if produced >= quota:
+                    return
+            rounds += 1
+            if produced == before:  # this worker got no usable sample at all
+                return
+
+    def _one_pass(self, round_: int) -> Iterator[dict]:
         import webdataset as wds
 
         from pipeline import dist
 
         nodesplitter = wds.split_by_node if dist.world_size() > 1 else wds.single_node_only
+        seed = self.seed * 1009 + self.epoch * 31 + round_
         pipeline = wds.WebDataset(self.urls, shardshuffle=len(self.urls), nodesplitter=nodesplitter,
-                                  workersplitter=wds.split_by_worker, seed=self.seed + self.epoch,
+                                  workersplitter=wds.split_by_worker, seed=seed,
                                   handler=wds.warn_and_continue, empty_check=False)
         if self.shuffle_buffer > 1:
-            pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(self.seed * 31 + self.epoch))
+            pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed))
         for sample in pipeline:
             row = self.rows.get(sample["__key__"])
             data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             if row is None or data is None:
-                continue
-            if self.skip_missing and self.saliency is not None and not self.saliency.ok[row]:
                 continue
             try:
                 image = decode_image(data, key=sample["__key__"])
