@@ -279,7 +279,7 @@ def iter_shard(url: str, decode: bool = True, keys: Collection[str] | None = Non
                     continue
                 data = tar.extractfile(info).read()
                 members[ext] = (data, info.offset_data, info.size)
-            complete = _finished_cleanly(stream, tar, end_of_last)
+            complete = _finished_cleanly(stream, end_of_last)
         except (tarfile.TarError, EOFError, OSError):
             complete = False
         if complete:
@@ -302,7 +302,7 @@ def _close(raw: BinaryIO, url: str, report: bool) -> None:
             raise SalmaeError(f"shard command {url!r} failed ({e}); run it by hand to see why") from None
 
 
-def _finished_cleanly(stream: _TailStream, tar: tarfile.TarFile, end_of_last: int) -> bool:
+def _finished_cleanly(stream: _TailStream, end_of_last: int) -> bool:
     """A finished tar has a zero block right after its last member; a cut one does not."""
     stream.drain()
     return stream.zeros_at(end_of_last)
