@@ -194,9 +194,19 @@ class SaliencyStore:
         so a killed writer leaves the shard unmarked and a rerun rewrites it from scratch.
         """
         rows = self.shard_rows(shard)
+        self._clear_shard(shard)
         self._saliency[rows.start:rows.stop] = np.asarray(saliency, dtype=np.float16)
         self._status[rows.start:rows.stop] = np.asarray(status, dtype=np.uint8)
         atomic_write_json(self.marker_path(shard), {"shard": shard, "rows": [rows.start, rows.stop], **marker})
+
+    def _clear_shard(self, shard: int) -> None:
+        """Delete shard files a killed writer may have left half-written (Zarr would read-modify-write them)."""
+        for name, arr in (("saliency", self._saliency), ("status", self._status)):
+            path = self.path / name / "c" / str(shard)
+            for _ in range(arr.ndim - 1):
+                path = path / "0"
+            if path.is_file():
+                path.unlink()
 
     def array_nbytes(self, name: str = "saliency") -> int:
         """Bytes on disk of one array (all its shard files)."""
