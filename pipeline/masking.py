@@ -299,10 +299,10 @@ def boundary_weights(mask: torch.Tensor, grid: tuple[int, int], weight: float) -
 def online_saliency(tokens: torch.Tensor) -> torch.Tensor:
     """SBAM-style token salience from patch embeddings, no precompute needed.
 
-    Each token's salience is the attention it *receives* under one parameter-free self-attention
-    over the (layer-normalised) patch embeddings: A = softmax(x x^T / sqrt(D)), s_j = sum_i A_ij.
-    Tokens that many others resemble (large uniform regions) score low relative to the distinctive
-    ones only when they are few; see SBAM (Choi et al., 2024) for the rationale.
+    Our reading of SBAM (Choi et al., 2024): a token's salience is the attention it *receives*
+    under one parameter-free self-attention over the (layer-normalised) patch embeddings,
+    A = softmax(x x^T / sqrt(D)), s_j = sum_i A_ij. It needs no stage-1 store and costs one
+    [L, L] product per image; it follows the model's own embedding as it trains.
 
     tokens: [N, L, D] -> [N, L] (non-negative, sums to L per row).
     """

@@ -140,3 +140,17 @@ def test_ddp_two_processes_equal_one(tmp_path, shapes_pattern, store_path):
     b = load_checkpoint(tmp_path / "two" / "checkpoint-latest.pth")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_pattern):
+    from stages.pretrain import run
+
+    out = tmp_path / "run"
+    run(_cfg(out, shapes_pattern, mask="random", epochs=1, batch_size=8, viz_samples=0))
+    good = load_checkpoint(out / "checkpoint-latest.pth")
+    with pytest.raises(SalmaeError, match="loss became"):
+        run(_cfg(out, shapes_pattern, mask="random", epochs=3, batch_size=8, viz_samples=0, resume="latest",
+                 **{"optim.lr": 1e38, "optim.warmup_epochs": 0}))
+    kept = load_checkpoint(out / "checkpoint-latest.pth")
+    assert kept["epoch"] == good["epoch"] == 0
+    assert torch.equal(kept["model"]["norm.weight"], good["model"]["norm.weight"])
