@@ -177,6 +177,8 @@ def _eval_command(protocol: str):
     @click.option("--epochs", type=int)
     @click.option("--batch-size", type=int)
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+    @click.option("--global-pool/--cls-token", "global_pool", default=None,
+                  help="Mean-pool patch tokens (default for finetune) or use the class token (linear/knn default).")
     @_config_options
     def command(config_path, overrides, **named) -> None:
         _run_stage("stages.evaluate", "EvalConfig", config_path, overrides, protocol=protocol, **named)
