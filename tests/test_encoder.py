@@ -116,3 +116,21 @@ def test_not_a_vit_checkpoint(tmp_path):
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, path)
     with pytest.raises(SalmaeError, match="no ViT encoder"):
         load_encoder(path)
+
+
+def test_stage2_mae_checkpoint_encoder_equals_mae_forward_encoder(tmp_path):
+    """Our stage-2 MAE (pipeline.models.mae) -> timm ViT: same latent tokens as MAE's own encoder."""
+    mae_mod = pytest.importorskip("pipeline.models.mae")
+    torch.manual_seed(0)
+    mae = mae_mod.build_mae("tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1).eval()
+    path = tmp_path / "checkpoint-latest.pth"
+    torch.save({"model": mae.state_dict(), "config": {"model_args": dict(mae.model_args)}, "epoch": 0,
+                "version": 1}, path)
+    vit, spec = load_encoder(path)
+    assert spec.source == "salmae" and spec.arch["num_heads"] == 2
+    vit.eval()
+    x = torch.randn(2, 3, 32, 32)
+    ids_keep = torch.arange(16).expand(2, 16)  # every patch visible, in order
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(x), mae.forward_encoder(x, ids_keep), rtol=1e-5, atol=1e-5)
