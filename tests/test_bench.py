@@ -1,0 +1,86 @@
+"""The bench's timing helpers and BENCHMARKS.md writer on tiny inputs (the real benchmarks never run here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import SalmaeError
+from stages import bench
+from stages.bench import Row, Timing
+
+
+def test_time_median_runs_warmup_then_repeats_and_reports_median():
+    calls = []
+    t = bench.time_median(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and len(t.seconds) == 5
+    assert all(s >= 0 for s in t.seconds) and t.min <= t.median <= t.max
+
+
+def test_timing_statistics_and_paired_ratio():
+    a, b = Timing([2.0, 4.0, 3.0]), Timing([1.0, 1.0, 2.0])
+    assert (a.median, a.min, a.max) == (3.0, 2.0, 4.0)
+    med, lo, hi = bench.paired_ratio(a, b)
+    assert med == pytest.approx(3.0) and (lo, hi) == (1.5, 4.0)   # per-repeat ratios 2, 4, 1.5
+
+
+def test_time_interleaved_alternates_the_paths():
+    order = []
+    times = bench.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                   repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4 and set(times) == {"a", "b"} and len(times["a"].seconds) == 3
+
+
+def test_repeats_below_one_is_an_error():
+    with pytest.raises(SalmaeError, match="--repeats"):
+        bench.time_median(lambda: None, repeats=0)
+
+
+@pytest.mark.parametrize("value,target,verdict", [
+    (0.85, "≥ 0.8", "PASS"), (0.79, "≥ 0.8", "MISS"), (1.02, "≤ 1.02", "PASS"), (1.03, "≤ 1.02", "MISS"),
+    (899, "≤ 900 s", "PASS"), (0.3, "≈ 0.3 (reference)", "—"), (1.0, "—", "—")])
+def test_judge(value, target, verdict):
+    assert bench.judge(value, target) == verdict
+
+
+def test_ratio_row_and_formatting():
+    row = bench.ratio_row("pretrain", "step", (0.98765, 0.9, 1.1), "≤ 1.02", "tiny")
+    assert row.value == "0.988 (0.900–1.100)" and row.verdict == "PASS"
+    t = Timing([0.5, 0.25, 2.0])
+    assert bench.fmt_time(t, unit="ms") == "500 (250–2000) ms"
+    assert bench.fmt_time(t, per=4) == "0.125 (0.0625–0.5) s"
+    assert bench.fmt_rate(Timing([0.004, 0.002, 0.008]), 10) == "2500 (1250–5000) img/s"
+    assert bench.fmt_rate(t, 10) == "20 (5–40) img/s"
+
+
+def test_markdown_table_has_header_one_line_per_row_and_escapes_pipes():
+    rows = [Row("saliency", "fast ÷ forward", "0.900 (0.850–0.950)", "≥ 0.8", "PASS", "batch 8"),
+            Row("demo", "wall time", "not run", detail="a | b")]
+    lines = bench.markdown_table(rows).splitlines()
+    assert lines[0].startswith("| Stage | Figure |") and set(lines[1]) <= {"|", "-"}
+    assert lines[2] == "| saliency | fast ÷ forward | 0.900 (0.850–0.950) | ≥ 0.8 | PASS | batch 8 |"
+    assert lines[3].endswith("| — | — | a \\| b |") and len(lines) == 4
+    assert all(line.count("|") - line.count("\\|") == 7 for line in lines)
+
+
+def test_merge_blocks_replaces_named_blocks_keeps_other_text_and_appends_new():
+    old = "intro\n\n" + bench.block("saliency", "old s1") + "\nnotes kept\n" + bench.block("eval", "old s3")
+    merged = bench.merge_blocks(old, {"eval": bench.block("eval", "new s3"), "demo": bench.block("demo", "d")})
+    assert "old s1" in merged and "notes kept" in merged and merged.startswith("intro")
+    assert "old s3" not in merged and "new s3" in merged and merged.rstrip().endswith("<!-- /bench:demo -->")
+    assert bench.merge_blocks("", {"a": bench.block("a", "x")}) == bench.block("a", "x")
+
+
+def test_demo_row_reads_demo_time_or_says_not_run(tmp_path):
+    missing = bench.demo_row(tmp_path / "none.json")
+    assert missing.value == "not run" and missing.verdict == "—"
+    path = tmp_path / "demo_time.json"
+    path.write_text(json.dumps({"seconds_this_invocation": 612.4, "steps": {"shapes": 3.0}}))
+    row = bench.demo_row(path)
+    assert row.value == "612 s" and row.verdict == "PASS"
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(SalmaeError, match="unknown bench"):
+        bench.run_bench("stage9", out=str(tmp_path / "B.md"))
