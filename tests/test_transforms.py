@@ -67,3 +67,14 @@ def test_crop_box_is_deterministic_and_inside():
         x0, y0, x1, y1 = sample_crop_box(W, H, torch.Generator().manual_seed(s))
         assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
         assert (x1 - x0) * (y1 - y0) >= 0.2 * W * H * 0.9
+
+
+def test_area_pooling_is_exact_mean_over_each_patch():
+    sal = torch.rand(14, 14, generator=torch.Generator().manual_seed(0))
+    whole = (0, 0, 224, 224)
+    assert torch.equal(crop_flip_saliency(sal, whole, whole, False, (14, 14)), sal)
+    pooled = crop_flip_saliency(sal, whole, whole, False, (7, 7))
+    assert torch.allclose(pooled, torch.nn.functional.avg_pool2d(sal[None, None], 2)[0, 0], atol=1e-6)
+    # a crop of the top-left 3x3 cells onto a 1x1 grid is their mean; flipping a 1x1 grid changes nothing
+    crop = crop_flip_saliency(sal, whole, (0, 0, 48, 48), True, (1, 1))
+    assert torch.allclose(crop[0, 0], sal[:3, :3].mean(), atol=1e-6)
