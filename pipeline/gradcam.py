@@ -69,8 +69,29 @@ def resolve_layer(model: nn.Module, layer: str = DEFAULT_LAYER) -> tuple[nn.Modu
 
 @torch.no_grad()
 def encode_captions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens: [N, T] int -> text embeddings [N, D], L2-normalised, no graph."""
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    """tokens: [N, T] int -> text embeddings [N, D], L2-normalised, no graph.
+
+    Captions are short (cc3m: ~10 tokens) but open_clip pads them to the context length (77).
+    With a causal text mask and end-of-text pooling, the padding after the longest caption cannot
+    change any embedding, so it is cut off first: the text tower then costs a fraction as much.
+    """
+    return F.normalize(_encode_text_trimmed(model, tokens), dim=-1)
+
+
+def _encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text` over tokens[:, :longest]; the plain call for towers where that isn't exact."""
+    trimmable = (getattr(model, "text_pool_type", None) == "argmax" and getattr(model, "attn_mask", None) is not None
+                 and getattr(model, "text_projection", None) is not None and hasattr(model, "positional_embedding"))
+    length = int((tokens != 0).sum(1).max()) if tokens.numel() else 0
+    if not trimmable or length == 0 or length >= tokens.shape[1]:
+        return model.encode_text(tokens)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))  # [N, T', width]
+    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]                                 # end-of-text token
+    proj = model.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The fast Grad-CAM path equals pytorch-grad-cam's GradCAM on the same model and inputs."""
 
+import open_clip
 import pytest
 import torch
 
@@ -60,3 +61,12 @@ def test_tokens_to_grid_drops_class_token_row_major():
 def test_bad_layer_is_a_one_line_error(micro):
     with pytest.raises(SalmaeError, match="not found under model.visual"):
         resolve_layer(micro[0], "transformer.resblocks.9.ln_1")
+
+
+def test_trimmed_caption_encoding_equals_full_context(micro):
+    model = micro[0]
+    tokenizer = open_clip.get_tokenizer("salmae-micro")
+    tokens = tokenizer(["a red circle", "a photo of a small blue triangle on the left", ""])
+    full = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+    assert (tokens != 0).sum(1).max() < tokens.shape[1]          # there is padding to cut
+    assert torch.allclose(encode_captions(model, tokens), full, atol=1e-6)
