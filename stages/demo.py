@@ -38,7 +38,9 @@ class DemoConfig:
     ratio: str = "0.75"                # mask ratio
     epochs: int = 6                    # pretraining epochs per run
     batch_size: int = 64               # pretraining batch
+    blr: float = 1.5e-3                # pretraining base lr: 10x MAE's, for a short run at a tiny batch
     linear_epochs: int = 30            # linear-probe epochs (on cached features)
+    linear_blr: float = 50.0           # LARS base lr: MAE's 0.1 assumes batch 16384; ours is 64
     workers: int = 2                   # DataLoader workers in every stage
     device: str = "auto"               # auto | cpu | cuda
 
@@ -125,7 +127,7 @@ def _pretrain(cfg: DemoConfig, shards: str, store: Path, strategy: str, seed: in
     from stages import pretrain
 
     pcfg = resolve_config(pretrain.PretrainConfig, None,
-                          [f"masking.cap={cfg.cap}", f"masking.ratio={cfg.ratio}"],
+                          [f"masking.cap={cfg.cap}", f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}"],
                           data=shards, out=run_dir, saliency=str(store), mask=strategy, model="tiny",
                           epochs=cfg.epochs, batch_size=cfg.batch_size, resume="latest", seed=seed,
                           workers=cfg.workers, device=cfg.device)
@@ -138,7 +140,8 @@ def _evaluate(cfg: DemoConfig, protocol: str, run_dir: Path, root: Path, seed: i
     ecfg = evaluate.EvalConfig(protocol=protocol, checkpoint=str(run_dir / "checkpoint-latest.pth"),
                                data=str(root), out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
                                epochs=cfg.linear_epochs if protocol == "linear" else None,
-                               batch_size=128, workers=cfg.workers, seed=seed, crop_pct=1.0)
+                               batch_size=64, workers=cfg.workers, seed=seed, crop_pct=1.0,
+                               linear=evaluate.LinearConfig(blr=cfg.linear_blr, warmup_epochs=3))
     result = evaluate.run(ecfg)
     return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result
 
