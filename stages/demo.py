@@ -4,7 +4,7 @@ Steps (each one skipped when its marker `OUT/.done/STEP.json` exists, and each s
 on its own, so a killed demo continues where it stopped):
 
 1. `shapes`      captioned shapes shards + ImageFolder split            -> OUT/data/
-2. `clip`        train the tiny CLIP on the captions                     -> OUT/clip/clip.pt
+2. `clip`        train the tiny CLIP on separate generated captions     -> OUT/clip/clip.pt
 3. `saliency`    stage 1 into a Zarr store, then `inspect` it            -> OUT/saliency/
 4. `pretrain-*`  tiny MAE per strategy and seed, same epochs and batch    -> OUT/runs/STRATEGY-sSEED/
 5. `eval-*`      kNN and linear probe of each run                        -> OUT/runs/*/eval-*/
@@ -32,11 +32,14 @@ class DemoConfig:
     n_images: int = 1024               # generated captioned images
     image_size: int = 64               # their side in pixels (the tiny MAE's input size)
     shard_size: int = 256              # samples per tar shard
-    clip_seconds: float = 150.0        # wall-clock budget of the tiny CLIP's training
+    clip_images: int = 4096            # captioned images generated for the tiny CLIP only (seed 1)
+    clip_same_colour: float = 0.5      # their share of same-colour distractors (shape words must matter)
+    clip_steps: int = 300              # tiny-CLIP optimisation steps (~230 s on 2 quiet cores)
+    clip_seconds: float = 300.0        # wall-clock cap on those steps (a busy machine stops early)
     strategies: list[str] = field(default_factory=lambda: ["random", "saliency", "block", "adaptive"])
     cap: float = 0.25                  # saliency cap (share of patches masked by saliency)
     ratio: str = "0.75"                # mask ratio
-    epochs: int = 6                    # pretraining epochs per run
+    epochs: int = 12                   # pretraining epochs per run
     batch_size: int = 64               # pretraining batch
     blr: float = 1.5e-3                # pretraining base lr: 10x MAE's, for a short run at a tiny batch
     linear_epochs: int = 30            # linear-probe epochs (on cached features)
@@ -75,7 +78,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     step("shapes", lambda: write_shapes(data, n=cfg.n_images, image_size=cfg.image_size, seed=0,
                                         shard_size=cfg.shard_size, imagefolder=True))
-    step("clip", lambda: _clip_train(cfg, shards, clip_ckpt))
+    clip_data = out / "clip" / "data"
+    clip_shards = str(clip_data / f"{{00000..{(cfg.clip_images - 1) // 512:05d}}}.tar")
+    step("clip-data", lambda: write_shapes(clip_data, n=cfg.clip_images, image_size=cfg.image_size, seed=1,
+                                           shard_size=512, same_colour_frac=cfg.clip_same_colour))
+    step("clip", lambda: _clip_train(cfg, clip_shards, clip_ckpt))
     step("saliency", lambda: _saliency(cfg, shards, store, clip_ckpt))
     inspect = step("inspect", lambda: _inspect(store, shards, out / "saliency" / "png"))
 
@@ -101,8 +108,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 def _clip_train(cfg: DemoConfig, shards: str, clip_ckpt: Path) -> dict:
     from stages import clip_train
 
-    return clip_train.run(clip_train.ClipTrainConfig(data=shards, out=clip_ckpt, seconds=cfg.clip_seconds,
-                                                     device=cfg.device))
+    return clip_train.run(clip_train.ClipTrainConfig(data=shards, out=clip_ckpt, steps=cfg.clip_steps,
+                                                     seconds=cfg.clip_seconds, threads=2, device=cfg.device))
 
 
 def _saliency(cfg: DemoConfig, shards: str, store: Path, clip_ckpt: Path) -> dict:

@@ -8,7 +8,7 @@ from stages.demo import DemoConfig, run
 
 
 def test_demo_runs_end_to_end_and_resumes_without_redoing_steps(tmp_path, capsys):
-    cfg = DemoConfig(out=tmp_path / "demo", n_images=128, image_size=32, shard_size=64, clip_seconds=5,
+    cfg = DemoConfig(out=tmp_path / "demo", n_images=128, image_size=32, shard_size=64, clip_images=128, clip_steps=3, clip_seconds=30,
                      strategies=["random", "saliency"], epochs=1, batch_size=32, linear_epochs=2, workers=0)
     first = run(cfg)
     report = tmp_path / "demo" / "report.md"
@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_resumes_without_redoing_steps(tmp_path, capsys
     assert "| random |" in text and "| saliency |" in text and "Pointing game" in text
     assert f"report: {report}" in capsys.readouterr().out
     markers = sorted(p.name for p in (tmp_path / "demo" / ".done").iterdir())
-    assert len(markers) == 4 + 2 * 3          # shapes, clip, saliency, inspect + 2 x (pretrain, knn, linear)
+    assert len(markers) == 5 + 2 * 3          # shapes, clip-data, clip, saliency, inspect + 2 x (pretrain, knn, linear)
     results = json.loads((tmp_path / "demo" / "runs" / "saliency-s0" / "eval-knn" / "results.json").read_text())
     assert results["protocol"] == "knn" and 0 <= results["top1"] <= 100
 
