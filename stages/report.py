@@ -209,7 +209,7 @@ def render_markdown(runs, groups, labels, differing, eval_diffs, loss_png: str, 
                      "; ".join(f"`{k}` ({', '.join(_fmt_value(v) for v in vs)})" for k, vs in diffs.items()))
         lines.append("")
     extra = [k for k in differing if k != "epochs"]  # epochs has its own column anyway
-    header = ["strategy", "parameters", "saliency source", *[f"`{k}`" for k in extra], "epochs", "seeds",
+    header = ["strategy", "parameters", "saliency source", *[f"`{k}`" for k in extra], "epochs", "seed(s)",
               "final pretrain loss", *[PROTOCOL_TITLES[p] for p in PROTOCOLS]]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")

@@ -61,7 +61,7 @@ def test_report_table_matches_results_with_seed_mean_std(tmp_path):
     rnd = dict(zip(header, rows[1]))
     assert sal["strategy"] == "saliency" and "cap=0.25" in sal["parameters"] and "select=topk" in sal["parameters"]
     assert sal["saliency source"] == "store (store.zarr)" and rnd["saliency source"] == "—"
-    assert sal["seeds"] == "0, 1" and sal["epochs"] == "3"
+    assert sal["seed(s)"] == "0, 1" and sal["epochs"] == "3"
     knn_std = statistics.stdev([60.0, 64.0])
     assert sal["kNN top-1"] == f"62.00 ± {knn_std:.2f} (n=2)"
     assert sal["linear top-1"] == f"72.00 ± {knn_std:.2f} (n=2)"
