@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
@@ -87,16 +88,21 @@ def crop_flip_saliency(sal: torch.Tensor, frame: Sequence[float], box: Box, flip
     cell_w, cell_h = max(fx1 - fx0, 1e-6) / gw, max(fy1 - fy0, 1e-6) / gh  # image pixels per map cell
     wy = _area_weights((y0 - fy0) / cell_h, (y1 - fy0) / cell_h, out_grid[0], gh)  # [Gh, gh]
     wx = _area_weights((x0 - fx0) / cell_w, (x1 - fx0) / cell_w, out_grid[1], gw)  # [Gw, gw]
-    out = wy @ sal.float() @ wx.T                                                 # [Gh, Gw]
-    return out.flip(-1) if flip else out
+    out = wy @ sal.numpy().astype(np.float64) @ wx.T                               # [Gh, Gw]
+    if flip:
+        out = out[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
-def _area_weights(lo: float, hi: float, n_out: int, n_cells: int) -> torch.Tensor:
-    """[n_out, n_cells]: share of output bin k (of [lo, hi] split evenly, in cell units) lying in cell j."""
-    edges = torch.linspace(lo, hi, n_out + 1, dtype=torch.float64)
-    cells = torch.arange(n_cells + 1, dtype=torch.float64)
-    overlap = (torch.minimum(edges[1:, None], cells[None, 1:]) - torch.maximum(edges[:-1, None], cells[None, :-1]))
-    return (overlap.clamp(min=0) / max((hi - lo) / n_out, 1e-12)).float()
+def _area_weights(lo: float, hi: float, n_out: int, n_cells: int) -> np.ndarray:
+    """[n_out, n_cells]: share of output bin k (of [lo, hi] split evenly, in cell units) lying in cell j.
+
+    numpy, not torch: these matrices are tiny and built per sample, where torch's per-op overhead dominates.
+    """
+    edges = np.linspace(lo, hi, n_out + 1)
+    cells = np.arange(n_cells + 1, dtype=np.float64)
+    overlap = np.minimum(edges[1:, None], cells[None, 1:]) - np.maximum(edges[:-1, None], cells[None, :-1])
+    return np.clip(overlap, 0, None) / max((hi - lo) / n_out, 1e-12)
 
 
 def resize_saliency(sal: torch.Tensor, frame: Sequence[float], image_size: tuple[int, int],
