@@ -1,4 +1,5 @@
 # salmae — the commands users run. `make help` lists them.
+# The stage targets default to the data `make demo` generates; point DATA, STORE, … at yours.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -6,15 +7,15 @@ BIN     := $(VENV)/bin
 # (e.g. `make setup TORCH_PIN=` to let pip pick from pyproject's ranges).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 SEEDS   ?= 1
-DATA    ?= data/shapes/{00000..00003}.tar
+DATA    ?= runs/demo/data/{00000..00003}.tar
 STORE   ?= runs/saliency/store.zarr
 RUN     ?= runs/pretrain/saliency
 CLIP_MODEL ?= salmae-tiny
-CLIP_PRETRAINED ?= runs/clip/clip.pt
+CLIP_PRETRAINED ?= runs/demo/clip/clip.pt
 MASK    ?= saliency
 MODEL   ?= tiny
 EPOCHS  ?= 10
-EVAL_DATA ?= data/shapes/imagefolder
+EVAL_DATA ?= runs/demo/data/imagefolder
 PROTOCOL ?= knn
 NPROC   ?= 1
 
