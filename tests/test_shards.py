@@ -83,7 +83,7 @@ def test_expand_shards_patterns(shapes_dir, shapes_pattern):
     assert expand_shards([a, b]) == [a, b]
     assert expand_shards(f"{a}::{b}") == [a, b]
     assert expand_shards(str(shapes_dir / "*.tar")) == [a, b]
-    assert expand_shards("pipe:curl -s https://host/x/{00000..00002}.tar")[2] == "pipe:curl -s https://host/x/00002.tar"
+    assert expand_shards("pipe:gsutil cat gs://bkt/x/{00000..00002}.tar")[2] == "pipe:gsutil cat gs://bkt/x/00002.tar"
     with pytest.raises(SalmaeError, match="00002.tar not found"):
         expand_shards(str(shapes_dir / "{00000..00002}.tar"))
 
@@ -91,8 +91,8 @@ def test_expand_shards_patterns(shapes_dir, shapes_pattern):
 @pytest.mark.parametrize("url, name", [
     ("data/cc3m/00003.tar", "00003.tar"),
     ("file:///data/00003.tar", "00003.tar"),
-    ("https://host/bucket/00003.tar?token=1", "00003.tar"),
-    ("pipe:curl -s -L https://host/00003.tar", "00003.tar"),
+    ("gs://bucket/00003.tar?generation=1", "00003.tar"),
+    ("pipe:gsutil cat gs://host/00003.tar", "00003.tar"),
     ("pipe:aws s3 cp s3://bucket/cc3m/00007.tar -", "00007.tar"),
 ])
 def test_shard_name(url, name):
