@@ -484,7 +484,7 @@ def _loader_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
         ds = IndexedPretrainDataset(manifest, ws.shard_list, img_size=64, grid=(8, 8), saliency=saliency, seed=0)
         sampler = GlobalBatchSampler(len(ds), s.loader_batch)
         loader = DataLoader(ds, batch_size=s.loader_batch, sampler=sampler, num_workers=s.loader_workers,
-                            pin_memory=pin_memory(device), drop_last=True)
+                            pin_memory=pin_memory(device), drop_last=True, collate_fn=ds.collate)
 
         def run():
             for _ in loader:

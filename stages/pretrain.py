@@ -212,7 +212,7 @@ def _loader(cfg: PretrainConfig, dataset, device):
     from pipeline.data.pretrain_data import GlobalBatchSampler
 
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin_memory(device),
-              drop_last=True, persistent_workers=False)
+              drop_last=True, persistent_workers=False, collate_fn=dataset.collate)
     if cfg.data_mode == "stream":
         return DataLoader(dataset, **kw), None
     sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, dist.world_size(), dist.rank(), cfg.seed)
@@ -241,13 +241,11 @@ def _viz_batch(cfg: PretrainConfig, dataset) -> dict | None:
     """The same first samples every epoch, without augmentation."""
     if not hasattr(dataset, "augment"):  # stream mode: no random access
         return None
-    from torch.utils.data import default_collate
-
     keep = dataset.augment
     dataset.augment = False
     items = [dataset[i] for i in range(min(cfg.viz_samples, len(dataset)))]
     dataset.augment = keep
-    return default_collate(items) if items else None
+    return dataset.collate(items) if items else None
 
 
 @torch.no_grad()

@@ -78,3 +78,19 @@ def test_area_pooling_is_exact_mean_over_each_patch():
     # a crop of the top-left 3x3 cells onto a 1x1 grid is their mean; flipping a 1x1 grid changes nothing
     crop = crop_flip_saliency(sal, whole, (0, 0, 48, 48), True, (1, 1))
     assert torch.allclose(crop[0, 0], sal[:3, :3].mean(), atol=1e-6)
+
+
+def test_batched_pooling_equals_one_sample_at_a_time():
+    from pipeline.data.transforms import crop_flip_saliency_batch
+
+    g = torch.Generator().manual_seed(3)
+    sal = torch.rand(5, 7, 9, generator=g)
+    frames = torch.tensor([[0, 0, 90, 70], [10, 5, 100, 75], [0, 0, 45, 35], [0, 0, 90, 70], [3, 0, 93, 70]],
+                          dtype=torch.float32)
+    boxes = [sample_crop_box(100, 80, g) for _ in range(5)]
+    flips = torch.tensor([True, False, True, False, True])
+    batched = crop_flip_saliency_batch(sal, frames, torch.tensor(boxes, dtype=torch.float64), flips, (4, 4))
+    for i in range(5):
+        one = crop_flip_saliency(sal[i], frames[i].tolist(), boxes[i], bool(flips[i]), (4, 4))
+        assert torch.allclose(batched[i], one, atol=1e-6)
+    assert not torch.allclose(batched[0], batched[0].flip(-1))  # the flip is really applied per sample

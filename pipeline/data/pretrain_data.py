@@ -25,10 +25,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
 from pipeline.data.shards import decode_image, read_member, shard_name
-from pipeline.data.transforms import crop_flip_image, crop_flip_saliency, sample_crop_box
+from pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
 from pipeline.errors import SalmaeError
 from pipeline.store import STATUS_OK, STATUS_PENDING, SaliencyStore
 
@@ -98,13 +98,31 @@ def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple
         flip = bool(torch.rand(1, generator=g) < 0.5)
     else:
         box, flip = (0, 0, w, h), False
-    item = {"image": crop_flip_image(image, box, flip, img_size), "row": row,
-            "saliency": torch.zeros(grid[0] * grid[1]), "saliency_ok": False}
-    if saliency is not None and saliency.ok[row]:
-        sal = torch.from_numpy(saliency.maps[row])
-        item["saliency"] = crop_flip_saliency(sal, saliency.frames[row], box, flip, grid).flatten()
-        item["saliency_ok"] = True
+    item = {"image": crop_flip_image(image, box, flip, img_size), "row": row, "saliency_ok": False}
+    if saliency is None:
+        item["saliency"] = torch.zeros(grid[0] * grid[1])
+        return item
+    # the map is cropped, flipped and pooled per batch in `collate` (cheaper than per sample)
+    ok = bool(saliency.ok[row])
+    item["saliency_ok"] = ok
+    item["saliency_raw"] = torch.from_numpy(saliency.maps[row] if ok else np.zeros_like(saliency.maps[row]))
+    item["frame"] = torch.from_numpy(saliency.frames[row])
+    item["box"] = torch.tensor(box, dtype=torch.float64)
+    item["flip"] = flip
     return item
+
+
+def collate(items: list[dict], grid: tuple[int, int]) -> dict:
+    """Batch `make_item` outputs; crop/flip/pool the raw saliency maps of the whole batch at once.
+
+    Returns `image` [B, 3, H, W], `row` [B], `saliency` [B, Gh*Gw] (zeros where not ok), `saliency_ok` [B].
+    """
+    batch = default_collate(items)
+    if "saliency_raw" in batch:
+        pooled = crop_flip_saliency_batch(batch.pop("saliency_raw"), batch.pop("frame"), batch.pop("box"),
+                                          batch.pop("flip"), grid)                # [B, Gh, Gw]
+        batch["saliency"] = pooled.flatten(1)
+    return batch
 
 
 # --------------------------------------------------------------------------- indexed mode
@@ -129,6 +147,10 @@ class IndexedPretrainDataset(Dataset):
         self.keys = manifest.keys
         self.img_size, self.grid, self.saliency = img_size, grid, saliency
         self.seed, self.epoch, self.augment = seed, 0, augment
+
+    def collate(self, items: list[dict]) -> dict:
+        """DataLoader collate_fn for this dataset's items (see module-level `collate`)."""
+        return collate(items, self.grid)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -196,6 +218,10 @@ class StreamPretrainDataset(IterableDataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def collate(self, items: list[dict]) -> dict:
+        """DataLoader collate_fn for this dataset's items (see module-level `collate`)."""
+        return collate(items, self.grid)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

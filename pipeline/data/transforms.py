@@ -69,10 +69,6 @@ def crop_flip_saliency(sal: torch.Tensor, frame: Sequence[float], box: Box, flip
                        out_grid: tuple[int, int]) -> torch.Tensor:
     """Apply an image crop box and flip to a saliency map and area-pool it to the patch grid.
 
-    The map is piecewise constant per cell; each output patch gets the exact mean of the map over
-    its area, computed as `Wy @ sal @ Wx.T` with per-axis overlap matrices (cheap enough for
-    every sample in a DataLoader worker).
-
     Args:
         sal: [gh, gw] map covering `frame` = (x0, y0, x1, y1) of the image (image pixels).
         frame: the image region the map covers.
@@ -82,27 +78,39 @@ def crop_flip_saliency(sal: torch.Tensor, frame: Sequence[float], box: Box, flip
     Returns:
         [Gh, Gw] float32 mean saliency per output patch; parts of the crop outside the frame count as 0.
     """
-    gh, gw = sal.shape
-    fx0, fy0, fx1, fy1 = (float(v) for v in frame)
-    x0, y0, x1, y1 = (float(v) for v in box)
-    cell_w, cell_h = max(fx1 - fx0, 1e-6) / gw, max(fy1 - fy0, 1e-6) / gh  # image pixels per map cell
-    wy = _area_weights((y0 - fy0) / cell_h, (y1 - fy0) / cell_h, out_grid[0], gh)  # [Gh, gh]
-    wx = _area_weights((x0 - fx0) / cell_w, (x1 - fx0) / cell_w, out_grid[1], gw)  # [Gw, gw]
-    out = wy @ sal.numpy().astype(np.float64) @ wx.T                               # [Gh, Gw]
-    if flip:
-        out = out[:, ::-1]
+    return crop_flip_saliency_batch(sal[None], torch.as_tensor([frame]), torch.as_tensor([box]),
+                                    torch.as_tensor([flip]), out_grid)[0]
+
+
+def crop_flip_saliency_batch(sal: torch.Tensor, frames: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                             out_grid: tuple[int, int]) -> torch.Tensor:
+    """`crop_flip_saliency` for a batch: [B, gh, gw] maps, [B, 4] frames and boxes, [B] flips -> [B, Gh, Gw].
+
+    The map is piecewise constant per cell; each output patch gets the exact mean of the map over
+    its area, `Wy @ sal @ Wx.T` with per-axis overlap matrices built for the whole batch at once
+    (per-sample construction made the data loader ~15% slower).
+    """
+    n, gh, gw = sal.shape
+    frames, boxes = frames.double().numpy(), boxes.double().numpy()
+    cell_w = np.maximum(frames[:, 2] - frames[:, 0], 1e-6) / gw          # [B] image pixels per map cell
+    cell_h = np.maximum(frames[:, 3] - frames[:, 1], 1e-6) / gh
+    wy = _area_weights((boxes[:, 1] - frames[:, 1]) / cell_h, (boxes[:, 3] - frames[:, 1]) / cell_h, out_grid[0], gh)
+    wx = _area_weights((boxes[:, 0] - frames[:, 0]) / cell_w, (boxes[:, 2] - frames[:, 0]) / cell_w, out_grid[1], gw)
+    out = wy @ sal.double().numpy() @ wx.transpose(0, 2, 1)              # [B, Gh, gh] @ [B, gh, gw] @ [B, gw, Gw]
+    flips = flips.numpy().astype(bool)
+    out[flips] = out[flips][:, :, ::-1]
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
-def _area_weights(lo: float, hi: float, n_out: int, n_cells: int) -> np.ndarray:
-    """[n_out, n_cells]: share of output bin k (of [lo, hi] split evenly, in cell units) lying in cell j.
-
-    numpy, not torch: these matrices are tiny and built per sample, where torch's per-op overhead dominates.
-    """
-    edges = np.linspace(lo, hi, n_out + 1)
+def _area_weights(lo: np.ndarray, hi: np.ndarray, n_out: int, n_cells: int) -> np.ndarray:
+    """[B, n_out, n_cells]: share of output bin k (of [lo, hi] split evenly, in cell units) lying in cell j."""
+    steps = np.linspace(0.0, 1.0, n_out + 1)
+    edges = lo[:, None] + (hi - lo)[:, None] * steps[None, :]           # [B, n_out + 1]
     cells = np.arange(n_cells + 1, dtype=np.float64)
-    overlap = np.minimum(edges[1:, None], cells[None, 1:]) - np.maximum(edges[:-1, None], cells[None, :-1])
-    return np.clip(overlap, 0, None) / max((hi - lo) / n_out, 1e-12)
+    overlap = (np.minimum(edges[:, 1:, None], cells[None, None, 1:])
+               - np.maximum(edges[:, :-1, None], cells[None, None, :-1]))
+    width = np.maximum((hi - lo) / n_out, 1e-12)[:, None, None]
+    return np.clip(overlap, 0, None) / width
 
 
 def resize_saliency(sal: torch.Tensor, frame: Sequence[float], image_size: tuple[int, int],
