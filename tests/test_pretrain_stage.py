@@ -22,7 +22,8 @@ TINY_ARCH = {"arch.img_size": 32, "arch.patch_size": 8, "arch.embed_dim": 32, "a
              "arch.decoder_num_heads": 2}
 
 
-def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), manifest_hash=None) -> Path:
+def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), manifest_hash=None,
+           oversized_frame_rows=()) -> Path:
     """A saliency store like stage 1's: 4x4 maps with 1 on the cells covering each image's bbox."""
     from pipeline.data.shards import iter_samples
     from pipeline.manifest import build_manifest
@@ -33,6 +34,7 @@ def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), man
     n, grid = len(manifest), (4, 4)
     sizes = np.array([[manifest.column("width")[i], manifest.column("height")[i]] for i in range(n)])
     frames = np.array([[0, 0, w, h] for w, h in sizes], np.float32)
+    frames[list(oversized_frame_rows), 2] *= 2          # a map that claims to cover twice the image's width
     create_store(path, keys=manifest.keys, image_sizes=sizes, frames=frames, grid=grid, rows_per_shard=32,
                  attrs={"manifest_hash": manifest_hash or manifest.hash})
     maps = np.zeros((n, *grid), np.float32)
@@ -116,6 +118,9 @@ def test_store_checks(tmp_path, shapes_pattern):
     other = _store(tmp_path / "other.zarr", shapes_pattern, manifest_hash="0" * 64)
     with pytest.raises(SalmaeError, match="another manifest"):
         run(_cfg(tmp_path / "b", shapes_pattern, saliency=str(other), mask="saliency", epochs=1, batch_size=8))
+    misfit = _store(tmp_path / "misfit.zarr", shapes_pattern, oversized_frame_rows=(5,))
+    with pytest.raises(SalmaeError, match=r"1 maps do not fit their image \(e\.g\. key \d+: frame"):
+        run(_cfg(tmp_path / "d", shapes_pattern, saliency=str(misfit), mask="saliency", epochs=1, batch_size=8))
     with pytest.raises(SalmaeError, match="needs a saliency store"):
         run(_cfg(tmp_path / "c", shapes_pattern, mask="saliency", epochs=1, batch_size=8))
 

@@ -65,7 +65,27 @@ def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:
         listed = ", ".join(f"{name} ({count})" for name, count in shards[:8]) + (" …" if len(shards) > 8 else "")
         raise SalmaeError(f"saliency store {store.path} misses {len(missing)} of {int(wanted.sum())} rows "
                           f"(absent or pending) in shards {listed}; finish it with `salmae saliency --out {store.path}`")
+    _check_frames_fit(manifest, store, store_rows)
     return store_rows
+
+
+def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) -> None:
+    """SalmaeError unless every ok map's frame lies inside its image (as the manifest sizes it), with area."""
+    ok_rows = np.nonzero((store_rows >= 0) & (store.status[np.maximum(store_rows, 0)] == STATUS_OK))[0]
+    if not len(ok_rows):
+        return
+    frames = store.frames(store_rows[ok_rows])                                   # [n, 4] x0, y0, x1, y1
+    sizes = np.stack([np.asarray(manifest.column("width"))[ok_rows],
+                      np.asarray(manifest.column("height"))[ok_rows]], 1)        # [n, 2] W, H
+    tol = 0.5
+    bad = ((frames[:, 0] < -tol) | (frames[:, 1] < -tol) | (frames[:, 2] > sizes[:, 0] + tol)
+           | (frames[:, 3] > sizes[:, 1] + tol) | (frames[:, 2] <= frames[:, 0]) | (frames[:, 3] <= frames[:, 1]))
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        key = manifest.keys[ok_rows[i]]
+        raise SalmaeError(f"saliency store {store.path}: {int(bad.sum())} maps do not fit their image (e.g. key {key}: "
+                          f"frame {frames[i].tolist()} on a {sizes[i][0]}x{sizes[i][1]} image); recompute it with "
+                          f"`salmae saliency --overwrite --out {store.path}`")
 
 
 def load_saliency_table(manifest, store: SaliencyStore) -> SaliencyTable:
