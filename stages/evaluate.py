@@ -27,6 +27,7 @@ from pipeline.errors import SalmaeError
 from pipeline.eval.data import EvalData, open_eval_data
 from pipeline.eval.features import Features, cached_features, extract_features
 from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval.knn import knn_predict
 from pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
                                   train_linear_head)
@@ -36,8 +37,6 @@ from pipeline.files import atomic_write_json, sha256_file
 from pipeline.logging import MetricsWriter, get_logger, setup_logging
 from pipeline.models.encoder import EncoderSpec, load_encoder
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_EPOCHS = {"linear": 90, "knn": 0, "finetune": 100}
 DEFAULT_BATCH = {"linear": 256, "knn": 256, "finetune": 64}
 

@@ -98,7 +98,7 @@ def load_saliency_table(manifest, store: SaliencyStore) -> SaliencyTable:
     frames = np.zeros((len(manifest), 4), np.float32)
     maps[found], frames[found] = maps_all[store_rows[found]], frames_all[store_rows[found]]
     ok = found & (store.status[np.maximum(store_rows, 0)] == STATUS_OK)
-    ok &= np.isfinite(maps).all(axis=(1, 2)) & (frames[:, 2] > frames[:, 0]) & (frames[:, 3] > frames[:, 1])
+    ok &= np.isfinite(maps).all(axis=(1, 2))  # frames were checked by check_store_covers
     return SaliencyTable(maps, frames, ok)
 
 
