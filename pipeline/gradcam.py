@@ -3,10 +3,13 @@
 The target for sample i is the cosine similarity of image i's embedding to the embedding of
 *its own* caption (text encoded without gradients). Two ways to compute the map:
 
-- `fast_gradcam` (the default, `--cam gradcam`): the visual trunk runs with every parameter
-  frozen, so no graph is recorded until the chosen layer; a forward hook there swaps the
-  activation for a detached leaf that requires grad. Autograd therefore spans only the tail of
-  the network, and `torch.autograd.grad` returns the gradient w.r.t. that one activation.
+- the fast path (`--cam gradcam`, the default, and `--cam hirescam`): the visual trunk runs with
+  every parameter frozen, so no graph is recorded until the chosen layer; a forward hook there
+  swaps the activation for a detached leaf that requires grad. Autograd therefore spans only the
+  tail of the network, and `torch.autograd.grad` returns the gradient w.r.t. that one activation.
+  Grad-CAM weights each channel by its token-averaged gradient; HiResCAM (Draelos & Carin, 2020)
+  multiplies gradient and activation token by token, so a token only scores where the gradient
+  reaches it (for a ViT: where the attention that follows the layer looks).
 - `library_cam` (`--cam gradcam++|layercam|eigencam|xgradcam|...`): pytorch-grad-cam as the
   method zoo and as the reference for the fast path (see tests/test_gradcam.py).
 
@@ -28,8 +31,8 @@ from pipeline.errors import SalmaeError
 
 DEFAULT_LAYER = "transformer.resblocks.-1.ln_1"   # relative to model.visual
 
-# --cam METHOD -> pytorch_grad_cam class name ("gradcam" is the fast path; "gradcam-lib" is the
-# library's own GradCAM, kept for comparisons and benchmarks).
+# --cam METHOD -> pytorch_grad_cam class name ("gradcam" and "hirescam" are the fast path;
+# "gradcam-lib" and "hirescam-lib" are the library's own, kept as references and for benchmarks).
 LIBRARY_METHODS = {
     "gradcam-lib": "GradCAM",
     "gradcam++": "GradCAMPlusPlus",
@@ -37,12 +40,12 @@ LIBRARY_METHODS = {
     "layercam": "LayerCAM",
     "eigencam": "EigenCAM",
     "eigengradcam": "EigenGradCAM",
-    "hirescam": "HiResCAM",
+    "hirescam-lib": "HiResCAM",
     "gradcamelementwise": "GradCAMElementWise",
     "scorecam": "ScoreCAM",
     "ablationcam": "AblationCAM",
 }
-CAM_METHODS = ("gradcam", *LIBRARY_METHODS)
+CAM_METHODS = ("gradcam", "hirescam", *LIBRARY_METHODS)
 
 
 def resolve_layer(model: nn.Module, layer: str = DEFAULT_LAYER) -> tuple[nn.Module, str]:
@@ -111,12 +114,21 @@ def gradcam_from_tokens(act: torch.Tensor, grad: torch.Tensor, grid: tuple[int, 
     return F.relu((weights * act_g).sum(dim=1))
 
 
-def fast_gradcam(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
-                 layer: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
-    """Own-caption Grad-CAM with autograd only from `layer` to the output.
+def hirescam_from_tokens(act: torch.Tensor, grad: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """HiResCAM from a layer's tokens and their gradients.
 
-    images: [N, 3, H, W] normalised; text_emb: [N, D] (row i = image i's caption) -> [N, gh, gw] raw CAM.
-    The model's parameters must not require grad (as `load_clip` leaves them).
+    act, grad: [N, 1 + gh*gw, C] -> cam: [N, gh, gw] = ReLU(sum_c grad_c * act_c), token by token.
+    """
+    return F.relu((tokens_to_grid(act, grid) * tokens_to_grid(grad, grid)).sum(dim=1))
+
+
+def layer_activation_and_grad(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
+                              layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer`'s output tokens and the gradient of the own-caption similarity w.r.t. them.
+
+    images: [N, 3, H, W] normalised; text_emb: [N, D] (row i = image i's caption)
+    -> (act, grad), both [N, 1 + gh*gw, C] float32. Autograd runs only from `layer` to the output;
+    the model's parameters must not require grad (as `load_clip` leaves them).
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -133,7 +145,19 @@ def fast_gradcam(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
             (grad,) = torch.autograd.grad(target.sum(), captured["act"])
     finally:
         handle.remove()
-    return gradcam_from_tokens(captured["act"].detach().float(), grad.float(), grid)
+    return captured["act"].detach().float(), grad.float()
+
+
+def fast_gradcam(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
+                 layer: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """Own-caption Grad-CAM with autograd only from `layer` to the output -> [N, gh, gw] raw CAM."""
+    return gradcam_from_tokens(*layer_activation_and_grad(model, images, text_emb, layer), grid)
+
+
+def fast_hirescam(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
+                  layer: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """Own-caption HiResCAM with autograd only from `layer` to the output -> [N, gh, gw] raw CAM."""
+    return hirescam_from_tokens(*layer_activation_and_grad(model, images, text_emb, layer), grid)
 
 
 def minmax_per_image(cam: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -191,6 +215,8 @@ def compute_cam(method: str) -> Callable[..., torch.Tensor]:
     """The CAM function for `--cam method`, with `fast_gradcam`'s signature."""
     if method == "gradcam":
         return fast_gradcam
+    if method == "hirescam":
+        return fast_hirescam
     if method not in LIBRARY_METHODS:
         raise SalmaeError(f"unknown --cam {method!r}; choose one of {', '.join(CAM_METHODS)}")
     return lambda model, images, text_emb, layer, grid: library_cam(method, model, images, text_emb, layer, grid)
@@ -198,6 +224,6 @@ def compute_cam(method: str) -> Callable[..., torch.Tensor]:
 
 def cam_normalisation(method: str) -> str:
     """How the stored maps are scaled (recorded in the store's attrs)."""
-    if method == "gradcam":
-        return "none: raw ReLU Grad-CAM of the cosine image-caption similarity (scale varies per image)"
+    if method in ("gradcam", "hirescam"):
+        return f"none: raw ReLU {method} of the cosine image-caption similarity (scale varies per image)"
     return "minmax per image to [0, 1] (pytorch-grad-cam)"

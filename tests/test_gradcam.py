@@ -1,10 +1,10 @@
-"""The fast Grad-CAM path equals pytorch-grad-cam's GradCAM on the same model and inputs."""
+"""The fast CAM path (Grad-CAM, HiResCAM) equals pytorch-grad-cam on the same model and inputs."""
 
 import open_clip
 import pytest
 import torch
 
-from pipeline.gradcam import (encode_captions, fast_gradcam, library_cam, minmax_per_image, resolve_layer,
+from pipeline.gradcam import (compute_cam, encode_captions, fast_gradcam, library_cam, minmax_per_image, resolve_layer,
                               tokens_to_grid)
 from pipeline.errors import SalmaeError
 from pipeline.models.clip import load_clip
@@ -22,11 +22,12 @@ def micro():
 
 
 @pytest.mark.parametrize("layer", ["transformer.resblocks.-1.ln_1", "transformer.resblocks.0.ln_1"])
-def test_fast_path_equals_library_gradcam(micro, layer):
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_fast_path_equals_library(micro, layer, method):
     model, info, images, text_emb = micro
     module, _ = resolve_layer(model, layer)
-    fast = fast_gradcam(model, images, text_emb, module, info.grid)             # raw [N, gh, gw]
-    lib = library_cam("gradcam-lib", model, images, text_emb, module, info.grid)  # min-max normalised, grid size
+    fast = compute_cam(method)(model, images, text_emb, module, info.grid)           # raw [N, gh, gw]
+    lib = library_cam(f"{method}-lib", model, images, text_emb, module, info.grid)  # min-max normalised, grid size
     assert fast.shape == lib.shape == (len(CAPTIONS), *info.grid)
     assert (fast >= 0).all() and fast.amax() > 0
     assert torch.allclose(minmax_per_image(fast), lib, atol=1e-4, rtol=0)
