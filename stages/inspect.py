@@ -64,6 +64,11 @@ def format_summary(summary: dict[str, Any], as_json: bool = False) -> str:
         if loc["n"]:
             lines.append(f"  bbox ({loc['n']} maps): pointing game {loc['pointing_game']:.3f}, mass in box "
                          f"{loc['mass_in_box']:.3f} vs box area share {loc['box_area_share']:.3f}")
+            if "argmax_on_distractor" in loc:
+                split = ", ".join(f"{loc[k]['pointing_game']:.3f} with a {k[len('pointing_game_'):].replace('_', '-')} "
+                                  f"distractor ({loc[k]['n']})" for k in ("pointing_game_different_colour",
+                                                                          "pointing_game_same_colour") if k in loc)
+                lines.append(f"  argmax on the distractor {loc['argmax_on_distractor']:.3f}; pointing game {split}")
         else:
             lines.append("  bbox: no ok rows with a bbox in the data's metadata")
     if summary.get("png"):
@@ -116,23 +121,44 @@ def _overlap(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
 
 
 def _localisation(st: SaliencyStore, ok_rows: np.ndarray, meta: dict[str, dict]) -> dict[str, Any]:
+    """Pointing game and mass in box over the rows whose metadata has a `bbox`.
+
+    When the metadata also names a `distractor` (generated shapes), adds how often the argmax lands
+    on the distractor instead, and the pointing game split by whether the distractor shares the
+    named object's colour (then only the caption's shape word tells them apart).
+    """
     rows = [int(r) for r in ok_rows if isinstance(meta.get(str(st.keys[r]), {}).get("bbox"), (list, tuple))]
     if not rows:
         return {"n": 0}
     maps, frames = st.read(rows), st.frames(rows)
-    hits, mass, area_share = [], [], []
+    hits, on_distractor, same_colour, mass, area_share = [], [], [], [], []
     for m, frame, r in zip(maps, frames, rows):
-        box = meta[str(st.keys[r])]["bbox"]
+        info = meta[str(st.keys[r])]
         boxes = _patch_boxes(frame, st.grid)
         flat = np.clip(m.reshape(-1).astype(np.float64), 0, None)
         centre = boxes[int(flat.argmax())]
         cx, cy = (centre[0] + centre[2]) / 2, (centre[1] + centre[3]) / 2
-        hits.append(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
-        inside = _overlap(boxes, box)
+        hits.append(_contains(info["bbox"], cx, cy))
+        other = info.get("distractor") if isinstance(info.get("distractor"), dict) else {}
+        on_distractor.append(_contains(other["bbox"], cx, cy) if isinstance(other.get("bbox"), (list, tuple)) else None)
+        same_colour.append(other.get("colour") == info.get("colour") if "colour" in other else None)
+        inside = _overlap(boxes, info["bbox"])
         mass.append(float((flat * inside).sum() / flat.sum()) if flat.sum() > 0 else float("nan"))
-        area_share.append(float(_overlap(np.asarray([frame]), box)[0]))   # box area / frame area
-    return {"n": len(rows), "pointing_game": float(np.mean(hits)), "mass_in_box": float(np.nanmean(mass)),
-            "box_area_share": float(np.mean(area_share))}
+        area_share.append(float(_overlap(np.asarray([frame]), info["bbox"])[0]))   # box area / frame area
+    out: dict[str, Any] = {"n": len(rows), "pointing_game": float(np.mean(hits)), "mass_in_box": float(np.nanmean(mass)),
+                           "box_area_share": float(np.mean(area_share))}
+    known = [d for d in on_distractor if d is not None]
+    if known:
+        out["argmax_on_distractor"] = float(np.mean(known))
+    for name, flag in (("different_colour", False), ("same_colour", True)):
+        split = [h for h, s in zip(hits, same_colour) if s is flag]
+        if split:
+            out[f"pointing_game_{name}"] = {"n": len(split), "pointing_game": float(np.mean(split))}
+    return out
+
+
+def _contains(box: Sequence[float], x: float, y: float) -> bool:
+    return bool(box[0] <= x <= box[2] and box[1] <= y <= box[3])
 
 
 # ---------------------------------------------------------------------------- data and figures

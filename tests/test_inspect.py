@@ -69,3 +69,35 @@ def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
     assert trained["pointing_game"] >= 0.5
     assert trained["mass_in_box"] > 2 * trained["box_area_share"]
     assert random["pointing_game"] < 0.4
+
+
+def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pattern, tmp_path):
+    """A store whose every map peaks inside the distractor's box: pointing game 0, argmax on distractor 1."""
+    import shutil
+
+    import numpy as np
+
+    from pipeline.data.shards import iter_samples
+    from pipeline.store import SaliencyStore
+
+    copy = tmp_path / "peaked.zarr"
+    shutil.copytree(store, copy)
+    st = SaliencyStore.open(copy, mode="r+")
+    meta = {s.key: s.meta for s in iter_samples(shapes_pattern, decode=False)}
+    gh, gw = st.grid
+    maps = np.zeros((len(st), gh, gw), np.float32)
+    for row, key in enumerate(st.keys):
+        x0, y0, x1, y1 = meta[str(key)]["distractor"]["bbox"]
+        frame = st.frames([row])[0]
+        px = (frame[2] - frame[0]) / gw   # patch side in pixels
+        # the patch whose centre is nearest the box centre; boxes here are >= one patch wide
+        j, i = int((x0 + x1) / 2 // px), int((y0 + y1) / 2 // px)
+        maps[row, min(i, gh - 1), min(j, gw - 1)] = 1.0
+    for shard in range(st.n_shards):
+        rows = st.shard_rows(shard)
+        st.write_shard(shard, maps[rows.start:rows.stop], np.ones(len(rows), np.uint8), {"test": True})
+    loc = inspect_store(copy, data=shapes_pattern)["localisation"]
+    assert loc["argmax_on_distractor"] >= 0.9 and loc["pointing_game"] <= 0.1
+    split = loc["pointing_game_different_colour"]["n"] + loc.get("pointing_game_same_colour", {"n": 0})["n"]
+    assert split == loc["n"] == 64
+    assert "argmax on the distractor" in format_summary(inspect_store(copy, data=shapes_pattern))
