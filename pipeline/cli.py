@@ -65,12 +65,14 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> identical bytes.")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Samples per tar shard.")
 @click.option("--imagefolder", is_flag=True, help="Also write a train/ + val/ ImageFolder split by shape class.")
-def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool) -> None:
+@click.option("--same-colour", type=float, default=0.0, show_default=True,
+              help="Share of images whose distractor has the named object's colour (then only the shape word tells them apart).")
+def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float) -> None:
     """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
     from pipeline.data.shapes import write_shapes
 
     summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
-                           imagefolder=imagefolder)
+                           imagefolder=imagefolder, same_colour_frac=same_colour)
     click.echo(summary)
 
 

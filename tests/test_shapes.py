@@ -70,6 +70,9 @@ def test_distractor_shares_colour_at_the_requested_rate(tmp_path):
     write_shapes(tmp_path, n=300, image_size=32, seed=1, shard_size=300, same_colour_frac=0.3)
     same = [s.meta["distractor"]["colour"] == s.meta["colour"] for s in iter_samples(str(tmp_path / "00000.tar"), decode=False)]
     assert 0.2 < sum(same) / len(same) < 0.4
+    write_shapes(tmp_path / "default", n=100, image_size=32, seed=1, shard_size=100)   # the data: never
+    assert not any(s.meta["distractor"]["colour"] == s.meta["colour"]
+                   for s in iter_samples(str(tmp_path / "default" / "00000.tar"), decode=False))
 
 
 def test_imagefolder_split_by_named_shape(shapes_dir, shapes_pattern):

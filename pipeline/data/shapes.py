@@ -1,11 +1,11 @@
 """Generated captioned shapes, written exactly as img2dataset writes a webdataset dataset.
 
 Each image has a textured, noisy background, one *named* object and one *distractor* of a
-different shape class. The caption names only the named object ("a photo of a small red
-triangle", "a blue circle on the left", ...). The distractor has another colour, except with
-probability `same_colour_frac` where it shares the named object's colour: then only the shape
-word of the caption tells the two apart, so a CLIP model trained on this data has to ground
-shape words, not just colour words (without such distractors its Grad-CAM maps follow colour).
+different shape class and colour. The caption names only the named object ("a photo of a small
+red triangle", "a blue circle on the left", ...). With probability `same_colour_frac` (default 0)
+the distractor shares the named object's colour instead: then only the shape word of the caption
+tells the two apart, a harder test of whether a CLIP model grounds shape words and not just
+colour words (`salmae inspect` reports the pointing game on such images separately).
 
 Layout (img2dataset's `--output_format webdataset`): `00000.tar` with `KEY.jpg`, `KEY.txt`,
 `KEY.json` per sample, `00000.parquet` (one row per sample with img2dataset's columns) and
@@ -69,7 +69,7 @@ PARQUET_SCHEMA = pa.schema([
 
 
 def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int = 0, shard_size: int = 256,
-                 imagefolder: bool = False, same_colour_frac: float = 0.3) -> str:
+                 imagefolder: bool = False, same_colour_frac: float = 0.0) -> str:
     """Write `n` captioned shape images into `out` in img2dataset's webdataset layout.
 
     Args:
