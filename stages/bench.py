@@ -379,9 +379,9 @@ def bench_saliency(ws: Workspace, repeats: int, device: torch.device) -> list[Ro
     log.info("bench saliency: %s batch %d", s.clip_big, s.clip_big_batch)
     rows = _clip_rows(s.clip_big, s.clip_big_batch, 1, repeats, device, s.library_on_big)
     log.info("bench saliency: salmae-tiny batch %d x %d", s.clip_tiny_batch, s.clip_tiny_batches)
-    # With 4 blocks, the backward through the last one is a quarter of the net: the 0.8 target is for ViT-B-16.
+    # With 2 blocks, the backward through the last one is half the net: the 0.8 target is for ViT-B-16.
     rows += _clip_rows("salmae-tiny", s.clip_tiny_batch, s.clip_tiny_batches, repeats, device, True,
-                       target="— (target is for ViT-B-16: here the graph spans 1 of 4 blocks)")
+                       target="— (target is for ViT-B-16: here the graph spans 1 of 2 blocks)")
     log.info("bench saliency: store")
     rows += _store_rows(ws, repeats)
     return rows

@@ -42,10 +42,11 @@ def test_cli_inspect(store):
 
 @pytest.mark.slow
 def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
-    """clip-train on 64-px shapes (the demo's recipe), then score maps on held-out images (minutes).
+    """Issue 3's acceptance on held-out shapes: clip-train (the demo's recipe, minutes), then maps.
 
-    Issue 3 targets a pointing game >= 0.8; this recipe measured 0.615 (BENCHMARKS.md), so the
-    guard here is the level we reach, well above the random-weights baseline (~0.15).
+    HiResCAM (the demo's --cam) must point at the named object >= 0.8 of the time; the default
+    Grad-CAM on the same model is reported in BENCHMARKS.md and guarded lower here. Random
+    weights stay near the box's area share.
     """
     import torch
 
@@ -54,21 +55,23 @@ def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
     from stages.clip_train import run as clip_train
 
     torch.set_num_threads(1)
-    write_shapes(tmp_path / "train", n=4096, image_size=64, seed=0, shard_size=512, same_colour_frac=0.5)
-    write_shapes(tmp_path / "val", n=256, image_size=64, seed=1, shard_size=256)
+    write_shapes(tmp_path / "train", n=4096, image_size=64, seed=1, shard_size=512)
+    write_shapes(tmp_path / "val", n=512, image_size=64, seed=2, shard_size=512)
     clip_train(ClipTrainConfig(data=str(tmp_path / "train" / "{00000..00007}.tar"), out=tmp_path / "clip.pt",
                                steps=300, seconds=900, batch_size=128))
     val = str(tmp_path / "val" / "00000.tar")
     scores = {}
-    for weights in (str(tmp_path / "clip.pt"), "none"):
-        out = tmp_path / f"store-{Path(weights).stem}.zarr"
-        run(SaliencyConfig(data=val, out=out, clip_model="salmae-tiny", clip_pretrained=weights,
+    for weights, cam in ((str(tmp_path / "clip.pt"), "hirescam"), (str(tmp_path / "clip.pt"), "gradcam"), ("none", "hirescam")):
+        out = tmp_path / f"store-{Path(weights).stem}-{cam}.zarr"
+        run(SaliencyConfig(data=val, out=out, clip_model="salmae-tiny", clip_pretrained=weights, cam=cam,
                            rows_per_shard=128, batch_size=64, workers=0, device="cpu"))
-        scores[weights] = inspect_store(out, data=val)["localisation"]
-    trained, random = scores[str(tmp_path / "clip.pt")], scores["none"]
-    assert trained["pointing_game"] >= 0.5
-    assert trained["mass_in_box"] > 2 * trained["box_area_share"]
-    assert random["pointing_game"] < 0.4
+        scores[Path(weights).stem, cam] = inspect_store(out, data=val)["localisation"]
+    print(scores)
+    trained, gradcam, random = scores["clip", "hirescam"], scores["clip", "gradcam"], scores["none", "hirescam"]
+    assert trained["pointing_game"] >= 0.8
+    assert trained["mass_in_box"] > 3 * trained["box_area_share"]
+    assert gradcam["pointing_game"] >= 0.6
+    assert random["pointing_game"] < 0.3
 
 
 def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pattern, tmp_path):
