@@ -12,6 +12,7 @@ STORE   ?= runs/saliency/store.zarr
 RUN     ?= runs/pretrain/saliency
 CLIP_MODEL ?= salmae-tiny
 CLIP_PRETRAINED ?= runs/demo/clip/clip.pt
+CAM     ?= gradcam
 MASK    ?= saliency
 MODEL   ?= tiny
 EPOCHS  ?= 10
@@ -39,9 +40,9 @@ test-all:  ## Run every test, slow ones included
 demo:  ## Whole pipeline on generated data with tiny models; prints the report path
 	$(BIN)/salmae demo --out runs/demo --seeds $(SEEDS)
 
-saliency:  ## Stage 1 on DATA into STORE (CLIP_MODEL, CLIP_PRETRAINED, NPROC)
+saliency:  ## Stage 1 on DATA into STORE (CLIP_MODEL, CLIP_PRETRAINED, CAM=gradcam|hirescam|..., NPROC)
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli saliency --data '$(DATA)' --out $(STORE) \
-	  --clip-model $(CLIP_MODEL) --clip-pretrained $(CLIP_PRETRAINED)
+	  --clip-model $(CLIP_MODEL) --clip-pretrained $(CLIP_PRETRAINED) --cam $(CAM)
 
 pretrain:  ## Stage 2 on DATA with MASK from STORE into RUN (MODEL, EPOCHS, NPROC)
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli pretrain --data '$(DATA)' --out $(RUN) \

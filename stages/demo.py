@@ -33,9 +33,11 @@ class DemoConfig:
     image_size: int = 64               # their side in pixels (the tiny MAE's input size)
     shard_size: int = 256              # samples per tar shard
     clip_images: int = 4096            # captioned images generated for the tiny CLIP only (seed 1)
-    clip_same_colour: float = 0.5      # their share of same-colour distractors (shape words must matter)
+    clip_same_colour: float = 0.0      # their share of same-colour distractors (`salmae shapes --same-colour`)
     clip_steps: int = 300              # tiny-CLIP optimisation steps (~230 s on 2 quiet cores)
     clip_seconds: float = 300.0        # wall-clock cap on those steps (a busy machine stops early)
+    cam: str = "hirescam"              # stage-1 CAM for the tiny CLIP: Grad-CAM's token-averaged gradient
+                                       # lights up background here (BENCHMARKS.md, stage-1 localisation)
     strategies: list[str] = field(default_factory=lambda: ["random", "saliency", "block", "adaptive"])
     cap: float = 0.25                  # saliency cap (share of patches masked by saliency)
     ratio: str = "0.75"                # mask ratio
@@ -116,7 +118,7 @@ def _saliency(cfg: DemoConfig, shards: str, store: Path, clip_ckpt: Path) -> dic
     from stages import saliency
 
     return saliency.run(saliency.SaliencyConfig(
-        data=shards, out=store, clip_model="salmae-tiny", clip_pretrained=str(clip_ckpt),
+        data=shards, out=store, clip_model="salmae-tiny", clip_pretrained=str(clip_ckpt), cam=cfg.cam,
         batch_size=64, workers=cfg.workers, device=cfg.device, rows_per_shard=256))
 
 
