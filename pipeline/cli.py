@@ -111,7 +111,7 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
 @click.option("--manifest", "manifest_path", help="Use this manifest instead of building one.")
 @click.option("--clip-model", help="open_clip model config name (e.g. ViT-B-16, salmae-tiny).")
 @click.option("--clip-pretrained", help="open_clip pretrained tag, a local checkpoint FILE, or 'none'.")
-@click.option("--cam", help="CAM method: gradcam (fast path), gradcam++, layercam, eigencam, ...")
+@click.option("--cam", help="CAM method: gradcam (default) or hirescam (fast path), gradcam++, layercam, eigencam, ...")
 @click.option("--batch-size", type=int)
 @click.option("--workers", type=int, help="DataLoader worker processes (decode + resize).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))

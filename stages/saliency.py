@@ -41,7 +41,7 @@ class SaliencyConfig:
     manifest: Path | None = None      # use this manifest instead of building one from `data`
     clip_model: str = "ViT-B-16"      # open_clip config name (salmae-tiny for the offline CLIP)
     clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE, or 'none'
-    cam: str = "gradcam"              # gradcam = fast path; library methods: gradcam++, layercam, eigencam, ...
+    cam: str = "gradcam"              # gradcam, hirescam = fast path; library methods: gradcam++, layercam, ...
     layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
     batch_size: int = 64              # images per forward/backward (keep it fixed across a resume)
     workers: int = 2                  # DataLoader worker processes (decode + resize)
