@@ -163,3 +163,17 @@ def test_torchrun_two_processes_match_one(colour_folder, mae_checkpoint, tmp_pat
     f1 = torch.load(tmp_path / "one" / "features-val.pt", weights_only=True)["feats"]
     f2 = torch.load(tmp_path / "two" / "features-val.pt", weights_only=True)["feats"]
     torch.testing.assert_close(f1, f2, rtol=1e-5, atol=1e-5)
+
+
+def test_knn_on_labelled_shards_equals_the_same_images_as_imagefolder(shapes_dir, shapes_pattern, mae_checkpoint,
+                                                                     tmp_path):
+    """`--data SHARDS` (KEY.json label/split) and the ImageFolder of the same JPEG bytes give the same kNN.
+
+    Class indices differ (shard labels follow SHAPES, ImageFolder sorts names), accuracy must not.
+    """
+    shards = run(_cfg("knn", mae_checkpoint, shapes_pattern, tmp_path / "shards", batch_size=16))
+    folder = run(_cfg("knn", mae_checkpoint, shapes_dir / "imagefolder", tmp_path / "folder", batch_size=16))
+    counts = [json.loads((tmp_path / name / "results.json").read_text())["counts"] for name in ("shards", "folder")]
+    assert counts[0]["train"] == counts[1]["train"] > 0 and counts[0]["val"] == counts[1]["val"] > 0
+    assert counts[0]["train"] + counts[0]["val"] == 64
+    assert shards["top1"] == pytest.approx(folder["top1"]) and shards["top5"] == pytest.approx(folder["top5"])
