@@ -56,7 +56,7 @@ def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
     from stages.clip_train import run as clip_train
 
     torch.set_num_threads(1)
-    write_shapes(tmp_path / "train", n=16384, image_size=64, seed=1, shard_size=2048)
+    write_shapes(tmp_path / "train", n=32768, image_size=64, seed=1, shard_size=4096)
     write_shapes(tmp_path / "val", n=512, image_size=64, seed=2, shard_size=512)
     clip_train(ClipTrainConfig(data=str(tmp_path / "train" / "{00000..00007}.tar"), out=tmp_path / "clip.pt",
                                steps=500, seconds=1200, batch_size=128))
