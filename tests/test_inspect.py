@@ -42,12 +42,11 @@ def test_cli_inspect(store):
 
 @pytest.mark.slow
 def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
-    """Issue 3's check on held-out shapes: clip-train (the demo's recipe, minutes), then maps.
+    """Issue 3's acceptance on held-out shapes: clip-train (the demo's recipe, minutes), then maps.
 
-    Issue 3 targets a pointing game >= 0.8. With this recipe HiResCAM (the demo's --cam) gave
-    0.77-0.92 across training seeds (BENCHMARKS.md; seed 0, used here, is the low end), so the
-    guard is 0.7; the default Grad-CAM on the same model is guarded at 0.6. Random weights must
-    stay near the box's area share (~0.12).
+    HiResCAM (the demo's --cam) must point at the named object >= 0.8 of the time (measured 0.939;
+    BENCHMARKS.md), the default Grad-CAM on the same model >= 0.7 (0.846), and random weights
+    must stay near the box's area share (~0.12; measured 0.109).
     """
     import torch
 
@@ -69,9 +68,9 @@ def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
         scores[Path(weights).stem, cam] = inspect_store(out, data=val)["localisation"]
     print(scores)
     trained, gradcam, random = scores["clip", "hirescam"], scores["clip", "gradcam"], scores["none", "hirescam"]
-    assert trained["pointing_game"] >= 0.7
+    assert trained["pointing_game"] >= 0.8
     assert trained["mass_in_box"] > 3 * trained["box_area_share"]
-    assert gradcam["pointing_game"] >= 0.6
+    assert gradcam["pointing_game"] >= 0.7
     assert random["pointing_game"] < 0.3
 
 
