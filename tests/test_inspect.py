@@ -66,7 +66,6 @@ def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
         run(SaliencyConfig(data=val, out=out, clip_model="salmae-tiny", clip_pretrained=weights, cam=cam,
                            rows_per_shard=128, batch_size=64, workers=0, device="cpu"))
         scores[Path(weights).stem, cam] = inspect_store(out, data=val)["localisation"]
-    print(scores)
     trained, gradcam, random = scores["clip", "hirescam"], scores["clip", "gradcam"], scores["none", "hirescam"]
     assert trained["pointing_game"] >= 0.8
     assert trained["mass_in_box"] > 3 * trained["box_area_share"]
