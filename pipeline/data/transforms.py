@@ -65,6 +65,18 @@ def crop_flip_image(img: Image.Image, box: Box, flip: bool, size: int) -> torch.
     return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> float32 normalised [N, 3, H, W], computed on their own device.
+
+    Loaders ship uint8 (a quarter of float32's bytes over the host-to-device link) and the
+    training process calls this right after `.to(device)`.
+    """
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    return (images.float() - m) / s
+
+
 def crop_flip_saliency(sal: torch.Tensor, frame: Sequence[float], box: Box, flip: bool,
                        out_grid: tuple[int, int]) -> torch.Tensor:
     """Apply an image crop box and flip to a saliency map and area-pool it to the patch grid.
