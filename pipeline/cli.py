@@ -116,6 +116,7 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
 @click.option("--workers", type=int, help="DataLoader worker processes (decode + resize).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with another config.")
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the CLIP tower (default: off).")
 @_config_options
 def saliency(config_path, overrides, manifest_path, **named) -> None:
     """Stage 1: CLIP + Grad-CAM saliency per image into a resumable Zarr store."""
@@ -165,6 +166,7 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> No
 @click.option("--batch-size", type=int)
 @click.option("--resume", help="'latest' or a checkpoint path.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the MAE (default: off).")
 @_config_options
 def pretrain(config_path, overrides, **named) -> None:
     """Stage 2: MAE pretraining with saliency-capped (or baseline) masks."""
@@ -184,6 +186,10 @@ def _eval_command(protocol: str):
     @_config_options
     def command(config_path, overrides, **named) -> None:
         _run_stage("stages.evaluate", "EvalConfig", config_path, overrides, protocol=protocol, **named)
+
+    if protocol == "finetune":
+        command = click.option("--compile/--no-compile", "compile", default=None,
+                               help="torch.compile the ViT (default: off).")(command)
 
     command.__doc__ = {
         "linear": "Linear probe on frozen features (BatchNorm + Linear, LARS, cached features).",

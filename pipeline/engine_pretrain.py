@@ -1,82 +1,32 @@
-"""The stage-2 epoch loop (as MAE's engine_pretrain.py): masks per batch, forward, backward, step.
+"""The stage-2 epoch loop (as MAE's engine_pretrain.py): forward, backward, step; stats on logging steps.
 
-Kept apart from the wiring in `stages/pretrain.py`. Everything random in a step comes from
-generators seeded by (seed, epoch, step) and drawn for the *global* batch (`rows=`), so K DDP
-processes compute exactly the masks one process computes for the same global batch.
+Kept apart from the wiring in `stages/pretrain.py`. A step only moves the loader's tensors to the
+device and runs the model: images arrive as uint8 and are normalised there, masks arrive built
+(`pipeline.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
+device or talks to other processes, except where the algorithm needs it (DDP's gradient
+all-reduce): the loss is summed on the device, and on logging steps (every `log_every` steps and
+the last) one all-reduce of [loss, masked, fallbacks] gives every rank the same numbers and the
+same verdict on a non-finite loss. A bad loss is therefore caught within `log_every` steps, before
+any checkpoint is written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from pipeline import dist, masking
+from pipeline import dist
+from pipeline.data.transforms import normalise
 from pipeline.device import autocast
 from pipeline.errors import SalmaeError
 from pipeline.logging import MetricsWriter
+from pipeline.mask_plan import MaskPlan, batch_masks, step_seed
 
-
-@dataclass
-class MaskPlan:
-    """How to mask each batch (resolved from the stage config)."""
-
-    strategy: str = "random"           # random | block | grid | saliency | adaptive
-    ratio: masking.RatioSpec = masking.RatioSpec(0.75, 0.75)
-    cap: float = 0.25                  # saliency cap (fraction of L)
-    cap_ramp_epochs: float = 0         # linear ramp 0 -> cap over these epochs (0 = off)
-    select: str = "topk"               # topk | sample
-    tau: float = 1.0                   # sampling temperature for select=sample
-    inverse: bool = False              # mask the least salient (ablation)
-    base: float = 0.75                 # adaptive: base ratio
-    var: float = 0.1                   # adaptive: ratio spread
-    delta: float = 0.5                 # adaptive: salient threshold on max-normalised maps
-    boundary_weight: float = 1.0       # loss weight of masked patches touching a visible one
-    source: str = "store"              # store | online (salience from the model's patch embeddings)
-    seed: int = 0
-
-    @property
-    def uses_saliency(self) -> bool:
-        return self.strategy in ("saliency", "adaptive")
-
-
-def batch_masks(plan: MaskPlan, batch: dict, model, grid: tuple[int, int], epoch: float, step_seed: int,
-                rows: tuple[int, int], device: torch.device):
-    """Masks for one (rank-local slice of a global) batch.
-
-    Returns (triple, weight [N, L] | None, n_fallback): images whose saliency is missing get a
-    random mask (cap 0 with the same generator, i.e. exactly `random_mask`'s rule).
-    """
-    n = batch["image"].shape[0]
-    length = grid[0] * grid[1]
-    g = torch.Generator().manual_seed(step_seed)
-    ratio = plan.ratio.sample(n, g, rows)
-    n_fallback = 0
-    if not plan.uses_saliency:
-        triple = masking.make_mask(plan.strategy, n, grid, ratio, generator=g, rows=rows, device=device)
-    else:
-        if plan.source == "online":
-            sal = model.token_salience(batch["image"].to(device)).float().cpu()
-            ok = torch.ones(n, dtype=torch.bool)
-        else:
-            sal, ok = batch["saliency"].float(), batch["saliency_ok"].bool()
-        n_fallback = int((~ok).sum())
-        cap = torch.full((n,), masking.scheduled_cap(plan.cap, epoch, plan.cap_ramp_epochs), dtype=torch.float64)
-        cap[~ok] = 0.0  # cap 0 == random masking
-        if plan.strategy == "adaptive":
-            ratio = masking.adaptive_ratio(sal, plan.base, plan.var, plan.delta)
-            ratio[~ok] = plan.base
-        triple = masking.saliency_mask(sal, ratio, cap, select=plan.select, tau=plan.tau,
-                                       inverse=plan.inverse, generator=g, rows=rows)
-        triple = tuple(t.to(device) for t in triple)
-    weight = None
-    if plan.boundary_weight != 1.0:
-        weight = masking.boundary_weights(triple[1], grid, plan.boundary_weight)
-    return triple, weight, n_fallback
+MASK_KEYS = ("ids_keep", "mask", "ids_restore")
 
 
 def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
@@ -87,23 +37,34 @@ def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epoc
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return (seed * 1_000_003 + epoch * 100_003 + step * 7 + 1) % (2**63 - 1)
+def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, progress: float, seed: int,
+                 rows: tuple[int, int]) -> dict:
+    """The step's masks on the device: the loader's (moved, non-blocking), or built here from the
+    model's own salience for `source=online` (the one plan that needs the model)."""
+    device = imgs.device
+    if "ids_keep" in batch:
+        return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
+                for k in (*MASK_KEYS, "valid", "weight")} | {"masked": batch["masked"], "n_fallback": batch["n_fallback"]}
+    sal = raw_model.token_salience(imgs)                                           # [N, L] on the device
+    return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal)
 
 
-def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, epoch: int,
-                    plan: MaskPlan, lr_at: Callable[[float], float], accum_iter: int = 1,
-                    metrics: MetricsWriter | None = None, log_every: int = 1) -> dict:
-    """One pass over `loader`; returns {loss, masked, fallback, steps}.
+def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, epoch: int, plan: MaskPlan,
+                    lr_at: Callable[[float], float], *, batch_size: int, accum_iter: int = 1,
+                    metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
+    """One pass over `loader`; returns {loss, masked, fallback, steps} (global means / counts).
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
-    A non-finite loss raises SalmaeError before the optimizer step, so nothing bad is saved.
+    A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
     """
     model.train()
-    steps = len(loader)
-    b, world, rank = loader.batch_size, dist.world_size(), dist.rank()
-    rows = (rank * b, b * world)
-    sums = {"loss": 0.0, "masked": 0.0, "fallback": 0}
+    steps, world = len(loader), dist.world_size()
+    rows = (dist.rank() * batch_size, batch_size * world)
+    ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
+    window = torch.zeros(3, dtype=torch.float64, device=device)  # loss, masked, fallbacks since the last log
+    host = [0.0, 0.0]                                           # masked, fallbacks known on the host
+    since, totals = 0, {"loss": 0.0, "masked": 0.0, "fallback": 0}
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
@@ -111,31 +72,47 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
         if step % accum_iter == 0:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(progress)
-        imgs = batch["image"].to(device, non_blocking=True)
-        triple, weight, n_fallback = batch_masks(plan, batch, raw_model, raw_model.grid, progress,
-                                                 step_seed(plan.seed, epoch, step), rows, device)
+        imgs = normalise(batch["image"].to(device, non_blocking=True))
+        m = device_masks(batch, plan, raw_model, imgs, progress, step_seed(plan.seed, epoch, step), rows)
         sync = (step + 1) % accum_iter == 0 or step + 1 == steps
-        ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else contextlib.nullcontext()
         with ctx:
-            with autocast(device):
-                loss, _, mask = model(imgs, masking=triple, weight=weight)
-            loss_all = float(dist.all_reduce_mean(loss.detach().float()))  # same verdict on every rank
-            if not math.isfinite(loss_all):
-                raise SalmaeError(f"loss became {loss_all} at epoch {epoch} step {step}; stopped, the last good "
-                                  "checkpoint is kept: lower optim.blr or check the data")
-            (loss / accum_iter).backward()
+            with autocast(device, precision):
+                loss, _, _ = model(imgs, masking=tuple(m[k] for k in MASK_KEYS), weight=m["weight"],
+                                   valid=m["valid"])
+            scaled = loss / accum_iter
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if sync:
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        masked = float(mask.sum(1).mean())
-        fallback = int(dist.all_reduce_mean(torch.tensor(float(n_fallback))) * world + 0.5)
-        sums["loss"] += loss_all
-        sums["masked"] += masked
-        sums["fallback"] += fallback
-        bar.set_postfix(loss=f"{loss_all:.4f}")
-        if metrics is not None and (step % log_every == 0 or step + 1 == steps):
-            metrics.write(kind="step", epoch=epoch, step=epoch * steps + step, loss=loss_all,
-                          lr=optimizer.param_groups[0]["lr"], masked=masked, fallback=fallback)
-    return {"loss": sums["loss"] / steps, "masked": sums["masked"] / steps, "fallback": sums["fallback"],
+        window[0] += loss.detach()
+        for i, value in ((1, m["masked"]), (2, m["n_fallback"])):
+            if value.device.type == "cpu":
+                host[i - 1] += float(value)  # a loader tensor: no device involved
+            else:
+                window[i] += value
+        since += 1
+        if step % log_every == 0 or step + 1 == steps:  # the only host sync and collective of a step
+            packed = window + torch.tensor([0.0, *host], dtype=torch.float64).to(device)
+            loss_sum, masked_sum, fallback_sum = dist.all_reduce_sum(packed).tolist()
+            loss_mean = loss_sum / (since * world)
+            if not math.isfinite(loss_mean):
+                raise SalmaeError(f"loss became {loss_mean} at epoch {epoch} step {step}; stopped, the last good "
+                                  "checkpoint is kept: lower optim.blr or check the data")
+            masked = masked_sum / (since * batch_size * world)
+            totals["loss"] += loss_sum / world
+            totals["masked"] += masked_sum / (batch_size * world)
+            totals["fallback"] += int(round(fallback_sum))
+            bar.set_postfix(loss=f"{loss_mean:.4f}")
+            if metrics is not None:
+                metrics.write(kind="step", epoch=epoch, step=epoch * steps + step, loss=loss_mean,
+                              lr=optimizer.param_groups[0]["lr"], masked=masked, fallback=int(round(fallback_sum)),
+                              steps=since)
+            window.zero_()
+            host, since = [0.0, 0.0], 0
+    return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
             "steps": steps}
-

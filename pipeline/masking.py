@@ -89,6 +89,15 @@ def keep_valid(ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids_keep.shape[1], device=ids_keep.device)[None, :] < n_keep[:, None]
 
 
+def pad_keep(ids_restore: torch.Tensor, slots: int) -> torch.Tensor:
+    """`ids_keep` padded to a fixed width: the first `slots` entries of each row's shuffle.
+
+    ids_restore [N, L] -> [N, slots]. Valid entries are the same as `mask_from_key`'s; the rest
+    point at the next (masked) patches of the shuffle, as the module doc describes for padding.
+    """
+    return torch.argsort(ids_restore, dim=1)[:, :slots]
+
+
 def _n_keep(length: int, ratio: float | torch.Tensor) -> int | torch.Tensor:
     return length - n_masked(length, ratio)
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -18,8 +18,11 @@ from timm.optim import param_groups_weight_decay
 from pipeline import dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import config_to_dict, save_config
-from pipeline.device import pick_device, pin_memory
-from pipeline.engine_pretrain import MaskPlan, batch_masks, cosine_lr, step_seed, train_one_epoch
+from pipeline.data.transforms import normalise
+from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
+                             resolve_precision, seed_everything, seed_worker)
+from pipeline.engine_pretrain import cosine_lr, train_one_epoch
+from pipeline.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
 from pipeline.errors import SalmaeError
 from pipeline.logging import MetricsWriter, get_logger, setup_logging
 from pipeline.masking import RatioSpec
@@ -87,13 +90,15 @@ class PretrainConfig:
     resume: str | None = None              # 'latest' or a checkpoint path
     device: str = "auto"                   # auto | cpu | cuda
     seed: int = 0                          # model init, data order, augmentation and masks
-    workers: int = 2                       # DataLoader worker processes
+    workers: int | None = None             # DataLoader workers per process (None: from the CPUs per process, <= 10)
     data_mode: Literal["indexed", "stream"] = "indexed"  # random access (local tars) or webdataset stream
     shuffle_buffer: int = 1000             # stream mode shuffle buffer
     save_every: int = 5                    # also keep checkpoint-EEEE.pth every N epochs
-    log_every: int = 1                     # metrics.jsonl step records every N iterations
+    log_every: int = 20                    # step records (and the only host sync / all-reduce) every N iterations
     viz_samples: int = 6                   # fixed samples in each epoch's PNG grid (0 = none)
-    compile: bool = False                  # torch.compile the model
+    compile: bool = False                  # torch.compile the model (after DDP wrapping, so all-reduce overlaps backward)
+    precision: str = "auto"                # auto | bf16 | fp16 | fp32 (auto: bf16 on a bf16 GPU, fp16 + loss scaling
+                                           # on an older GPU, fp32 on CPU); config.yaml records the resolved one
     arch: ArchConfig = field(default_factory=ArchConfig)
     masking: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -103,6 +108,8 @@ def run(cfg: PretrainConfig) -> dict:
     """Train; returns {run, epochs, loss, checkpoint}."""
     device = pick_device(cfg.device)
     dist.init(device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device),
+                  workers=default_workers() if cfg.workers is None else cfg.workers)
     out = Path(cfg.out)
     log = setup_logging(out)
     ckpt_path = _resume_path(cfg, out)
@@ -112,34 +119,34 @@ def run(cfg: PretrainConfig) -> dict:
     if plan.uses_saliency and plan.source == "store" and not cfg.saliency:
         raise SalmaeError(f"--mask {cfg.mask} needs a saliency store: pass --saliency STORE.zarr "
                           "(or --set masking.source=online)")
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed + dist.rank())  # as MAE; DDP then copies rank 0's initial weights to every rank
     model = build_mae(cfg.model, **{f.name: getattr(cfg.arch, f.name) for f in fields(ArchConfig)
                                     if getattr(cfg.arch, f.name) is not None}).to(device)
     dataset, _ = _dataset(cfg, model)
-    loader, sampler = _loader(cfg, dataset, device)
+    loader, sampler = _loader(cfg, dataset, device, plan, model.grid)
     world = dist.world_size()
     eff_batch = cfg.batch_size * cfg.optim.accum_iter * world
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay,
-                                       no_weight_decay_list=("cls_token", "mask_token", "pos_embed", "decoder_pos_embed"))
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
+    optimizer = build_optimizer(model, lr, cfg.optim.weight_decay, device)
+    scaler = grad_scaler(device, cfg.precision)
     start_epoch = 0
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     train_model = model
-    if cfg.compile:
-        train_model = torch.compile(train_model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    log.info("stage 2: %d samples, %s masks, %s model %s, %d x %d x %d = %d per step, lr %.3g",
+    if cfg.compile:  # after DDP, as PyTorch's DDP + compile guidance says: buckets' all-reduce overlaps backward
+        train_model = torch.compile(train_model)
+    log.info("stage 2: %d samples, %s masks, %s model %s, %d x %d x %d = %d per step, lr %.3g, %s%s, %d workers",
              len(dataset), cfg.mask, cfg.model, model.model_args, cfg.batch_size, cfg.optim.accum_iter,
-             world, eff_batch, lr)
+             world, eff_batch, lr, cfg.precision, ", compiled" if cfg.compile else "", cfg.workers)
     metrics = MetricsWriter(out / "metrics.jsonl")
     viz = _viz_batch(cfg, dataset) if dist.is_main() and cfg.viz_samples > 0 else None
     lr_at = lambda e: cosine_lr(e, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)  # noqa: E731
@@ -150,21 +157,35 @@ def run(cfg: PretrainConfig) -> dict:
         sampler_or_ds.set_epoch(epoch)
         dataset.set_epoch(epoch)
         stats = train_one_epoch(train_model, model, loader, optimizer, device, epoch, plan, lr_at,
-                                cfg.optim.accum_iter, metrics, cfg.log_every)
+                                batch_size=cfg.batch_size, accum_iter=cfg.optim.accum_iter, metrics=metrics,
+                                log_every=cfg.log_every, precision=cfg.precision, scaler=scaler)
+        seconds = time.time() - t0
         metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
-                      fallback=stats["fallback"], lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+                      fallback=stats["fallback"], lr=optimizer.param_groups[0]["lr"], seconds=seconds,
+                      images=stats["steps"] * eff_batch // cfg.optim.accum_iter, precision=cfg.precision,
+                      compile=cfg.compile)
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
-                 stats["masked"], stats["fallback"], time.time() - t0)
+                 stats["masked"], stats["fallback"], seconds)
         if dist.is_main():
             _save(cfg, out, model, optimizer, scaler, epoch, stats)
             if viz is not None:
                 _write_png(out / "png" / f"epoch-{epoch:04d}.png", model, viz, plan, device)
-        dist.barrier()
+        dist.barrier("rank 0 to write the checkpoint")
     if dataset.n_skipped:
         log.info("%d samples without ok saliency were skipped", dataset.n_skipped)
     dist.barrier()
     return {"run": str(out), "epochs": cfg.epochs, "loss": stats.get("loss"),
             "checkpoint": str(out / "checkpoint-latest.pth")}
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """MAE's AdamW (betas 0.9, 0.95; no decay on norms, biases, tokens, position embeddings);
+    the fused kernel on CUDA (`fused=None`), which also runs on the CPU when asked for."""
+    groups = param_groups_weight_decay(model, weight_decay,
+                                       no_weight_decay_list=("cls_token", "mask_token", "pos_embed", "decoder_pos_embed"))
+    fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
 # --------------------------------------------------------------------------- wiring helpers
@@ -206,17 +227,24 @@ def _dataset(cfg: PretrainConfig, model):
     return IndexedPretrainDataset(manifest, urls, **common), store
 
 
-def _loader(cfg: PretrainConfig, dataset, device):
+def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[int, int]):
+    """DataLoader whose workers decode, augment, pool the maps and build the step's masks."""
     from torch.utils.data import DataLoader
 
     from pipeline.data.pretrain_data import GlobalBatchSampler
 
-    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin_memory(device),
-              drop_last=True, persistent_workers=False, collate_fn=dataset.collate)
+    world, rank = dist.world_size(), dist.rank()
+    kw = dict(num_workers=cfg.workers, pin_memory=pin_memory(device), persistent_workers=False,
+              generator=loader_generator(cfg.seed), worker_init_fn=seed_worker)
     if cfg.data_mode == "stream":
-        return DataLoader(dataset, **kw), None
-    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, dist.world_size(), dist.rank(), cfg.seed)
-    return DataLoader(dataset, sampler=sampler, **kw), sampler
+        steps = len(dataset) // cfg.batch_size
+        collate = MaskingCollate(dataset.collate, plan, grid, rank, cfg.batch_size, world, steps) if plan.in_loader \
+            else dataset.collate
+        return DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate, **kw), None
+    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, world, rank, cfg.seed)
+    collate = MaskingCollate(dataset.collate, plan, grid, rank, cfg.batch_size, world, len(sampler)) \
+        if plan.in_loader else dataset.collate
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **kw), sampler
 
 
 def _mask_plan(cfg: PretrainConfig) -> MaskPlan:
@@ -230,7 +258,8 @@ def _mask_plan(cfg: PretrainConfig) -> MaskPlan:
 def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict) -> None:
     config = config_to_dict(cfg)
     config["model_args"] = dict(model.model_args)
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict() if scaler is not None else None,
                  epoch=epoch, step=(epoch + 1) * stats["steps"], config=config, loss=float(stats["loss"]))
     save_checkpoint(out / "checkpoint-latest.pth", **state)
     if cfg.save_every > 0 and (epoch + 1) % cfg.save_every == 0:
@@ -255,9 +284,10 @@ def _write_png(path: Path, model, batch: dict, plan: MaskPlan, device) -> None:
     was_training = model.training
     model.eval()
     n = batch["image"].shape[0]
-    triple, _, _ = batch_masks(plan, batch, model, model.grid, 1e9, step_seed(plan.seed, -1, 0), (0, n), device)
-    imgs = batch["image"].to(device)
-    _, pred, mask = model(imgs, masking=triple)
+    imgs = normalise(batch["image"].to(device))
     sal = model.token_salience(imgs) if plan.source == "online" else batch["saliency"]
+    m = batch_masks(plan, n, model.grid, 1e9, step_seed(plan.seed, -1, 0), (0, n), sal.to(device),
+                    batch["saliency_ok"].to(device) if plan.source != "online" else None)
+    _, pred, mask = model(imgs, masking=(m["ids_keep"], m["mask"], m["ids_restore"]), valid=m["valid"])
     save_mae_grid(path, model, imgs.cpu(), sal.cpu(), pred.cpu(), mask.cpu())
     model.train(was_training)

@@ -88,17 +88,30 @@ def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) ->
                           f"`salmae saliency --overwrite --out {store.path}`")
 
 
-def load_saliency_table(manifest, store: SaliencyStore) -> SaliencyTable:
-    """Check coverage, then gather the store's maps/frames into manifest row order."""
+def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536) -> SaliencyTable:
+    """Check coverage, then gather the store's maps/frames into manifest row order.
+
+    Maps are held as float16 scaled to their own maximum (1.0): stage 2 only ever uses a map's
+    order and proportions (top-k, sampling, SBAM's max-normalised threshold, area pooling), so the
+    scale is dropped, and float16 keeps full precision on [0, 1]. The store is read in chunks of
+    `chunk_rows`, so the float32 copy of the whole array never exists at once.
+    """
     store_rows = check_store_covers(manifest, store)
     found = store_rows >= 0
-    maps_all, frames_all = store.load_all(), store.frames(np.arange(len(store)))
     gh, gw = store.grid
-    maps = np.zeros((len(manifest), gh, gw), np.float32)
+    maps = np.zeros((len(manifest), gh, gw), np.float16)
+    finite = np.ones(len(manifest), bool)
+    take = np.nonzero(found)[0]
+    for lo in range(0, len(take), chunk_rows):
+        rows = take[lo:lo + chunk_rows]
+        chunk = store.read(store_rows[rows])                                     # [n, gh, gw] float32
+        finite[rows] = np.isfinite(chunk).all(axis=(1, 2))
+        chunk = np.where(np.isfinite(chunk), chunk, 0)
+        peak = chunk.max(axis=(1, 2), keepdims=True)
+        maps[rows] = np.divide(chunk, peak, out=np.zeros_like(chunk), where=peak > 0)
     frames = np.zeros((len(manifest), 4), np.float32)
-    maps[found], frames[found] = maps_all[store_rows[found]], frames_all[store_rows[found]]
-    ok = found & (store.status[np.maximum(store_rows, 0)] == STATUS_OK)
-    ok &= np.isfinite(maps).all(axis=(1, 2))  # frames were checked by check_store_covers
+    frames[found] = store.frames(store_rows[found])
+    ok = found & (store.status[np.maximum(store_rows, 0)] == STATUS_OK) & finite  # frames: check_store_covers
     return SaliencyTable(maps, frames, ok)
 
 
@@ -110,7 +123,10 @@ def sample_seed(seed: int, epoch: int, row: int) -> int:
 
 def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple[int, int],
               saliency: SaliencyTable | None, augment: bool = True) -> dict:
-    """Augment one PIL image (and its map) with the crop/flip drawn for (seed, epoch, row)."""
+    """Augment one PIL image (and its map) with the crop/flip drawn for (seed, epoch, row).
+
+    The image stays uint8 (`image` [3, S, S]); the training process normalises it on its device.
+    """
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, row))
     w, h = image.size
     if augment:
@@ -118,7 +134,7 @@ def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple
         flip = bool(torch.rand(1, generator=g) < 0.5)
     else:
         box, flip = (0, 0, w, h), False
-    item = {"image": crop_flip_image(image, box, flip, img_size), "row": row, "saliency_ok": False}
+    item = {"image": crop_flip_image(image, box, flip, img_size), "row": row, "saliency_ok": False, "epoch": epoch}
     if saliency is None:
         item["saliency"] = torch.zeros(grid[0] * grid[1])
         return item
@@ -135,7 +151,7 @@ def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple
 def collate(items: list[dict], grid: tuple[int, int]) -> dict:
     """Batch `make_item` outputs; crop/flip/pool the raw saliency maps of the whole batch at once.
 
-    Returns `image` [B, 3, H, W], `row` [B], `saliency` [B, Gh*Gw] (zeros where not ok), `saliency_ok` [B].
+    Returns `image` [B, 3, H, W] uint8, `row` [B], `saliency` [B, Gh*Gw] (zeros where not ok), `saliency_ok` [B].
     """
     batch = default_collate(items)
     if "saliency_raw" in batch:
@@ -146,25 +162,39 @@ def collate(items: list[dict], grid: tuple[int, int]) -> dict:
 
 
 # --------------------------------------------------------------------------- indexed mode
+def _usable_rows(manifest, saliency: SaliencyTable | None, skip_missing: bool) -> tuple[np.ndarray, int]:
+    """Manifest rows with status ok (less those without ok saliency if `skip_missing`), and how many were skipped."""
+    ok = np.asarray(manifest.status, dtype=object) == "ok"
+    usable = ok & saliency.ok if (skip_missing and saliency is not None) else ok
+    rows = np.nonzero(usable)[0].astype(np.int64)
+    return rows, int(ok.sum()) - len(rows)
+
+
 class IndexedPretrainDataset(Dataset):
-    """Map-style dataset over the manifest rows with status ok (random access into local tars)."""
+    """Map-style dataset over the manifest rows with status ok (random access into local tars).
+
+    Per-row data lives in numpy arrays (forked workers share their pages; Python lists of
+    millions of objects would be copied page by page as reference counts change). An index is
+    either a position in `rows` or a `(position, step)` pair from `GlobalBatchSampler`; the step
+    travels with the item so the collate can build that step's masks.
+    """
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
                  augment: bool = True):
         by_name = {shard_name(u): u for u in shard_urls}
-        status, shards = manifest.status, manifest.column("shard")
-        absent = sorted({s for s in shards if s not in by_name})
+        shards = np.asarray(manifest.column("shard"), dtype=object)
+        names, shard_index = np.unique(shards, return_inverse=True)
+        absent = [s for s in names if s not in by_name]
         if absent:
             raise SalmaeError(f"manifest lists shards not in --data: {', '.join(absent[:5])}; "
                               "pass the shards the manifest was built from")
-        self.rows = [i for i, s in enumerate(status) if s == "ok"
-                     and not (skip_missing and saliency is not None and not saliency.ok[i])]
-        self.n_skipped = sum(1 for s in status if s == "ok") - len(self.rows)
-        self.paths = [by_name[s] for s in shards]
-        self.offsets = manifest.column("image_offset")
-        self.nbytes = manifest.column("image_nbytes")
-        self.keys = manifest.keys
+        self.rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing)
+        self.urls = [by_name[s] for s in names]                        # one per shard
+        self.shard_of = shard_index.astype(np.int32)                   # [N] row -> shard
+        self.offsets = np.asarray(manifest.column("image_offset"), dtype=np.int64)
+        self.nbytes = np.asarray(manifest.column("image_nbytes"), dtype=np.int64)
+        self.keys = np.asarray(manifest.keys, dtype="S")               # bytes: for error messages only
         self.img_size, self.grid, self.saliency = img_size, grid, saliency
         self.seed, self.epoch, self.augment = seed, 0, augment
 
@@ -178,15 +208,20 @@ class IndexedPretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        data = read_member(self.paths[row], self.offsets[row], self.nbytes[row])
-        image = decode_image(data, key=self.keys[row])
-        return make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency, self.augment)
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        index, step = index if isinstance(index, tuple) else (index, None)
+        row = int(self.rows[index])
+        data = read_member(self.urls[self.shard_of[row]], int(self.offsets[row]), int(self.nbytes[row]))
+        image = decode_image(data, key=self.keys[row].decode())
+        item = make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency, self.augment)
+        if step is not None:
+            item["step"] = step
+        return item
 
 
-class GlobalBatchSampler(Sampler[int]):
-    """Epoch-seeded permutation; rank r takes slice [r*b, (r+1)*b) of every global batch of b*world.
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batch sampler: an epoch-seeded permutation; rank r takes slice [r*b, (r+1)*b) of every global
+    batch of b*world, and yields it as `[(index, step), ...]` (the step seeds that batch's masks).
 
     The tail that does not fill a global batch is dropped (as DistributedSampler + drop_last).
     """
@@ -202,14 +237,14 @@ class GlobalBatchSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.steps * self.b
+        return self.steps
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 9_973 + self.epoch))
         g = self.b * self.world
         for step in range(self.steps):
             lo = step * g + self.rank * self.b
-            yield from perm[lo:lo + self.b].tolist()
+            yield [(i, step) for i in perm[lo:lo + self.b].tolist()]
 
 
 # --------------------------------------------------------------------------- stream mode
@@ -228,12 +263,13 @@ class StreamPretrainDataset(IterableDataset):
         self.manifest, self.urls, self.img_size, self.grid = manifest, shard_urls, img_size, grid
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
-        self.rows = {k: i for i, (k, s) in enumerate(zip(manifest.keys, manifest.status)) if s == "ok"
-                     and not (skip_missing and saliency is not None and not saliency.ok[i])}
-        self.n_skipped = sum(1 for s in manifest.status if s == "ok") - len(self.rows)
-        self.length = len(self.rows) // (batch_size * world) * batch_size  # samples per rank and epoch
+        rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing)
+        keys = np.asarray(manifest.keys, dtype="S")[rows]
+        order = np.argsort(keys)
+        self._keys, self._rows = keys[order], rows[order]     # sorted keys -> manifest row (no dict per row)
+        self.length = len(rows) // (batch_size * world) * batch_size  # samples per rank and epoch
         if self.length == 0:
-            raise SalmaeError(f"{len(self.rows)} training samples cannot fill one global batch of "
+            raise SalmaeError(f"{len(rows)} training samples cannot fill one global batch of "
                               f"{batch_size} x {world} processes; lower --batch-size")
 
     def __len__(self) -> int:
@@ -262,6 +298,12 @@ class StreamPretrainDataset(IterableDataset):
             if produced == before:  # this worker got no usable sample at all
                 return
 
+    def _row_of(self, key: str) -> int | None:
+        """Manifest row of a usable key (binary search in the sorted key array), else None."""
+        k = key.encode()
+        i = int(np.searchsorted(self._keys, k))
+        return int(self._rows[i]) if i < len(self._keys) and self._keys[i] == k else None
+
     def _one_pass(self, round_: int) -> Iterator[dict]:
         import webdataset as wds
 
@@ -275,7 +317,7 @@ class StreamPretrainDataset(IterableDataset):
         if self.shuffle_buffer > 1:
             pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed))
         for sample in pipeline:
-            row = self.rows.get(sample["__key__"])
+            row = self._row_of(sample["__key__"])
             data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             if row is None or data is None:
                 continue

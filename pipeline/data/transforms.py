@@ -54,15 +54,17 @@ def sample_crop_box(width: int, height: int, generator: torch.Generator | None =
 
 
 def crop_flip_image(img: Image.Image, box: Box, flip: bool, size: int) -> torch.Tensor:
-    """PIL image -> normalised tensor [3, size, size] of `box` (bicubic, as MAE), flipped if asked."""
+    """PIL image -> uint8 tensor [3, size, size] of `box` (bicubic, as MAE), flipped if asked.
+
+    Normalisation happens on the training device (`normalise`), after a uint8 copy.
+    """
     x0, y0, x1, y1 = box
     t = TF.to_image(img)
     t = TF.resized_crop(t, int(y0), int(x0), int(y1 - y0), int(x1 - x0), [size, size],
                         interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     if flip:
         t = TF.horizontal_flip(t)
-    t = TF.to_dtype(t, torch.float32, scale=True)
-    return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+    return t.as_subclass(torch.Tensor)
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,

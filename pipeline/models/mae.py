@@ -15,7 +15,7 @@ weights, and returns per-image losses on request.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -150,14 +150,15 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ encoder / decoder
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor,
                         valid: torch.Tensor | None = None) -> torch.Tensor:
-        """imgs [N, C, H, W], ids_keep [N, K], valid [N, K] bool or None -> latent [N, 1+K, D]."""
+        """imgs [N, C, H, W], ids_keep [N, K], valid [N, K] bool or None -> latent [N, 1+K, D].
+
+        `valid` marks real entries of a padded `ids_keep` (None: no padding, no attention mask).
+        """
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [N, L, D]
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        attn_mask = None
-        if valid is not None and not bool(valid.all()):
-            attn_mask = _padding_attn_mask(valid)
+        attn_mask = _padding_attn_mask(valid) if valid is not None else None
         for blk in self.blocks:
             x = blk(x, attn_mask=attn_mask)
         return self.norm(x)
@@ -199,7 +200,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 masking: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                weight: torch.Tensor | None = None, reduction: str = "mean"):
+                weight: torch.Tensor | None = None, reduction: str = "mean",
+                valid: torch.Tensor | None | Literal["auto"] = "auto"):
         """MAE forward: -> (loss, pred [N, L, p*p*C], mask [N, L]).
 
         Args:
@@ -209,12 +211,20 @@ class MaskedAutoencoderViT(nn.Module):
                 may be padded (variable keep counts): padding is excluded by an attention mask.
             weight: [N, L] per-patch loss weights (e.g. `masking.boundary_weights`).
             reduction: "mean" -> scalar mean of per-image losses; "none" -> [N].
+            valid: [N, K] bool marking the real entries of a padded `ids_keep`, or None when nothing
+                is padded. "auto" finds out from `mask`, which reads a device tensor on the host
+                (a sync); the training loop passes what the loader worked out instead.
         """
         if masking is None:
             masking = random_mask(imgs.shape[0], self.num_patches, mask_ratio, noise=noise, device=imgs.device)
         ids_keep, mask, ids_restore = (t.to(imgs.device) for t in masking)
         mask = mask.float()
-        latent = self.forward_encoder(imgs, ids_keep, keep_valid(ids_keep, mask))
+        if isinstance(valid, str):
+            valid = keep_valid(ids_keep, mask)
+            valid = None if bool(valid.all()) else valid
+        elif valid is not None:
+            valid = valid.to(imgs.device)
+        latent = self.forward_encoder(imgs, ids_keep, valid)
         pred = self.forward_decoder(latent, mask, ids_restore)
         loss = self.forward_loss(imgs, pred, mask, weight)
         return (loss.mean() if reduction == "mean" else loss), pred, mask

@@ -1,0 +1,149 @@
+"""A stage-2 mask plan, and the masks it gives one batch: built in the loader workers, on the CPU.
+
+`MaskPlan` is the stage config's masking section resolved into one object. `batch_masks` turns
+it, a batch's pooled saliency and the step's seed into MAE's triple for that batch. It runs
+inside DataLoader workers (`MaskingCollate`), so the training process only moves tensors to
+the device; every random draw comes from a generator seeded by (seed, epoch, step) and is drawn
+for the *global* batch (`rows=`), so a mask does not depend on where it is built: the worker
+count, the number of processes, or whether the run was resumed.
+
+Plans whose keep count varies per image (`adaptive`, a ratio distribution) pad `ids_keep` to
+one fixed width, the plan's largest possible keep count (`keep_slots`), and mark the padding in
+`valid`: the encoder then always sees the same shape (a compiled model never recompiles) and the
+decision to use an attention mask is made here, on the host, never by reading a device tensor.
+At the batch sizes of real runs the padding costs little: the largest keep count of 256 images
+is already close to the plan's maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import masking
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """How to mask each batch (resolved from the stage config)."""
+
+    strategy: str = "random"           # random | block | grid | saliency | adaptive
+    ratio: masking.RatioSpec = masking.RatioSpec(0.75, 0.75)
+    cap: float = 0.25                  # saliency cap (fraction of L)
+    cap_ramp_epochs: float = 0         # linear ramp 0 -> cap over these epochs (0 = off)
+    select: str = "topk"               # topk | sample
+    tau: float = 1.0                   # sampling temperature for select=sample
+    inverse: bool = False              # mask the least salient (ablation)
+    base: float = 0.75                 # adaptive: base ratio
+    var: float = 0.1                   # adaptive: ratio spread
+    delta: float = 0.5                 # adaptive: salient threshold on max-normalised maps
+    boundary_weight: float = 1.0       # loss weight of masked patches touching a visible one
+    source: str = "store"              # store | online (salience from the model's patch embeddings)
+    seed: int = 0
+
+    @property
+    def uses_saliency(self) -> bool:
+        return self.strategy in ("saliency", "adaptive")
+
+    @property
+    def in_loader(self) -> bool:
+        """Masks are built in the loader workers (all but the online source, which needs the model)."""
+        return not (self.uses_saliency and self.source == "online")
+
+    def keep_slots(self, length: int) -> int | None:
+        """Fixed width of `ids_keep` for plans with a per-image keep count; None when it is constant."""
+        if self.strategy == "adaptive":
+            return int(length - masking.n_masked(length, max(self.base - self.var, 0.0)))
+        if self.strategy != "grid" and not self.ratio.constant:
+            return int(length - masking.n_masked(length, self.ratio.low))
+        return None
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """Seed of one training step's masks: depends only on (seed, epoch, step)."""
+    return (seed * 1_000_003 + epoch * 100_003 + step * 7 + 1) % (2**63 - 1)
+
+
+def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, seed: int,
+                rows: tuple[int, int], saliency: torch.Tensor | None = None,
+                saliency_ok: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """Masks for one (rank-local slice of a global) batch of `n` images.
+
+    Args:
+        plan: the run's mask plan.
+        grid: (gh, gw) MAE patch grid; L = gh * gw.
+        progress: fractional epoch (for the cap ramp).
+        seed: `step_seed(plan.seed, epoch, step)`.
+        rows: (start, total): this slice's first row in the global batch of `total` rows.
+        saliency: [n, L] pooled maps (saliency/adaptive plans), on the CPU or the device.
+        saliency_ok: [n] bool; images without a usable map get a random mask (cap 0 with the same
+            generator, exactly `random_mask`'s rule) and are counted as fallbacks.
+    Returns:
+        ids_keep [n, K] int64, mask [n, L] float (1 = masked), ids_restore [n, L] int64,
+        valid [n, K] bool or None (None: no padding), weight [n, L] or None,
+        n_fallback [] int64, masked [] float64 (masked patches summed over the batch).
+    """
+    length = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(seed)
+    ratio = plan.ratio.sample(n, g, rows)
+    n_fallback = torch.zeros((), dtype=torch.int64)
+    if not plan.uses_saliency:
+        device = saliency.device if saliency is not None else torch.device("cpu")
+        ids_keep, mask, ids_restore = masking.make_mask(plan.strategy, n, grid, ratio, generator=g, rows=rows,
+                                                        device=device)
+    else:
+        sal = saliency.float()
+        ok = saliency_ok.bool() if saliency_ok is not None else torch.ones(n, dtype=torch.bool, device=sal.device)
+        n_fallback = (~ok).sum()
+        cap = torch.full((n,), masking.scheduled_cap(plan.cap, progress, plan.cap_ramp_epochs),
+                         dtype=torch.float64, device=sal.device)
+        cap = torch.where(ok, cap, torch.zeros_like(cap))  # cap 0 == random masking
+        if plan.strategy == "adaptive":
+            ratio = torch.where(ok, masking.adaptive_ratio(sal, plan.base, plan.var, plan.delta),
+                                torch.full_like(cap, plan.base))
+        ids_keep, mask, ids_restore = masking.saliency_mask(sal, ratio, cap, select=plan.select, tau=plan.tau,
+                                                            inverse=plan.inverse, generator=g, rows=rows)
+    slots = plan.keep_slots(length)
+    valid = None
+    if slots is not None:
+        ids_keep = masking.pad_keep(ids_restore, slots)
+        valid = masking.keep_valid(ids_keep, mask)
+    weight = masking.boundary_weights(mask, grid, plan.boundary_weight) if plan.boundary_weight != 1.0 else None
+    return {"ids_keep": ids_keep, "mask": mask, "ids_restore": ids_restore, "valid": valid, "weight": weight,
+            "n_fallback": n_fallback, "masked": mask.double().sum()}
+
+
+class MaskingCollate:
+    """DataLoader collate_fn: batch the items (`collate`), then add the step's masks (`batch_masks`).
+
+    The step comes with the items (indexed mode: `GlobalBatchSampler` hands each sample its step);
+    in stream mode a worker numbers its own batches (batch j of worker w is step j * workers + w,
+    the order in which the DataLoader returns them).
+    """
+
+    def __init__(self, collate, plan: MaskPlan, grid: tuple[int, int], rank: int, batch_size: int, world: int,
+                 steps_per_epoch: int):
+        self.collate, self.plan, self.grid = collate, plan, grid
+        self.rows = (rank * batch_size, batch_size * world)
+        self.steps_per_epoch = steps_per_epoch
+        self._counted: tuple[int, int] = (-1, 0)  # (epoch, batches made) for stream mode
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.collate(items)
+        epoch = int(items[0]["epoch"])
+        step = int(items[0]["step"]) if "step" in items[0] else self._next_stream_step(epoch)
+        batch["step"] = step
+        masks = batch_masks(self.plan, len(items), self.grid, epoch + step / self.steps_per_epoch,
+                            step_seed(self.plan.seed, epoch, step), self.rows,
+                            batch.get("saliency"), batch.get("saliency_ok"))
+        batch.update({k: v for k, v in masks.items() if v is not None})
+        return batch
+
+    def _next_stream_step(self, epoch: int) -> int:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        last_epoch, made = self._counted
+        made = made if last_epoch == epoch else 0
+        self._counted = (epoch, made + 1)
+        return made * workers + worker

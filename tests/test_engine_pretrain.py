@@ -1,0 +1,268 @@
+"""Stage 2 as a GPU cluster runs it, shown on the CPU: masks built in the loader workers, fixed-width
+padding for variable keep counts, collectives only on logging steps, compile, bf16/fp16, fused AdamW.
+
+What only CUDA can show (NCCL's refusal of CPU tensors, device->host syncs, pinned copies) is
+covered by construction: one process group serves CPU and CUDA tensors (`pipeline.dist`), and
+the loop reads device tensors on logging steps only; `salmae gpu-check` runs it on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import masking
+from pipeline.checkpoint import load_checkpoint
+from pipeline.device import autocast, default_workers, grad_scaler, resolve_precision
+from pipeline.logging import read_metrics
+from pipeline.mask_plan import MaskPlan, batch_masks
+from pipeline.models.mae import build_mae
+from test_pretrain_stage import _cfg, _store
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, shapes_pattern) -> Path:
+    return _store(tmp_path_factory.mktemp("store") / "store.zarr", shapes_pattern, failed_rows=(3, 40))
+
+
+def _peaked(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, length, generator=g) ** 6
+
+
+# --------------------------------------------------------------------------- masks
+def test_variable_keep_counts_are_padded_to_the_plans_fixed_width():
+    plan = MaskPlan(strategy="adaptive", base=0.75, var=0.1)
+    length = 16
+    assert plan.keep_slots(length) == length - masking.n_masked(length, 0.65) == 5
+    assert MaskPlan(strategy="saliency").keep_slots(length) is None
+    assert MaskPlan(strategy="random", ratio=masking.RatioSpec(0.6, 0.9)).keep_slots(length) == 6
+    sal = _peaked(32, length)
+    sal[:16] = (sal[:16] > 0.3).float()      # many salient patches -> higher ratios, fewer kept
+    m = batch_masks(plan, 32, (4, 4), 0.0, 123, (0, 32), sal, torch.ones(32, dtype=torch.bool))
+    kept = (m["mask"] < 0.5).sum(1)
+    assert m["ids_keep"].shape == (32, 5)
+    assert len(set(kept.tolist())) > 1                                  # counts really vary
+    assert torch.equal(m["valid"].sum(1), kept)
+    # valid entries are exactly the visible patches; padding points at masked ones
+    for i in range(32):
+        real = set(m["ids_keep"][i][m["valid"][i]].tolist())
+        assert real == set(torch.nonzero(m["mask"][i] < 0.5).flatten().tolist())
+        assert all(m["mask"][i, j] == 1 for j in m["ids_keep"][i][~m["valid"][i]].tolist())
+    assert float(m["masked"]) == float(m["mask"].sum())
+
+
+def test_padded_batch_with_valid_equals_each_image_alone():
+    torch.manual_seed(0)
+    model = build_mae("tiny", **TINY).eval()
+    plan = MaskPlan(strategy="adaptive")
+    imgs = torch.randn(6, 3, 32, 32)
+    m = batch_masks(plan, 6, model.grid, 0.0, 7, (0, 6), _peaked(6, 16), torch.ones(6, dtype=torch.bool))
+    loss, _, _ = model(imgs, masking=(m["ids_keep"], m["mask"], m["ids_restore"]), valid=m["valid"],
+                       reduction="none")
+    for i in range(6):
+        n_keep = int(m["valid"][i].sum())
+        alone = (m["ids_keep"][i:i + 1, :n_keep], m["mask"][i:i + 1], m["ids_restore"][i:i + 1])
+        torch.testing.assert_close(loss[i:i + 1], model(imgs[i:i + 1], masking=alone, reduction="none")[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_failed_maps_fall_back_to_the_random_rule_and_are_counted():
+    plan = MaskPlan(strategy="saliency", cap=0.5)
+    sal = _peaked(8, 16)
+    ok = torch.tensor([True, False, True, True, False, True, True, True])
+    m = batch_masks(plan, 8, (4, 4), 0.0, 5, (0, 8), sal, ok)
+    r = batch_masks(MaskPlan(strategy="saliency", cap=0.0), 8, (4, 4), 0.0, 5, (0, 8), sal, ok)
+    assert int(m["n_fallback"]) == 2
+    assert torch.equal(m["mask"][~ok], r["mask"][~ok])                 # cap 0 rule for failed maps
+    assert not torch.equal(m["mask"][ok], r["mask"][ok])
+
+
+# --------------------------------------------------------------------------- the loop, end to end
+def _run(tmp, pattern, store, **over):
+    from stages.pretrain import run
+
+    kw = dict(saliency=str(store), mask="saliency", epochs=1, batch_size=8, viz_samples=0)
+    kw.update(over)
+    run(_cfg(tmp, pattern, **kw))
+    return load_checkpoint(tmp / "checkpoint-latest.pth")
+
+
+def test_masks_do_not_depend_on_the_worker_count(tmp_path, shapes_pattern, store_path):
+    a = _run(tmp_path / "w0", shapes_pattern, store_path, mask="adaptive", workers=0, log_every=1)
+    b = _run(tmp_path / "w2", shapes_pattern, store_path, mask="adaptive", workers=2, log_every=1)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa = [r for r in read_metrics(tmp_path / "w0" / "metrics.jsonl") if r["kind"] == "step"]
+    sb = [r for r in read_metrics(tmp_path / "w2" / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["masked"] for r in sa] == [r["masked"] for r in sb] and len(sa) == 8   # 64 rows // 8
+    assert sum(r["fallback"] for r in sa) == 2    # rows 3 and 40 have failed maps; each is seen once
+
+
+def test_logging_steps_report_window_means(tmp_path, shapes_pattern, store_path):
+    _run(tmp_path / "r", shapes_pattern, store_path, log_every=3)
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    epoch = [r for r in records if r["kind"] == "epoch"][0]
+    assert [r["step"] for r in steps] == [0, 3, 6, 7] and [r["steps"] for r in steps] == [1, 3, 3, 1]
+    # the epoch loss is the step-weighted mean of the windows
+    assert epoch["loss"] == pytest.approx(sum(r["loss"] * r["steps"] for r in steps) / 8, rel=1e-9)
+    assert epoch["precision"] == "fp32" and epoch["compile"] is False and epoch["images"] == 64
+
+
+def test_two_processes_call_collectives_only_on_logging_steps(tmp_path, shapes_pattern, store_path):
+    """2-process gloo, adaptive masks: the same weights as 1 process at the same global batch, and
+    within an epoch exactly one all_reduce per logging step (DDP's own gradient all-reduce runs in
+    its C++ reducer, which the algorithm needs; it is not a torch.distributed call)."""
+    common = dict(mask="adaptive", epochs=2, log_every=100)
+    one = _run(tmp_path / "one", shapes_pattern, store_path, batch_size=16, **common)
+    script = tmp_path / "count.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        import torch.distributed as td
+        import stages.pretrain as sp
+        from test_pretrain_stage import _cfg
+        calls, inside = [], [False]
+        for name in ("all_reduce", "all_gather", "broadcast", "barrier", "all_gather_object",
+                     "broadcast_object_list", "reduce", "gather", "scatter", "reduce_scatter", "all_to_all"):
+            def wrap(*a, _f=getattr(td, name), _n=name, **k):
+                if inside[0]:
+                    calls.append(_n)
+                return _f(*a, **k)
+            setattr(td, name, wrap)
+        epoch_fn = sp.train_one_epoch
+        def counted(*a, **k):
+            inside[0] = True
+            try:
+                return epoch_fn(*a, **k)
+            finally:
+                inside[0] = False
+        sp.train_one_epoch = counted
+        sp.run(_cfg({str(tmp_path / 'two')!r}, {shapes_pattern!r}, saliency={str(store_path)!r}, mask="adaptive",
+                    epochs=2, batch_size=8, viz_samples=0, log_every=100))
+        with open({str(tmp_path)!r} + f"/calls-{{os.environ['RANK']}}.json", "w") as f:
+            json.dump(calls, f)
+    """))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root, str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = load_checkpoint(tmp_path / "two" / "checkpoint-latest.pth")
+    for k in one["model"]:
+        torch.testing.assert_close(one["model"][k], two["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"calls-{rank}.json").read_text())
+        # 62 usable rows // 16 = 3 steps per epoch; logging steps 0 and 2 of each of 2 epochs
+        assert calls == ["all_reduce"] * 4, calls
+
+
+# --------------------------------------------------------------------------- compile and precision
+def _step_inputs(strategy: str, seed: int):
+    plan = MaskPlan(strategy=strategy)
+    m = batch_masks(plan, 4, (4, 4), 0.0, seed, (0, 4), _peaked(4, 16, seed), torch.ones(4, dtype=torch.bool))
+    imgs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return imgs, (m["ids_keep"], m["mask"], m["ids_restore"]), m["valid"]
+
+
+@pytest.mark.slow  # ~60 s on 2 cores: inductor compiles forward and backward
+def test_compiled_step_equals_eager_and_adaptive_batches_do_not_recompile():
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    eager = build_mae("tiny", **TINY).train()
+    compiled_src = build_mae("tiny", **TINY).train()
+    compiled_src.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_src)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2, 3):   # three adaptive batches with different keep counts, one padded shape
+            imgs, triple, valid = _step_inputs("adaptive", seed)
+            want = eager(imgs, masking=triple, valid=valid)[0]
+            got = compiled(imgs, masking=triple, valid=valid)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            want.backward()
+            got.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_src.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_step_on_cpu_is_close_to_fp32(precision):
+    torch.manual_seed(0)
+    model = build_mae("tiny", **TINY).train()
+    imgs, triple, valid = _step_inputs("saliency", 4)
+    cpu = torch.device("cpu")
+    ref = model(imgs, masking=triple, valid=valid)[0]
+    with autocast(cpu, precision):
+        low, pred, _ = model(imgs, masking=triple, valid=valid)
+    assert pred.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]  # autocast really ran
+    assert low.dtype == torch.float32                                                # the loss stays fp32
+    torch.testing.assert_close(low, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_fp16_run_uses_a_grad_scaler_and_checkpoints_it(tmp_path, shapes_pattern, store_path):
+    ckpt = _run(tmp_path / "fp16", shapes_pattern, store_path, precision="fp16")
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+    assert ckpt["config"]["precision"] == "fp16"
+    fp32 = _run(tmp_path / "fp32", shapes_pattern, store_path)
+    assert fp32["scaler"] is None and fp32["config"]["precision"] == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert grad_scaler(torch.device("cpu"), "bf16") is None
+
+
+def test_fused_adamw_matches_the_default_kernel():
+    from stages.pretrain import build_optimizer
+
+    torch.manual_seed(0)
+    a = build_mae("tiny", **TINY)
+    b = build_mae("tiny", **TINY)
+    b.load_state_dict(a.state_dict())
+    opt_a = build_optimizer(a, 1e-3, 0.05, torch.device("cpu"), fused=False)
+    opt_b = build_optimizer(b, 1e-3, 0.05, torch.device("cpu"), fused=True)
+    assert opt_b.defaults["fused"] is True and len(opt_b.param_groups) == 2   # decay / no decay
+    imgs, triple, valid = _step_inputs("random", 0)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            model(imgs, masking=triple, valid=valid)[0].backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if name.endswith("attn.qkv.bias"):  # softmax ignores the key bias: its gradient is rounding noise,
+            d = p.shape[0] // 3             # which Adam scales to a full step; compare q and v biases only
+            p, q = torch.cat([p[:d], p[2 * d:]]), torch.cat([q[:d], q[2 * d:]])
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- loader defaults
+@pytest.mark.parametrize("cpus,local_world,want", [(2, 1, 1), (16, 8, 1), (96, 8, 10), (32, 2, 10), (24, 4, 5)])
+def test_default_workers_from_cpus_per_local_process(monkeypatch, cpus, local_world, want):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert default_workers() == want
+
+
+def test_saliency_table_is_float16_scaled_to_each_maps_maximum(shapes_pattern, store_path):
+    from pipeline.data.pretrain_data import load_saliency_table
+    from pipeline.manifest import build_manifest
+    from pipeline.store import SaliencyStore
+
+    table = load_saliency_table(build_manifest(shapes_pattern), SaliencyStore.open(store_path))
+    assert table.maps.dtype == np.float16
+    peaks = table.maps.reshape(len(table.maps), -1).max(1)
+    assert np.all(peaks[table.ok] == 1.0)
+    assert int((~table.ok).sum()) == 2
