@@ -226,11 +226,13 @@ def demo(config_path, overrides, out, seeds) -> None:
 @click.argument("which", type=click.Choice(["all", "saliency", "pretrain", "eval"]), default="all")
 @click.option("--out", default="BENCHMARKS.md", show_default=True, help="Markdown file to (re)write.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Repeats per timing (median reported).")
-def bench(which, out, repeats) -> None:
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the figures as JSON ({\"figures\": [{\"id\", \"value\", \"target\", \"verdict\", ...}]}).")
+def bench(which, out, repeats, json_out) -> None:
     """Measure the stage speed ratios and rewrite BENCHMARKS.md."""
     from stages.bench import run_bench
 
-    click.echo(run_bench(which=which, out=out, repeats=repeats))
+    click.echo(run_bench(which=which, out=out, repeats=repeats, json_out=json_out))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,5 +45,5 @@ def bench_eval(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
               f"(64 px), {counts['train']} train / {counts['val']} val images, batch {s.eval_batch}, 0 workers; "
               f"cached {fmt_time(t['cached'])}, uncached {fmt_time(t['uncached'])}; the ratio falls as ~1/epochs "
               f"(MAE's default is 90)")
-    return [ratio_row("eval", "linear probe wall time, cached ÷ uncached features",
+    return [ratio_row("eval.linear_cached_over_uncached", "linear probe wall time, cached ÷ uncached features",
                       paired_ratio(t["cached"], t["uncached"]), "≤ 0.1", detail)]

@@ -57,7 +57,7 @@ def _step_row(s: BenchSizes, repeats: int, device: torch.device) -> list[Row]:
               f"batch {n}, ratio 0.75, cap 0.25, same batch; step saliency {fmt_time(t['saliency'], per, 'ms')}, "
               f"random {fmt_time(t['random'], per, 'ms')}; masks alone {fmt_time(m['saliency'], per, 'ms')} "
               f"vs {fmt_time(m['random'], per, 'ms')}")
-    return [ratio_row("pretrain", "training step time, saliency ÷ random masks",
+    return [ratio_row("pretrain.step_saliency_over_random", "training step time, saliency ÷ random masks",
                       paired_ratio(t["saliency"], t["random"]), "≤ 1.02", detail)]
 
 
@@ -85,7 +85,7 @@ def _encoder_row(s: BenchSizes, repeats: int, device: torch.device) -> list[Row]
     detail = (f"MAE {s.encoder_model} encoder (ViT {a['embed_dim']}×{a['depth']}, {a['img_size']} px, "
               f"{length} patches, {ids_visible.shape[1]} visible), batch {n}, forward+backward; "
               f"visible {fmt_time(t['visible'])}, all {fmt_time(t['all'])}")
-    return [ratio_row("pretrain", "encoder time, visible-only ÷ all tokens at 75% masking",
+    return [ratio_row("pretrain.visible_over_full", "encoder time, visible-only ÷ all tokens at 75% masking",
                       paired_ratio(t["visible"], t["all"]), "≤ 0.35", detail)]
 
 
@@ -123,7 +123,7 @@ def _loader_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
               f"crop+flip of image and map; with {fmt_rate(t['with'], n)}, without {fmt_rate(t['without'], n)}; "
               f"table load (once) {table_s:.2f} s")
     # images/s ratio = inverse time ratio
-    return [ratio_row("pretrain", "loader images/s, with saliency lookup ÷ without",
+    return [ratio_row("pretrain.loader_with_over_without", "loader images/s, with saliency lookup ÷ without",
                       paired_ratio(t["without"], t["with"]), "≥ 0.95", detail)]
 
 

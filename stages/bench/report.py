@@ -26,6 +26,11 @@ class Row:
     target: str = "—"    # e.g. "≥ 0.8"; "—" = reported, not judged
     verdict: str = "—"   # PASS | MISS | — (no target, or not measured)
     detail: str = ""     # this machine's absolute times and the sizes used
+    id: str = ""         # stable `section.what` name of the figure across runs (the JSON key)
+    number: float | None = None  # the median behind `value` (None: not measured)
+    low: float | None = None     # min of the repeats (per-repeat ratios for a ratio)
+    high: float | None = None    # max of the repeats
+    unit: str = ""       # unit of `number`: ratio, B, ms, s
 
 
 def judge(value: float, target: str) -> str:
@@ -38,10 +43,11 @@ def judge(value: float, target: str) -> str:
     return "PASS" if ok else "MISS"
 
 
-def ratio_row(section: str, figure: str, ratio: tuple[float, float, float], target: str, detail: str) -> Row:
-    """A row for a ratio (median, lo, hi), judged against `target`."""
+def ratio_row(id: str, figure: str, ratio: tuple[float, float, float], target: str, detail: str) -> Row:
+    """A row for a ratio (median, lo, hi), judged against `target`; its section is `id`'s first part."""
     med, lo, hi = ratio
-    return Row(section, figure, f"{med:.3f} ({lo:.3f}–{hi:.3f})", target, judge(med, target), detail)
+    return Row(id.partition(".")[0], figure, f"{med:.3f} ({lo:.3f}–{hi:.3f})", target, judge(med, target), detail,
+               id=id, number=med, low=lo, high=hi, unit="ratio")
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -83,6 +89,29 @@ def merge_blocks(old: str, blocks: dict[str, str]) -> str:
     if missing:
         merged = merged.rstrip("\n") + ("\n\n" if merged.strip() else "") + "\n".join(missing)
     return merged
+
+
+def figure_record(row: Row, measured: str, quick: bool) -> dict:
+    """One figure as JSON: id, number (`value`) with low/high and unit, target, verdict, the table's text."""
+    if not row.id:
+        raise ValueError(f"bench row {row.figure!r} has no id")
+    return {"id": row.id, "section": row.section, "figure": row.figure, "value": row.number, "low": row.low,
+            "high": row.high, "unit": row.unit, "target": row.target, "verdict": row.verdict, "text": row.value,
+            "detail": row.detail, "measured": measured, "quick": quick}
+
+
+def merge_figures(old: dict, rows: list[Row], measured: str, quick: bool, **meta) -> dict:
+    """`{"figures": [...], **meta}`: `old`'s figures with those of `rows` replaced by id (new ids appended).
+
+    As with the markdown blocks, `salmae bench eval --json F` keeps the other sections' figures in F;
+    each figure carries the date it was `measured` and whether that was a quick run.
+    """
+    ids = [r.id for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"bench row ids repeat: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+    fresh = {r.id: figure_record(r, measured, quick) for r in rows}
+    figures = [fresh.pop(f["id"], f) for f in old.get("figures", []) if isinstance(f, dict) and "id" in f]
+    return {**{k: v for k, v in old.items() if k != "figures"}, **meta, "figures": figures + list(fresh.values())}
 
 
 def machine_info(device: torch.device) -> dict[str, str]:

@@ -55,7 +55,7 @@ def _clip_paths(name: str, batch: int, batches: int, device: torch.device, libra
 
 
 def _clip_rows(name: str, batch: int, batches: int, repeats: int, device: torch.device, library: bool,
-               target: str = "≥ 0.8") -> list[Row]:
+               target: str = "≥ 0.8", suffix: str = "") -> list[Row]:
     paths, info = _clip_paths(name, batch, batches, device, library)
     times = time_interleaved(paths, repeats, warmup=1, device=device)
     n = batch * batches
@@ -64,10 +64,12 @@ def _clip_rows(name: str, batch: int, batches: int, repeats: int, device: torch.
               f"{times['text'].median / times['fast'].median:.0%}), forward {fmt_rate(times['forward'], n)}"
               + (f", library {fmt_rate(times['library'], n)}" if library else ""))
     # images/s ratio = time ratio inverted
-    rows = [ratio_row("saliency", f"stage-1 fast Grad-CAM ÷ CLIP forward, images/s ({name})",
+    rows = [ratio_row(f"saliency.fast_over_forward{suffix}",
+                      f"stage-1 fast Grad-CAM ÷ CLIP forward, images/s ({name})",
                       paired_ratio(times["forward"], times["fast"]), target, detail)]
     if library:
-        rows.append(ratio_row("saliency", f"naive pytorch-grad-cam GradCAM ÷ CLIP forward, images/s ({name}, reference)",
+        rows.append(ratio_row(f"saliency.library_over_forward{suffix}",
+                              f"naive pytorch-grad-cam GradCAM ÷ CLIP forward, images/s ({name}, reference)",
                               paired_ratio(times["forward"], times["library"]), "≈ 0.3 (reference)",
                               f"{size}; full graph from the input"))
     return rows
@@ -90,9 +92,12 @@ def _store_rows(ws: Workspace, repeats: int) -> list[Row]:
     t = time_median(read_random, repeats, warmup=1)
     made = f"written by stage 1 ({n} generated 64-px shapes, salmae-tiny random weights, {ws.store_seconds:.1f} s)"
     return [Row("saliency", "store bytes per image (compressed saliency bytes ÷ rows)", f"{per_image:.1f} B",
-                detail=f"grid {gh}×{gw} float16 = {gh * gw * 2} B raw; {made}"),
+                detail=f"grid {gh}×{gw} float16 = {gh * gw * 2} B raw; {made}",
+                id="saliency.store_bytes_per_image", number=per_image, unit="B"),
             Row("saliency", f"store read of {k} random rows", fmt_time(t, unit="ms"),
-                detail=f"SaliencyStore.read, fresh random rows each repeat; {n} rows")]
+                detail=f"SaliencyStore.read, fresh random rows each repeat; {n} rows",
+                id="saliency.store_read_ms", number=t.median * 1000, low=t.min * 1000, high=t.max * 1000,
+                unit="ms")]
 
 
 def bench_saliency(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
@@ -104,7 +109,7 @@ def bench_saliency(ws: Workspace, repeats: int, device: torch.device) -> list[Ro
     log.info("bench saliency: salmae-tiny batch %d x %d", s.clip_tiny_batch, s.clip_tiny_batches)
     # With 2 blocks, the backward through the last one is half the net: the 0.8 target is for ViT-B-16.
     rows += _clip_rows("salmae-tiny", s.clip_tiny_batch, s.clip_tiny_batches, repeats, device, True,
-                       target="— (target is for ViT-B-16: here the graph spans 1 of 2 blocks)")
+                       target="— (target is for ViT-B-16: here the graph spans 1 of 2 blocks)", suffix="_tiny")
     log.info("bench saliency: store")
     rows += _store_rows(ws, repeats)
     return rows
