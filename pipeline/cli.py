@@ -235,6 +235,19 @@ def bench(which, out, repeats, json_out) -> None:
     click.echo(run_bench(which=which, out=out, repeats=repeats, json_out=json_out))
 
 
+@cli.command("gpu-check")
+@click.option("--out", default="runs/gpu-check", show_default=True, help="Folder for gpu-check.json and .md.")
+@click.option("--clip-pretrained", default=None, help="Stage-1 CLIP checkpoint FILE (default: random weights).")
+@click.option("--device", default=None, help="auto | cuda | cpu (cpu: smallest configuration).  [default: auto]")
+@_config_options
+def gpu_check(config_path, overrides, out, clip_pretrained, device) -> None:
+    """Measure images/s and peak memory of stages 1-3 on this machine's GPU into OUT/gpu-check.json."""
+    from stages.bench.gpu_check import render
+
+    click.echo(render(_run_stage("stages.bench.gpu_check", "GpuCheckConfig", config_path, overrides, out=out,
+                                 clip_pretrained=clip_pretrained, device=device)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`salmae`)."""
     cli.main(args=argv, prog_name="salmae")

@@ -50,12 +50,12 @@ def ratio_row(id: str, figure: str, ratio: tuple[float, float, float], target: s
                id=id, number=med, low=lo, high=hi, unit="ratio")
 
 
-def markdown_table(rows: list[Row]) -> str:
+def markdown_table(rows: list[Row], value_header: str = "Value (median, min–max)") -> str:
     """The figures as a markdown table (pipes in cells escaped)."""
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| Stage | Figure | Value (median, min–max) | Target | Verdict | This machine / sizes |",
+    lines = [f"| Stage | Figure | {value_header} | Target | Verdict | This machine / sizes |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(cell(c) for c in (r.section, r.figure, r.value, r.target, r.verdict, r.detail))
               + " |" for r in rows]
