@@ -19,8 +19,19 @@ EPOCHS  ?= 10
 EVAL_DATA ?= runs/demo/data/imagefolder
 PROTOCOL ?= knn
 NPROC   ?= 1
+# gpu-check runs on a GPU box that has torch, timm, numpy and pyarrow but maybe no .venv.
+PYTHON  ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+# Wheels for what such a box lacks, pinned to .venv's versions (pure-python wheels fit any Python).
+WHEELS  ?= .whl
+PYVER   ?= 3.12
+WHEEL_PKGS ?= open_clip_torch ftfy wcwidth regex grad-cam ttach zarr numcodecs donfig google-crc32c \
+              webdataset braceexpand click pyyaml tqdm
+# grad-cam's own imports (only `--cam gradcam++` etc. load it; the fast path never does); add these where missing.
+WHEEL_EXTRAS ?=
 
-.PHONY: help setup test test-all demo saliency pretrain eval bench clean
+.PHONY: help setup test test-all demo saliency pretrain eval bench gpu-check wheelhouse clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +65,30 @@ eval:  ## Stage 3 PROTOCOL (knn|linear|finetune) of RUN's checkpoint on EVAL_DAT
 
 bench:  ## Run the benchmarks and rewrite BENCHMARKS.md
 	$(BIN)/salmae bench all --out BENCHMARKS.md
+
+gpu-check:  ## Measure images/s of stages 1-3 on this machine's GPU into GPU_CHECK_OUT/gpu-check.json
+	@if [ -f $(WHEELS)/requirements.txt ]; then \
+	  echo "installing $(WHEELS)/ into $(WHEELS)/site (offline, no dependencies)"; \
+	  $(PYTHON) -m pip install -q --no-index --find-links $(WHEELS) --no-deps --upgrade --target $(WHEELS)/site \
+	    -r $(WHEELS)/requirements.txt; fi
+	PYTHONPATH=$(CURDIR)$(if $(wildcard $(WHEELS)/requirements.txt),:$(abspath $(WHEELS)/site))$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(PYTHON) -m pipeline.cli gpu-check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+wheelhouse:  ## Wheels of WHEEL_PKGS (+ WHEEL_EXTRAS) at .venv's versions for Python PYVER into WHEELS/ (a GPU box)
+	mkdir -p $(WHEELS)
+	$(BIN)/python -m pip freeze --all | awk -F'==' -v want="$(WHEEL_PKGS) $(WHEEL_EXTRAS)" ' \
+	  BEGIN { n = split(tolower(want), w, " "); for (i = 1; i <= n; i++) { gsub(/[-_.]+/, "-", w[i]); ok[w[i]] = 1 } } \
+	  { k = tolower($$1); gsub(/[-_.]+/, "-", k); if (k in ok) { print $$0; found++ } } \
+	  END { if (found != n) { print "wheelhouse: " n - found " of WHEEL_PKGS not installed in $(VENV)" > "/dev/stderr"; exit 1 } }' \
+	  > $(WHEELS)/requirements.txt
+	grep -iv '^grad[-_]cam==' $(WHEELS)/requirements.txt > $(WHEELS)/binary.txt
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(PYVER) --implementation cp \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d $(WHEELS) -r $(WHEELS)/binary.txt
+	# grad-cam publishes only an sdist for 1.5.x: build its (pure-python) wheel here
+	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) $$(grep -i '^grad[-_]cam==' $(WHEELS)/requirements.txt)
+	rm $(WHEELS)/binary.txt
+	@ls $(WHEELS)/*.whl | wc -l | xargs echo "wheels:"; du -sh $(WHEELS)
 
 clean:  ## Remove generated data and runs (keeps .venv)
 	rm -rf data runs

@@ -232,11 +232,26 @@ def demo(config_path, overrides, out, seeds) -> None:
 @click.argument("which", type=click.Choice(["all", "saliency", "pretrain", "eval"]), default="all")
 @click.option("--out", default="BENCHMARKS.md", show_default=True, help="Markdown file to (re)write.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Repeats per timing (median reported).")
-def bench(which, out, repeats) -> None:
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the figures as JSON ({\"figures\": [{\"id\", \"value\", \"target\", \"verdict\", ...}]}).")
+def bench(which, out, repeats, json_out) -> None:
     """Measure the stage speed ratios and rewrite BENCHMARKS.md."""
     from stages.bench import run_bench
 
-    click.echo(run_bench(which=which, out=out, repeats=repeats))
+    click.echo(run_bench(which=which, out=out, repeats=repeats, json_out=json_out))
+
+
+@cli.command("gpu-check")
+@click.option("--out", default="runs/gpu-check", show_default=True, help="Folder for gpu-check.json and .md.")
+@click.option("--clip-pretrained", default=None, help="Stage-1 CLIP checkpoint FILE (default: random weights).")
+@click.option("--device", default=None, help="auto | cuda | cpu (cpu: smallest configuration).  [default: auto]")
+@_config_options
+def gpu_check(config_path, overrides, out, clip_pretrained, device) -> None:
+    """Measure images/s and peak memory of stages 1-3 on this machine's GPU into OUT/gpu-check.json."""
+    from stages.bench.gpu_check import render
+
+    click.echo(render(_run_stage("stages.bench.gpu_check", "GpuCheckConfig", config_path, overrides, out=out,
+                                 clip_pretrained=clip_pretrained, device=device)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,10 @@ import pytest
 
 from pipeline.errors import SalmaeError
 from stages import bench
-from stages.bench import Row, Timing
+from stages.bench import Row, Timing, report, suite
+
+REQUIRED_IDS = {"saliency.fast_over_forward", "pretrain.step_saliency_over_random", "pretrain.visible_over_full",
+                "pretrain.loader_with_over_without", "eval.linear_cached_over_uncached"}
 
 
 def test_time_median_runs_warmup_then_repeats_and_reports_median():
@@ -45,8 +48,10 @@ def test_judge(value, target, verdict):
 
 
 def test_ratio_row_and_formatting():
-    row = bench.ratio_row("pretrain", "step", (0.98765, 0.9, 1.1), "≤ 1.02", "tiny")
+    row = bench.ratio_row("pretrain.step_saliency_over_random", "step", (0.98765, 0.9, 1.1), "≤ 1.02", "tiny")
     assert row.value == "0.988 (0.900–1.100)" and row.verdict == "PASS"
+    assert (row.section, row.id, row.number, row.low, row.high, row.unit) == \
+        ("pretrain", "pretrain.step_saliency_over_random", 0.98765, 0.9, 1.1, "ratio")
     t = Timing([0.5, 0.25, 2.0])
     assert bench.fmt_time(t, unit="ms") == "500 (250–2000) ms"
     assert bench.fmt_time(t, per=4) == "0.125 (0.0625–0.5) s"
@@ -84,3 +89,72 @@ def test_demo_row_reads_demo_time_or_says_not_run(tmp_path):
 def test_unknown_section_is_an_error(tmp_path):
     with pytest.raises(SalmaeError, match="unknown bench"):
         bench.run_bench("stage9", out=str(tmp_path / "B.md"))
+
+
+def test_figure_record_carries_the_number_target_and_verdict():
+    row = bench.ratio_row("eval.linear_cached_over_uncached", "linear", (0.08, 0.05, 0.12), "≤ 0.1", "d")
+    rec = report.figure_record(row, "2026-01-01 00:00:00 UTC", quick=True)
+    assert rec["id"] == "eval.linear_cached_over_uncached" and rec["section"] == "eval"
+    assert (rec["value"], rec["low"], rec["high"], rec["unit"]) == (0.08, 0.05, 0.12, "ratio")
+    assert (rec["target"], rec["verdict"], rec["text"]) == ("≤ 0.1", "PASS", "0.080 (0.050–0.120)")
+    assert rec["quick"] is True and rec["measured"].startswith("2026-01-01")
+    with pytest.raises(ValueError, match="no id"):
+        report.figure_record(Row("demo", "wall", "1 s"), "now", quick=False)
+
+
+def test_merge_figures_replaces_by_id_keeps_the_others_and_appends_new():
+    old = {"machine": {"CPU": "old"}, "figures": [
+        {"id": "saliency.fast_over_forward", "value": 0.9}, {"id": "eval.linear_cached_over_uncached", "value": 0.5}]}
+    rows = [bench.ratio_row("eval.linear_cached_over_uncached", "linear", (0.07, 0.06, 0.08), "≤ 0.1", ""),
+            Row("demo", "wall", "600 s", "≤ 900 s", "PASS", id="demo.wall_s", number=600.0, unit="s")]
+    merged = report.merge_figures(old, rows, "today", quick=False, machine={"CPU": "new"})
+    assert [f["id"] for f in merged["figures"]] == ["saliency.fast_over_forward",
+                                                    "eval.linear_cached_over_uncached", "demo.wall_s"]
+    assert [f["value"] for f in merged["figures"]] == [0.9, 0.07, 600.0]
+    assert merged["machine"] == {"CPU": "new"}
+    json.dumps(merged)   # serialisable as it stands
+    twice = [rows[0], rows[0]]
+    with pytest.raises(ValueError, match="repeat"):
+        report.merge_figures({}, twice, "today", quick=False)
+
+
+def test_run_bench_json_merges_with_an_earlier_file(tmp_path, monkeypatch):
+    """The suite's wiring: section rows + the demo row land in --json, earlier figures of other sections stay.
+
+    The eval section is replaced by a fixed row here (the real one takes ~20 s; the slow test runs it).
+    """
+    monkeypatch.setitem(suite.RUNNERS, "eval", lambda ws, repeats, device: [
+        bench.ratio_row("eval.linear_cached_over_uncached", "linear", (0.2, 0.1, 0.3), "≤ 0.1", "fixed")])
+    monkeypatch.chdir(tmp_path)          # no runs/demo/demo_time.json here: the demo row says "not run"
+    out = tmp_path / "figures.json"
+    out.write_text(json.dumps({"figures": [{"id": "saliency.fast_over_forward", "value": 0.81}]}))
+    bench.run_bench("eval", out=str(tmp_path / "B.md"), repeats=1, quick=True, json_out=str(out))
+    figures = {f["id"]: f for f in json.loads(out.read_text())["figures"]}
+    assert set(figures) == {"saliency.fast_over_forward", "eval.linear_cached_over_uncached", "demo.wall_s"}
+    assert figures["saliency.fast_over_forward"]["value"] == 0.81
+    ev = figures["eval.linear_cached_over_uncached"]
+    assert (ev["value"], ev["verdict"], ev["quick"]) == (0.2, "MISS", True)
+    assert figures["demo.wall_s"]["value"] is None and figures["demo.wall_s"]["text"] == "not run"
+    assert "| eval | linear | 0.200 (0.100–0.300) | ≤ 0.1 | MISS | fixed |" in (tmp_path / "B.md").read_text()
+
+
+def test_run_bench_refuses_a_json_file_that_is_not_json_before_measuring(tmp_path):
+    bad = tmp_path / "f.json"
+    bad.write_text("not json")
+    with pytest.raises(SalmaeError, match="is not JSON"):
+        bench.run_bench("eval", out=str(tmp_path / "B.md"), repeats=1, quick=True, json_out=str(bad))
+    assert not (tmp_path / "B.md").exists()
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_required_figure_as_json(tmp_path):
+    """The real sections in quick mode (~80 s on 2 cores): every required id, a finite positive median each."""
+    out = tmp_path / "figures.json"
+    bench.run_bench("all", out=str(tmp_path / "B.md"), repeats=1, quick=True, json_out=str(out))
+    figures = json.loads(out.read_text())["figures"]
+    ids = [f["id"] for f in figures]
+    assert len(ids) == len(set(ids)) and REQUIRED_IDS <= set(ids)
+    for f in figures:
+        if f["id"] in REQUIRED_IDS:
+            assert f["unit"] == "ratio" and 0 < f["value"] < 100 and f["low"] <= f["value"] <= f["high"]
+            assert f["verdict"] in ("PASS", "MISS") and f["quick"] is True
