@@ -26,11 +26,10 @@ class BenchSizes:
     store_reads: int = 256          # random rows per timed store read
     step_model: str = "tiny"        # MAE preset for the step-time ratio
     step_batch: int = 64
-    step_steps: int = 8             # training steps per timed call
     encoder_model: str = "base"     # MAE preset whose encoder is timed (224 px)
     encoder_batch: int = 4
     loader_batch: int = 64
-    loader_workers: int = 2         # as `salmae pretrain`'s default
+    loader_workers: int = 2         # loader workers in the step and loader figures
     eval_n: int = 320               # generated images for the linear probe's ImageFolder
     eval_epochs: int = 30
     eval_batch: int = 64
@@ -40,7 +39,7 @@ class BenchSizes:
         if not quick:
             return cls()
         return cls(quick=True, clip_big_batch=2, clip_tiny_batches=1, library_on_big=False, shapes_n=256,
-                   store_reads=64, step_steps=2, step_batch=32, encoder_model="small", encoder_batch=2,
+                   store_reads=64, step_batch=32, encoder_model="small", encoder_batch=2,
                    loader_batch=32, eval_n=96, eval_epochs=10, eval_batch=32)
 
 
