@@ -28,7 +28,7 @@ from pipeline.eval.data import EvalData, open_eval_data
 from pipeline.eval.features import Features, cached_features, extract_features
 from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.eval.knn import knn_predict
+from pipeline.eval.knn import knn_hits
 from pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
                                   train_linear_head)
 from pipeline.eval.metrics import topk_correct
@@ -182,9 +182,8 @@ def _run_knn(ctx: _Context) -> dict[str, Any]:
     data = _open_data(ctx, tf, tf)
     train, val = _frozen_features(ctx, encoder, "train"), _frozen_features(ctx, encoder, "val")
     tr, va = train.readable(), val.readable()
-    scores = knn_predict(tr.feats, tr.labels, va.feats, len(data.classes), k=cfg.knn.k,
-                         temperature=cfg.knn.temperature)
-    top1, top5 = topk_correct(scores, va.labels)
+    top1, top5 = knn_hits(tr.feats, tr.labels, va.feats, va.labels, len(data.classes), device=ctx.device,
+                          k=cfg.knn.k, temperature=cfg.knn.temperature)
     n = max(va.labels.numel(), 1)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": 0, "spec": spec,
             "train_unreadable": _bad(train), "val_unreadable": _bad(val)}
