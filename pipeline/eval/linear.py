@@ -20,6 +20,7 @@ from pipeline import dist
 from pipeline.device import pin_memory
 from pipeline.eval.empty_batch import zero_loss
 from pipeline.eval.features import encode
+from pipeline.eval.metrics import mean_over_ranks
 from pipeline.eval.schedule import cosine_lr, set_lr
 
 
@@ -146,12 +147,5 @@ def train_linear_head(head: nn.Module, batches: FeatureBatches, optimizer: torch
             loss_sum += loss.detach().double() * n
             rows += n
         if on_epoch is not None:
-            on_epoch(epoch, epoch_mean_loss(loss_sum, rows))
+            on_epoch(epoch, mean_over_ranks(loss_sum, rows))
 
-
-def epoch_mean_loss(loss_sum: torch.Tensor, rows: int) -> float:
-    """Mean loss per readable row over all ranks, from this rank's sum of `loss * rows` (a device
-    scalar) and its row count: the epoch's one host sync."""
-    sums = torch.stack([loss_sum.double(), torch.tensor(float(rows), dtype=torch.float64, device=loss_sum.device)])
-    total, n = dist.all_reduce_sum(sums).tolist()
-    return total / max(n, 1.0)
