@@ -2,10 +2,15 @@
 
 `salmae eval {linear,knn,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
 (`pipeline.models.encoder`), reads an ImageFolder root (`pipeline.eval.data`) and runs one
-protocol with MAE's / DINO's defaults. The same command runs as one process or under torchrun
-(DDP; features are extracted split over ranks and all-gathered). Output: `DIR/results.json`
-(atomic), `DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols
-cache features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epoch to
+protocol with MAE's / DINO's defaults. The same command runs as one process or under torchrun:
+features are extracted split over ranks and all-gathered; kNN scores each rank's share of the
+val rows on the device and sums the hit counts; the linear head and fine-tuning train under DDP.
+Frozen features (kNN, linear) are always computed in fp32, as DINO does; `precision` (autocast,
+a GradScaler for fp16) and `compile` apply to fine-tuning, and results.json records both.
+Rank r seeds torch, numpy and `random` with seed + r (fine-tuning reseeds per epoch, so a
+resumed run repeats an uninterrupted one). Output: `DIR/results.json` (atomic),
+`DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols cache
+features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epoch to
 `DIR/checkpoint-latest.pth` (`--set resume=latest` continues).
 """
 
@@ -90,7 +95,7 @@ class EvalConfig:
     workers: int = 4              # DataLoader worker processes
     check: Literal["header", "none"] = "header"  # probe every image file when opening the data (skips unreadable ones)
     seed: int = 0                 # seeds head init, batch order and augmentation (rank r draws from seed + r)
-    precision: str = "auto"       # finetune autocast: auto (bf16 GPU, fp16 older GPU, fp32 CPU), bf16, fp16, fp32; features are always fp32
+    precision: str = "auto"       # finetune autocast: auto|bf16|fp16|fp32 (auto: bf16 GPU, fp16 old GPU, fp32 CPU)
     compile: bool = False         # finetune: torch.compile the (DDP-wrapped) model
     resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
     timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it

@@ -1,5 +1,6 @@
 """Fine-tuning loop (MAE's `engine_finetune`): Mixup/CutMix, soft-target loss, per-step cosine lr
-with layer-wise decay, autocast at the run's precision (fp16 with a loss scaler); plus a distributed top-k evaluation of a classifier."""
+with layer-wise decay, autocast at the run's precision (fp16 with a loss scaler); plus a
+distributed top-k evaluation of a classifier."""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.op
     for i, (imgs, labels, index, ok) in enumerate(
             tqdm(loader, desc=f"finetune {epoch}", disable=not dist.is_main(), leave=False)):
         unreadable += index[~ok].tolist()
-        stand_in = torch.zeros_like(imgs[:1])
         imgs, labels = imgs[ok], labels[ok]
         if mixup is not None and imgs.shape[0] % 2:  # Mixup flips the batch onto itself: needs even size
             imgs, labels = imgs[:-1], labels[:-1]
@@ -44,7 +44,7 @@ def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.op
         set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + i, total_steps, warmup_steps, base_lr, min_lr))
         with autocast(device, precision):
             if n == 0:
-                loss = zero_loss(model, stand_in.to(device, non_blocking=True))
+                loss = zero_loss(model, torch.zeros(1, *imgs.shape[1:], device=device))  # [1, 3, H, W]
             else:
                 imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if mixup is not None:
