@@ -2,7 +2,8 @@
 
 A rank whose whole batch is unreadable must still step (DDP's gradient all-reduce is a
 collective) with a zero loss and zero gradients. Checked in one process (exact parameter
-updates) and under 2-process gloo torchrun, where this file is also the worker script. What
+updates) and under 2-process gloo torchrun, where this file is also the worker script (which
+also checks that `check=header` probes each image file on exactly one rank). What
 gloo on the CPU cannot show: NCCL's own timeout/hang behaviour and CUDA streams; the collective
 pattern (one all-reduce per bucket per step on every rank) is the same.
 """
@@ -95,6 +96,33 @@ def test_linear_unreadable_batch_leaves_head_and_batchnorm_stats_alone():
         assert torch.equal(v, before[k]), k
 
 
+def _write_folder(root: Path) -> int:
+    """A 2-class ImageFolder, 5 train + 2 val images per class, one train file corrupt; returns the file count."""
+    from PIL import Image
+
+    for split, n in (("train", 5), ("val", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / cls / f"{i}.png")
+    (root / "train" / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    return 14
+
+
+def _open_folder_counting_probes(root: Path) -> dict:
+    """Open the split with check=header, counting the files this process probes."""
+    import pipeline.data.imagefolder as imagefolder
+
+    calls, real_probe = [], imagefolder.probe_file
+    imagefolder.probe_file = lambda path: (calls.append(path), real_probe(path))[1]
+    try:
+        split = imagefolder.ImageFolderSplit.open(root, check="header")
+    finally:
+        imagefolder.probe_file = real_probe
+    return {"probed": sorted(calls), "samples": [p for p, _ in split.train.samples],
+            "targets": list(split.train.targets), "skipped": split.skipped}
+
+
 def _ddp_worker(out: Path) -> None:
     """torchrun worker: rank 1's batches are wholly unreadable, rank 0's are not."""
     import torch.distributed as torch_dist
@@ -111,14 +139,16 @@ def _ddp_worker(out: Path) -> None:
     train_linear_head(ddp_head, _ListBatches([_feats(readable=rank == 0)]), torch.optim.SGD(ddp_head.parameters(),
                       lr=0.5), epochs=1, base_lr=0.5, warmup_epochs=0,
                       on_epoch=lambda e, value: head_losses.append(value))
-    torch.save({"vit": model.state_dict(), "loss": loss, "head": head.state_dict(), "head_loss": head_losses[0]},
-               out / f"rank{rank}.pt")
+    probed = _open_folder_counting_probes(out / "folder")
+    torch.save({"vit": model.state_dict(), "loss": loss, "head": head.state_dict(), "head_loss": head_losses[0],
+                **probed}, out / f"rank{rank}.pt")
     torch_dist.destroy_process_group()
 
 
 def test_two_ranks_one_with_only_unreadable_images_step_together(tmp_path):
     """Under DDP the gradient is the mean over ranks, so one readable rank and one empty rank with
     lr 0.5 must equal a single process on the readable batch with lr 0.25 (plain SGD)."""
+    n_files = _write_folder(tmp_path / "folder")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -141,6 +171,14 @@ def test_two_ranks_one_with_only_unreadable_images_step_together(tmp_path):
         for k in ("fc.weight", "fc.bias"):
             torch.testing.assert_close(got["head"][k], head.state_dict()[k], rtol=1e-5, atol=1e-6)
     assert not torch.equal(ranks[0]["vit"]["head.weight"], _vit().state_dict()["head.weight"])  # it did train
+
+    # check=header: each file probed by exactly one rank, and both ranks keep the same list
+    probed = [set(got["probed"]) for got in ranks]
+    assert not probed[0] & probed[1] and len(probed[0] | probed[1]) == n_files
+    assert {len(p) for p in probed} == {n_files // 2}
+    assert ranks[0]["samples"] == ranks[1]["samples"] and ranks[0]["targets"] == ranks[1]["targets"]
+    assert len(ranks[0]["samples"]) == 9 and all(got["skipped"] == [(str(tmp_path / "folder" / "train" / "b" /
+                                                                      "3.png"), "unreadable_image")] for got in ranks)
 
 
 if __name__ == "__main__":  # run by torchrun from the test above
