@@ -234,16 +234,17 @@ def test_finetune_resumed_equals_uninterrupted(colour_folder, mae_checkpoint, tm
 
 
 def test_finetune_precisions_on_cpu_are_recorded_and_close_to_fp32(colour_folder, mae_checkpoint, tmp_path):
-    """bf16 and fp16 autocast (fp16 with its GradScaler) run on the CPU; losses within 5 % of fp32."""
+    """bf16 and fp16 autocast (fp16 with its GradScaler) run on the CPU, losses close to fp32 (measured
+    relative differences: bf16 1.6e-3, fp16 6e-5)."""
     res = {p: run(_cfg("finetune", mae_checkpoint, colour_folder, tmp_path / p, epochs=2, precision=p, **FT_SETS))
            for p in ("fp32", "bf16", "fp16")}
     assert [res[p]["precision"] for p in res] == ["fp32", "bf16", "fp16"]
     assert json.loads((tmp_path / "bf16" / "results.json").read_text())["precision"] == "bf16"
     assert res["fp32"]["compile"] is False
     ref = _losses(tmp_path / "fp32")
-    for p in ("bf16", "fp16"):
+    for p, rtol in (("bf16", 1e-2), ("fp16", 1e-3)):
         got = _losses(tmp_path / p)
-        np.testing.assert_allclose(got, ref, rtol=0.05)
+        np.testing.assert_allclose(got, ref, rtol=rtol)
         assert got != ref  # autocast really ran at the lower precision
     assert "scaler" in torch.load(tmp_path / "fp16" / "checkpoint-latest.pth", weights_only=True)
 
@@ -256,7 +257,8 @@ def test_auto_precision_is_fp32_on_cpu_and_a_bad_name_is_a_one_line_error(colour
 
 
 def test_finetune_compiled_equals_eager(colour_folder, mae_checkpoint, tmp_path):
-    """torch.compile (inductor on the CPU) gives the eager losses to 1e-4 relative."""
+    """torch.compile (inductor on the CPU) gives the eager loss to 1e-4 relative (measured: equal).
+    ~20 s when inductor's cache is cold, ~3 s warm."""
     sets = {**FT_SETS, "finetune.mixup": 0.0, "finetune.cutmix": 0.0, "finetune.auto_augment": ""}
     eager = run(_cfg("finetune", mae_checkpoint, colour_folder, tmp_path / "eager", epochs=1, **sets))
     compiled = run(_cfg("finetune", mae_checkpoint, colour_folder, tmp_path / "compiled", epochs=1, compile=True,
