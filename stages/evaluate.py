@@ -2,10 +2,15 @@
 
 `salmae eval {linear,knn,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
 (`pipeline.models.encoder`), reads an ImageFolder root (`pipeline.eval.data`) and runs one
-protocol with MAE's / DINO's defaults. The same command runs as one process or under torchrun
-(DDP; features are extracted split over ranks and all-gathered). Output: `DIR/results.json`
-(atomic), `DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols
-cache features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epoch to
+protocol with MAE's / DINO's defaults. The same command runs as one process or under torchrun:
+features are extracted split over ranks and all-gathered; kNN scores each rank's share of the
+val rows on the device and sums the hit counts; the linear head and fine-tuning train under DDP.
+Frozen features (kNN, linear) are always computed in fp32, as DINO does; `precision` (autocast,
+a GradScaler for fp16) and `compile` apply to fine-tuning, and results.json records both.
+Rank r seeds torch, numpy and `random` with seed + r (fine-tuning reseeds per epoch, so a
+resumed run repeats an uninterrupted one). Output: `DIR/results.json` (atomic),
+`DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols cache
+features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epoch to
 `DIR/checkpoint-latest.pth` (`--set resume=latest` continues).
 """
 
@@ -22,13 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import __version__, dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import config_to_dict, save_config
-from pipeline.device import pick_device
+from pipeline.device import (grad_scaler, loader_generator, pick_device, pin_memory, resolve_precision,
+                             seed_everything, seed_worker)
 from pipeline.errors import SalmaeError
 from pipeline.eval.data import EvalData, open_eval_data
 from pipeline.eval.features import Features, cached_features, extract_features
 from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.eval.knn import knn_predict
+from pipeline.eval.knn import knn_hits
 from pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
                                   train_linear_head)
 from pipeline.eval.metrics import topk_correct
@@ -88,7 +94,9 @@ class EvalConfig:
     crop_pct: float = 0.875       # eval resize = image_size / crop_pct, then centre crop
     workers: int = 4              # DataLoader worker processes
     check: Literal["header", "none"] = "header"  # probe every image file when opening the data (skips unreadable ones)
-    seed: int = 0                 # seeds head init, batch order and augmentation
+    seed: int = 0                 # seeds head init, batch order and augmentation (rank r draws from seed + r)
+    precision: str = "auto"       # finetune autocast: auto|bf16|fp16|fp32 (auto: bf16 GPU, fp16 old GPU, fp32 CPU)
+    compile: bool = False         # finetune: torch.compile the (DDP-wrapped) model
     resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
     timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it
     num_heads: int | None = None  # attention heads for inferred architectures (default embed_dim // 64)
@@ -109,6 +117,7 @@ class _Context:
     image_size: int
     checkpoint_sha256: str
     metrics: MetricsWriter
+    precision: str                # resolved: bf16, fp16 or fp32 (finetune autocast)
     data: EvalData | None = None  # opened by the protocol, once the input size is known
 
 
@@ -120,17 +129,18 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.out)
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)  # a bad name fails before any work
     dist.init(device)
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out)
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed + dist.rank())
     ckpt_sha = sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
     ctx = _Context(cfg=cfg, out=out, device=device,
                    epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS[cfg.protocol],
                    batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], image_size=0,
-                   checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"))
+                   checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"), precision=precision)
     protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
     outcome = protocol(ctx)
     results = _results(ctx, outcome, seconds=time.time() - start)
@@ -182,9 +192,8 @@ def _run_knn(ctx: _Context) -> dict[str, Any]:
     data = _open_data(ctx, tf, tf)
     train, val = _frozen_features(ctx, encoder, "train"), _frozen_features(ctx, encoder, "val")
     tr, va = train.readable(), val.readable()
-    scores = knn_predict(tr.feats, tr.labels, va.feats, len(data.classes), k=cfg.knn.k,
-                         temperature=cfg.knn.temperature)
-    top1, top5 = topk_correct(scores, va.labels)
+    top1, top5 = knn_hits(tr.feats, tr.labels, va.feats, va.labels, len(data.classes), device=ctx.device,
+                          k=cfg.knn.k, temperature=cfg.knn.temperature)
     n = max(va.labels.numel(), 1)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": 0, "spec": spec,
             "train_unreadable": _bad(train), "val_unreadable": _bad(val)}
@@ -223,10 +232,7 @@ def _run_linear(ctx: _Context) -> dict[str, Any]:
 
 
 def _run_finetune(ctx: _Context) -> dict[str, Any]:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
-    from torch.utils.data import DataLoader, DistributedSampler
 
     cfg, fc = ctx.cfg, ctx.cfg.finetune
     global_pool = True if cfg.global_pool is None else cfg.global_pool
@@ -234,47 +240,83 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
     data = _open_data(ctx, finetune_train_transform(ctx.image_size, cfg.mean, cfg.std, fc.auto_augment, fc.re_prob),
                       eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct))
     num_classes = len(data.classes)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same head on every rank (DDP would broadcast rank 0's anyway)
     model.reset_classifier(num_classes)
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE's head init
     model.to(ctx.device)
-    sampler = DistributedSampler(data.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
-                                 seed=cfg.seed)
-    drop_last = len(data.train) >= ctx.batch_size * dist.world_size()
-    loader = DataLoader(data.train, batch_size=ctx.batch_size, sampler=sampler, drop_last=drop_last,
-                        num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda")
+    sampler, loader, generator = _finetune_loader(ctx, data.train)
     lr = fc.blr * ctx.batch_size * dist.world_size() / 256
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=fc.weight_decay,
                                     layer_decay=fc.layer_decay)
-    use_mixup = fc.mixup > 0 or fc.cutmix > 0
-    mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, label_smoothing=fc.label_smoothing,
-                  num_classes=num_classes) if use_mixup else None
-    criterion = SoftTargetCrossEntropy() if use_mixup else (
-        LabelSmoothingCrossEntropy(fc.label_smoothing) if fc.label_smoothing > 0 else torch.nn.CrossEntropyLoss())
-    start_epoch = _resume_finetune(ctx, model, optimizer)
+    scaler = grad_scaler(ctx.device, ctx.precision)  # fp16 only
+    mixup, criterion = _finetune_objective(fc, num_classes)
+    start_epoch = _resume_finetune(ctx, model, optimizer, scaler)
     trained = DistributedDataParallel(model) if dist.world_size() > 1 else model
+    if cfg.compile:  # after DDP, so DDP's bucketed all-reduce still overlaps the compiled backward
+        trained = torch.compile(trained)
     steps = len(loader)
     train_bad: list[int] = []
     for epoch in range(start_epoch, ctx.epochs):
+        _seed_epoch(cfg.seed, epoch, generator)
         sampler.set_epoch(epoch)
         loss, bad = finetune_one_epoch(trained, loader, optimizer, criterion, ctx.device, epoch=epoch,
                                        total_steps=ctx.epochs * steps, warmup_steps=fc.warmup_epochs * steps,
-                                       base_lr=lr, min_lr=fc.min_lr, mixup=mixup, clip_grad=fc.clip_grad)
+                                       base_lr=lr, min_lr=fc.min_lr, mixup=mixup, clip_grad=fc.clip_grad,
+                                       precision=ctx.precision, scaler=scaler)
         train_bad += bad
         _log_epoch(ctx, epoch, loss)
         if dist.is_main():
             save_checkpoint(ctx.out / "checkpoint-latest.pth", model=model.state_dict(),
-                            optimizer=optimizer.state_dict(), epoch=epoch, config=config_to_dict(cfg))
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                            epoch=epoch, config=config_to_dict(cfg))
         dist.barrier()
-    top1, top5, _, val_bad = evaluate_classifier(model, data.val, batch_size=ctx.batch_size,
-                                                 device=ctx.device, workers=cfg.workers)
+    top1, top5, _, val_bad = evaluate_classifier(model, data.val, batch_size=ctx.batch_size, device=ctx.device,
+                                                 workers=cfg.workers, precision=ctx.precision)
     return {"top1": top1, "top5": top5, "epochs": ctx.epochs, "spec": spec,
             "train_unreadable": sorted(set(gather_ints(train_bad))), "val_unreadable": val_bad,
-            "lr": lr, "resumed_from_epoch": start_epoch}
+            "lr": lr, "resumed_from_epoch": start_epoch, "precision": ctx.precision, "compile": cfg.compile}
 
 
-def _resume_finetune(ctx: _Context, model, optimizer) -> int:
-    """Restore model + optimizer from `resume`; return the first epoch still to run."""
+def _finetune_loader(ctx: _Context, train):
+    """(sampler, loader, generator): DDP-split shuffled batches; workers seeded from `generator`."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+                                 seed=ctx.cfg.seed)
+    drop_last = len(train) >= ctx.batch_size * dist.world_size()
+    generator = loader_generator(ctx.cfg.seed)
+    loader = DataLoader(train, batch_size=ctx.batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=ctx.cfg.workers, pin_memory=pin_memory(ctx.device),
+                        worker_init_fn=seed_worker, generator=generator)
+    return sampler, loader, generator
+
+
+def _finetune_objective(fc: FinetuneConfig, num_classes: int):
+    """(mixup or None, criterion): timm's Mixup/CutMix with soft targets, else (smoothed) cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if fc.mixup > 0 or fc.cutmix > 0:
+        return Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, label_smoothing=fc.label_smoothing,
+                     num_classes=num_classes), SoftTargetCrossEntropy()
+    if fc.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(fc.label_smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def _seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
+    """Reseed torch, numpy (Mixup), `random` (RandAugment) and the loader's worker seeds for `epoch`.
+
+    Seeding per epoch (from seed, epoch and rank) makes a resumed run draw exactly what an
+    uninterrupted one draws from its resume epoch on.
+    """
+    epoch_seed = seed + 100_003 * epoch + dist.rank()
+    seed_everything(epoch_seed)
+    generator.manual_seed(epoch_seed)
+
+
+def _resume_finetune(ctx: _Context, model, optimizer, scaler) -> int:
+    """Restore model, optimizer (and fp16 scaler) from `resume`; return the first epoch still to run."""
     resume = ctx.cfg.resume
     if not resume:
         return 0
@@ -287,6 +329,8 @@ def _resume_finetune(ctx: _Context, model, optimizer) -> int:
                           "pass DIR/checkpoint-latest.pth of an earlier `salmae eval finetune`")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     get_logger().info("resumed fine-tune from %s after epoch %d", path, state["epoch"])
     return int(state["epoch"]) + 1
 
@@ -323,6 +367,9 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
                     "eval_img_size": ctx.image_size},
         "config": config_to_dict(ctx.cfg),
         "world_size": dist.world_size(),
+        # What the numbers were computed at: frozen features (knn, linear) are always fp32, eager.
+        "precision": outcome.get("precision", "fp32"),
+        "compile": outcome.get("compile", False),
         "seconds": round(seconds, 3),
         "salmae_version": __version__,
         **extra,

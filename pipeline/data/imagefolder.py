@@ -12,8 +12,11 @@ describe them. Unreadable images are skipped and recorded, never fatal; an empty
 or a val class that train lacks is a one-line SalmaeError.
 
 `check="header"` probes every file when the split is opened (header plus end-of-file marker;
-a full decode only when that is inconclusive). On ImageNet that is a pass over 1.33M files:
-pass `check="none"` to skip it; an unreadable file met later is then skipped in `__getitem__`
+a full decode only when that is inconclusive). Under torchrun the probe is shared: rank r
+probes files r, r + W, …, and the unreadable ones are all-gathered, so every rank keeps the
+same file list and each file is opened once in all (opening a split is then a collective:
+every rank must do it). On ImageNet that is still a pass over 1.33M files: pass
+`check="none"` to skip it; an unreadable file met later is then skipped in `__getitem__`
 (the next image is returned) and recorded in that process's `dataset.skipped`.
 
 `LabelledShards(spec, transform, split=None)` is the same for img2dataset shards whose KEY.json
@@ -27,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import torch.distributed as torch_dist
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from pipeline import dist
 from pipeline.data.shards import DamagedSampleError, decode_image, iter_samples
 from pipeline.errors import SalmaeError
 
@@ -65,23 +70,32 @@ class ImageFolderDataset(ImageFolder):
                  check: Check = "header"):
         self._class_to_idx = dict(class_to_idx)
         self.skipped: list[tuple[str, str]] = []  # (path, DAMAGE_REASONS code)
-        accept = self._accept_probed if check == "header" else _has_image_suffix
-        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=accept,
+        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=_has_image_suffix,
                          allow_empty=True)
+        if check == "header":
+            self._drop_unreadable()
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         classes = sorted(self._class_to_idx, key=self._class_to_idx.__getitem__)
         return classes, dict(self._class_to_idx)
 
-    def _accept_probed(self, path: str) -> bool:
-        if not _has_image_suffix(path):
-            return False
-        try:
-            probe_file(path)
-            return True
-        except DamagedSampleError as e:
-            self.skipped.append((path, e.reason))
-            return False
+    def _drop_unreadable(self) -> None:
+        """Probe the files (this rank's share of them), gather the failures, drop them everywhere."""
+        mine: list[tuple[int, str, str]] = []  # (position in samples, path, reason)
+        shared = torch_dist.is_initialized()  # torchrun's variables alone do not make a group to gather over
+        rank, world = (dist.rank(), dist.world_size()) if shared else (0, 1)
+        for i in range(rank, len(self.samples), world):
+            path = self.samples[i][0]
+            try:
+                probe_file(path)
+            except DamagedSampleError as e:
+                mine.append((i, path, e.reason))
+        bad = sorted(_all_gather_lists(mine))  # samples order, as a single process finds them
+        dropped = {i for i, _, _ in bad}
+        self.samples = [s for i, s in enumerate(self.samples) if i not in dropped]
+        self.imgs = self.samples
+        self.targets = [target for _, target in self.samples]
+        self.skipped += [(path, reason) for _, path, reason in bad]
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):
@@ -95,6 +109,15 @@ class ImageFolderDataset(ImageFolder):
 
 def _has_image_suffix(path: str) -> bool:
     return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _all_gather_lists(items: list) -> list:
+    """The concatenation of every rank's list (this list alone in a single process)."""
+    if not torch_dist.is_initialized() or dist.world_size() == 1:
+        return list(items)
+    parts: list[list] = [[] for _ in range(dist.world_size())]
+    torch_dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 @dataclass

@@ -3,6 +3,10 @@
 Rank r encodes items r, r + W, r + 2W, … (no padding, no duplicates); the pieces are then
 all-gathered and put back in dataset order, so every rank holds the same `[N, D]` tensor as a
 single process would.
+
+Features are extracted in fp32, without autocast, whatever the run's `precision` (DINO's
+eval_knn does the same): kNN and the linear probe read small differences between features,
+and a cached feature file then does not depend on the GPU it was made on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pipeline import dist
-from pipeline.device import autocast, pin_memory
+from pipeline.device import pin_memory
 from pipeline.files import atomic_path
 
 CACHE_VERSION = 1
@@ -49,13 +53,12 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, batch_size: 
                         pin_memory=pin_memory(device))
     chunks, labels, oks = [], [], []
     for imgs, y, _, ok in tqdm(loader, desc=desc, disable=not dist.is_main(), leave=False):
-        with autocast(device):
-            f = encode(encoder, imgs.to(device, non_blocking=True))
-        chunks.append(f.float().cpu())
+        f = encode(encoder, imgs.to(device, non_blocking=True))  # fp32: see the module docstring
+        chunks.append(f.float())  # stays on the device: one copy to the host at the end, not one per batch
         labels.append(y)
         oks.append(ok)
     dim = encoder.num_features
-    local = Features(torch.cat(chunks) if chunks else torch.zeros(0, dim),
+    local = Features(torch.cat(chunks).cpu() if chunks else torch.zeros(0, dim),
                      torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
                      torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool))
     return local if w == 1 else _gather_strided(local, n, device)

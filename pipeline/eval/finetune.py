@@ -1,5 +1,6 @@
 """Fine-tuning loop (MAE's `engine_finetune`): Mixup/CutMix, soft-target loss, per-step cosine lr
-with layer-wise decay, bf16 autocast on CUDA; plus a distributed top-k evaluation of a classifier."""
+with layer-wise decay, autocast at the run's precision (fp16 with a loss scaler); plus a
+distributed top-k evaluation of a classifier."""
 
 from __future__ import annotations
 
@@ -10,47 +11,72 @@ from tqdm import tqdm
 
 from pipeline import dist
 from pipeline.device import autocast, pin_memory
-from pipeline.eval.metrics import topk_correct
+from pipeline.eval.empty_batch import zero_loss
+from pipeline.eval.metrics import mean_over_ranks, topk_hits
 from pipeline.eval.schedule import cosine_lr, set_lr
 
 
 def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                        criterion: nn.Module, device: torch.device, *, epoch: int, total_steps: int,
                        warmup_steps: int, base_lr: float, min_lr: float, mixup=None,
-                       clip_grad: float | None = None) -> tuple[float, list[int]]:
+                       clip_grad: float | None = None, precision: str = "auto",
+                       scaler: torch.amp.GradScaler | None = None) -> tuple[float, list[int]]:
     """One epoch over `loader` (items `(img, label, index, ok)`).
 
-    Returns (mean loss over ranks, dataset indices of unreadable images seen by this rank).
+    `model` may be the DDP and/or compiled wrapper. Autocast runs at `precision`; `scaler` (fp16)
+    scales the loss. A batch with no readable image (after Mixup's even-size trim) still steps,
+    with a zero loss and zero gradients (`pipeline.eval.empty_batch`), so DDP ranks stay in step.
+    The loss is summed on the device and read once, at the end of the epoch.
+
+    Returns (mean loss per readable image over all ranks, dataset indices of unreadable images
+    seen by this rank).
     """
     model.train()
     steps_per_epoch = len(loader)
-    loss_sum, seen, unreadable = 0.0, 0, []
+    loss_sum, rows, unreadable = torch.zeros((), dtype=torch.float64, device=device), 0, []
     for i, (imgs, labels, index, ok) in enumerate(
             tqdm(loader, desc=f"finetune {epoch}", disable=not dist.is_main(), leave=False)):
         unreadable += index[~ok].tolist()
         imgs, labels = imgs[ok], labels[ok]
         if mixup is not None and imgs.shape[0] % 2:  # Mixup flips the batch onto itself: needs even size
             imgs, labels = imgs[:-1], labels[:-1]
+        n = imgs.shape[0]  # `ok` is a host tensor: known without a device sync
         set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + i, total_steps, warmup_steps, base_lr, min_lr))
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if mixup is not None and imgs.shape[0] > 0:
-            imgs, labels = mixup(imgs, labels)  # labels -> soft targets [B, C]
-        with autocast(device):
-            loss = criterion(model(imgs), labels)
+        with autocast(device, precision):
+            if n == 0:
+                loss = zero_loss(model, torch.zeros(1, *imgs.shape[1:], device=device))  # [1, 3, H, W]
+            else:
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if mixup is not None:
+                    imgs, labels = mixup(imgs, labels)  # labels -> soft targets [B, C]
+                loss = criterion(model(imgs), labels)
         optimizer.zero_grad(set_to_none=True)
+        _backward_step(loss, model, optimizer, scaler, clip_grad)
+        loss_sum += loss.detach().double() * n
+        rows += n
+    return mean_over_ranks(loss_sum, rows), unreadable
+
+
+def _backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, clip_grad: float | None) -> None:
+    """backward + optional clipping + step, through the fp16 loss scaler when there is one."""
+    if scaler is None:
         loss.backward()
         if clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
-        loss_sum += float(loss.detach()) * imgs.shape[0]
-        seen += imgs.shape[0]
-    mean = torch.tensor(loss_sum / max(seen, 1), device=device)
-    return float(dist.all_reduce_mean(mean)), unreadable
+        return
+    scaler.scale(loss).backward()
+    if clip_grad:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-                        workers: int = 0) -> tuple[float, float, int, list[int]]:
+                        workers: int = 0, precision: str = "auto") -> tuple[float, float, int, list[int]]:
     """Top-1 / top-5 (%) of `model` on `dataset`, each rank scoring items r, r+W, …
 
     Returns (top1, top5, number of readable items, dataset indices of unreadable ones, all ranks).
@@ -59,21 +85,23 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, *, batch_size: int, 
     r, w = dist.rank(), dist.world_size()
     loader = DataLoader(Subset(dataset, list(range(r, len(dataset), w))), batch_size=batch_size,
                         num_workers=workers, pin_memory=pin_memory(device))
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1 hits, top5 hits, readable
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # top1, top5 hits
+    readable = 0
     unreadable: list[int] = []
     for imgs, labels, index, ok in tqdm(loader, desc="val", disable=not dist.is_main(), leave=False):
         unreadable += index[~ok].tolist()
         if not ok.any():
             continue
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(imgs[ok].to(device, non_blocking=True)).float()
-        top1, top5 = topk_correct(logits, labels[ok].to(device))
-        counts += torch.tensor([top1, top5, int(ok.sum())], dtype=torch.float64, device=device)
+        hits += topk_hits(logits, labels[ok].to(device, non_blocking=True))
+        readable += int(ok.sum())
+    counts = torch.cat([hits.double(), torch.tensor([float(readable)], dtype=torch.float64, device=device)])
+    top1, top5, n = dist.all_reduce_sum(counts).tolist()
     if w > 1:
-        torch.distributed.all_reduce(counts)
         unreadable = gather_ints(unreadable)
-    n = int(counts[2])
-    return 100.0 * float(counts[0]) / max(n, 1), 100.0 * float(counts[1]) / max(n, 1), n, unreadable
+    n = int(n)
+    return 100.0 * top1 / max(n, 1), 100.0 * top5 / max(n, 1), n, unreadable
 
 
 def gather_ints(values: list[int]) -> list[int]:

@@ -17,8 +17,10 @@ from timm.optim import Lars
 from tqdm import tqdm
 
 from pipeline import dist
-from pipeline.device import autocast, pin_memory
+from pipeline.device import pin_memory
+from pipeline.eval.empty_batch import zero_loss
 from pipeline.eval.features import encode
+from pipeline.eval.metrics import mean_over_ranks
 from pipeline.eval.schedule import cosine_lr, set_lr
 
 
@@ -67,12 +69,13 @@ class CachedBatches:
     """Batches of precomputed features: [B, D] rows picked from an [N, D] tensor.
 
     Indices run over the whole split, unreadable rows included and then dropped from their
-    batch, exactly as `EncoderBatches` does, so both sources yield the same batches.
+    batch, exactly as `EncoderBatches` does, so both sources yield the same batches. The rows
+    are picked on the host (`ok` stays there), so a step never waits on a boolean mask on the GPU.
     """
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor, batch_size: int,
                  seed: int, device):
-        self.feats, self.labels, self.ok = feats.to(device), labels.to(device), ok.to(device)
+        self.feats, self.labels, self.ok = feats.to(device), labels.to(device), ok.cpu()
         self.batch_size, self.seed = batch_size, seed
 
     def __len__(self) -> int:
@@ -80,8 +83,8 @@ class CachedBatches:
 
     def epoch(self, epoch: int):
         for idx in epoch_batches(self.feats.shape[0], self.batch_size, epoch, self.seed):
-            idx = torch.as_tensor(idx, device=self.feats.device)
-            idx = idx[self.ok[idx]]
+            idx = torch.as_tensor(idx)
+            idx = idx[self.ok[idx]].to(self.feats.device, non_blocking=True)
             yield self.feats[idx], self.labels[idx]
 
 
@@ -89,7 +92,7 @@ class EncoderBatches:
     """Batches encoded on the fly by the frozen encoder (needed with random augmentation).
 
     `dataset` yields `(img, label, index, ok)`; indices are positions in `dataset`, and unreadable
-    items are dropped from their batch.
+    items are dropped from their batch. The encoder runs in fp32, as for cached features.
     """
 
     def __init__(self, encoder: nn.Module, dataset: Dataset, batch_size: int, seed: int, device,
@@ -108,30 +111,41 @@ class EncoderBatches:
         self.encoder.eval()
         for imgs, labels, index, ok in loader:
             self.unreadable.update(index[~ok].tolist())
-            with torch.no_grad(), autocast(self.device):
+            if not ok.any():  # `ok` lives on the host: no device sync
+                yield torch.zeros(0, self.encoder.num_features, device=self.device), labels[ok].to(self.device)
+                continue
+            with torch.no_grad():
                 feats = encode(self.encoder, imgs[ok].to(self.device, non_blocking=True)).float()
-            yield feats, labels[ok].to(self.device)
+            yield feats, labels[ok].to(self.device, non_blocking=True)
 
 
 def train_linear_head(head: nn.Module, batches: FeatureBatches, optimizer: torch.optim.Optimizer, *,
                       epochs: int, base_lr: float, warmup_epochs: int, start_epoch: int = 0,
                       on_epoch: Callable[[int, float], None] | None = None) -> None:
-    """The probe's epoch loop: cross-entropy on (features, label) batches, per-step cosine lr."""
+    """The probe's epoch loop: cross-entropy on (features, label) batches, per-step cosine lr.
+
+    A batch with no readable row still steps (zero loss, zero gradients; see
+    `pipeline.eval.empty_batch`), so DDP ranks stay in step. `on_epoch(epoch, loss)` gets the
+    mean loss over every readable row of every rank: the only host sync of an epoch.
+    """
     steps_per_epoch = len(batches)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    device = next(head.parameters()).device
     for epoch in tqdm(range(start_epoch, epochs), desc="linear", disable=not dist.is_main(), leave=False):
         head.train()
-        loss_sum, seen = 0.0, 0
+        loss_sum, rows = torch.zeros((), dtype=torch.float64, device=device), 0  # sum of loss * rows; rows
         for i, (feats, labels) in enumerate(batches.epoch(epoch)):
-            if labels.numel() == 0:  # every image of this batch unreadable
-                continue
             set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + i, total, warmup, base_lr))
-            loss = F.cross_entropy(head(feats), labels)
+            n = labels.shape[0]
+            if n == 0:  # every image of this batch unreadable
+                loss = zero_loss(head, feats.new_zeros(1, feats.shape[1]))
+            else:
+                loss = F.cross_entropy(head(feats), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * labels.shape[0]
-            seen += labels.shape[0]
+            loss_sum += loss.detach().double() * n
+            rows += n
         if on_epoch is not None:
-            mean = torch.tensor(loss_sum / max(seen, 1), device=labels.device)
-            on_epoch(epoch, float(dist.all_reduce_mean(mean)))
+            on_epoch(epoch, mean_over_ranks(loss_sum, rows))
+
