@@ -7,8 +7,15 @@ shard order then key order, the columns
     status ("ok" or a DAMAGE_REASONS code)  image_offset image_nbytes (int64, -1 if none)  image_ext
 
 The file metadata holds `salmae.hash`, a sha256 over those columns that does not depend on
-where the shards live (shards are named by file name), and `salmae.shards`, the URLs scanned.
-Later stages record the hash and refuse data whose manifest hash differs.
+where the shards live (shards are named by file name), `salmae.shards`, the URLs scanned, and
+`salmae.shard_stats`, each local shard's size and modification time. Later stages record the
+hash and refuse data whose manifest hash differs; a restart trusts a stored manifest after
+comparing those stats (`stale_reason`, O(shards)), instead of reading every shard again.
+
+Scale: shards are scanned by a process pool (`workers`); columns stay Arrow arrays (numeric
+columns come out as numpy arrays, string columns as `StringColumn`, one Python string only when
+asked for), so a 3.3-million-row manifest costs its Arrow bytes, not millions of Python objects
+in every rank and loader worker.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.shards import expand_shards, iter_shard, shard_name
@@ -37,6 +46,48 @@ SCHEMA = pa.schema([
 _HASHED = [name for name in SCHEMA.names if name != "row"]  # row is implied by the order
 
 
+class StringColumn:
+    """A read-only sequence of str over an Arrow string column (no Python object per row until read)."""
+
+    def __init__(self, array: pa.ChunkedArray | pa.Array):
+        self.array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> str:
+        return self.array[int(i)].as_py()
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.array.to_pylist(), dtype=dtype if dtype is not None else object)
+
+    def __eq__(self, other) -> bool:  # sequence equality, as a list would compare
+        other = other.array.to_pylist() if isinstance(other, StringColumn) else list(other)
+        return self.array.to_pylist() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def tolist(self) -> list[str]:
+        return self.array.to_pylist()
+
+    def count(self, value: str) -> int:
+        return int(self.equals(value).sum())
+
+    def equals(self, value: str) -> np.ndarray:
+        """[N] bool: rows equal to `value` (vectorised in Arrow)."""
+        return np.asarray(pc.equal(self.array, value).fill_null(False))
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        return self.array.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def to_bytes(self) -> np.ndarray:
+        """[N] fixed-width bytes ('S'), e.g. keys: a few bytes per row, shareable with forked workers."""
+        return np.asarray(self.array.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype="S")
+
+
 @dataclass
 class Manifest:
     """An in-memory manifest: the table plus its hash and the shard URLs it was built from."""
@@ -45,23 +96,28 @@ class Manifest:
     hash: str
     shard_urls: list[str]
     path: Path | None = None
+    shard_stats: dict[str, list[int] | None] | None = None  # name -> [size, mtime_ns] (see `stale_reason`)
     _rows_by_key: dict[str, int] | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     @property
-    def keys(self) -> list[str]:
-        return self.table.column("key").to_pylist()
+    def keys(self) -> StringColumn:
+        return self.column("key")
 
     @property
-    def status(self) -> list[str]:
-        return self.table.column("status").to_pylist()
+    def status(self) -> StringColumn:
+        return self.column("status")
 
-    def column(self, name: str) -> list:
+    def column(self, name: str) -> np.ndarray | StringColumn:
+        """A numeric column as a numpy array, a string column as a `StringColumn`."""
         if name not in self.table.column_names:
             raise SalmaeError(f"manifest has no column '{name}'; columns are {', '.join(self.table.column_names)}")
-        return self.table.column(name).to_pylist()
+        col = self.table.column(name)
+        if pa.types.is_string(col.type):
+            return StringColumn(col)
+        return col.to_numpy()
 
     def row_of(self, key: str) -> int:
         """The row of `key`; SalmaeError naming the key if the manifest does not hold it."""
@@ -76,7 +132,7 @@ class Manifest:
 
     def rows_of_shard(self, name: str) -> list[int]:
         """Rows whose shard file name is `name` (e.g. "00003.tar"), in row order."""
-        return [i for i, s in enumerate(self.column("shard")) if s == name]
+        return np.nonzero(self.column("shard").equals(name))[0].tolist()
 
     def shard_url(self, name: str) -> str | None:
         """The URL this manifest scanned for shard file `name`, if any."""
@@ -129,10 +185,27 @@ def _scan_shard(url: str) -> list[dict]:
     return sorted(records, key=lambda r: r["key"])
 
 
-def build_manifest(shards: str | Sequence[str], out: str | Path | None = None) -> Manifest:
+def _scan_columns(url: str) -> pa.Table:
+    """One shard's rows as an Arrow table (without `row`): what a pool worker sends back."""
+    records = _scan_shard(url)
+    return pa.table({name: [r[name] for r in records] for name in _HASHED}, schema=SCHEMA.remove(0))
+
+
+def default_scan_workers(n_shards: int) -> int:
+    """Processes that scan shards: every CPU this process may use, at most one per shard."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, n_shards))
+
+
+def build_manifest(shards: str | Sequence[str], out: str | Path | None = None,
+                   workers: int | None = None) -> Manifest:
     """Scan `shards` once and build the manifest; write it atomically to `out` if given.
 
-    Raises SalmaeError if two shards share a file name or a key appears twice.
+    Shards are scanned by `workers` processes (default: one per CPU, at most one per shard), in
+    order. Raises SalmaeError if two shards share a file name or a key appears twice.
     """
     urls = expand_shards(shards)
     names = [shard_name(u) for u in urls]
@@ -140,46 +213,117 @@ def build_manifest(shards: str | Sequence[str], out: str | Path | None = None) -
     if dupes:
         raise SalmaeError(f"shard name {dupes[0]} appears twice in {shards!r}; manifests match shards by "
                           "file name, so build one manifest per folder")
-    records = [r for url in _progress(urls) for r in _scan_shard(url)]
-    _check_unique_keys(records)
-    columns = {name: [r[name] for r in records] for name in _HASHED}
-    table = pa.table({"row": np.arange(len(records), dtype=np.int64), **columns}, schema=SCHEMA)
+    workers = default_scan_workers(len(urls)) if workers is None else max(1, min(workers, len(urls)))
+    parts = list(_progress(_scan_all(urls, workers), len(urls)))
+    body = pa.concat_tables(parts) if parts else SCHEMA.remove(0).empty_table()
+    _check_unique_keys(body)
+    table = pa.Table.from_arrays([pa.array(np.arange(body.num_rows, dtype=np.int64)), *body.columns],
+                                 schema=SCHEMA)
     manifest = Manifest(table=table, hash=manifest_hash(table), shard_urls=urls)
+    manifest.shard_stats = shard_stats(urls)
     if out is not None:
         manifest.path = Path(out)
         _write(manifest, manifest.path)
     return manifest
 
 
-def _progress(urls: list[str]):
+def _scan_all(urls: list[str], workers: int):
+    """Per-shard tables in shard order, from a process pool when `workers` > 1."""
+    if workers == 1:
+        yield from map(_scan_columns, urls)
+        return
+    import multiprocessing as mp
+
+    # fork: the workers need no re-import; each scan opens its own shard (no state is shared)
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_scan_columns, urls)
+
+
+def _progress(items, total: int):
     from tqdm import tqdm
 
-    return tqdm(urls, desc="manifest", unit="shard", disable=len(urls) < 2, leave=False)
+    return tqdm(items, total=total, desc="manifest", unit="shard", disable=total < 2, leave=False)
 
 
-def _check_unique_keys(records: list[dict]) -> None:
-    seen: dict[str, str] = {}
-    for r in records:
-        if not r["key"]:  # a truncated shard's marker row with no key
+def shard_stats(urls: Sequence[str]) -> dict[str, list[int] | None]:
+    """name -> [size in bytes, mtime in ns] of each local shard; None for streamed (pipe:, remote) ones."""
+    stats: dict[str, list[int] | None] = {}
+    for url in urls:
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
+            stats[shard_name(url)] = None
             continue
-        if r["key"] in seen:
-            raise SalmaeError(f"key {r['key']} appears in both {seen[r['key']]} and {r['shard']}; keys must be "
-                              "unique, so build one manifest per img2dataset output folder")
-        seen[r["key"]] = r["shard"]
+        st = os.stat(path)
+        stats[shard_name(url)] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def stale_reason(manifest: "Manifest", shards: str | Sequence[str]) -> str | None:
+    """Why `manifest` may not describe `shards` any more (None: it does), from names, sizes and
+    modification times alone: O(shards), no shard is read. Streamed shards are matched by name.
+
+    A manifest written before shard stats were recorded is always stale (rebuild or verify it).
+    """
+    urls = expand_shards(shards)
+    if manifest.shard_stats is None:
+        return "it records no shard sizes/times (built by an older salmae)"
+    recorded = manifest.shard_stats
+    now = shard_stats(urls)
+    missing = sorted(set(recorded) - set(now))
+    extra = sorted(set(now) - set(recorded))
+    if missing or extra:
+        return f"shards differ ({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} extra, e.g. {extra[:1]})"
+    changed = [name for name, st in now.items() if st is not None and recorded[name] != st]
+    if changed:
+        return f"{len(changed)} shards changed size or time since it was built (e.g. {changed[0]})"
+    return None
+
+
+def _check_unique_keys(table: pa.Table) -> None:
+    keys = table.column("key").combine_chunks()
+    real = pc.not_equal(keys, "")          # a truncated shard's marker row has no key
+    counts = pc.value_counts(keys.filter(real))
+    dupes = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(dupes):
+        key = dupes[0].as_py()
+        shards = table.column("shard").filter(pc.equal(table.column("key"), key)).to_pylist()
+        raise SalmaeError(f"key {key} appears in both {shards[0]} and {shards[1]}; keys must be "
+                          "unique, so build one manifest per img2dataset output folder")
 
 
 def manifest_hash(table: pa.Table) -> str:
-    """sha256 over the content columns in order; independent of where the shards live."""
+    """sha256 over the content columns in order; independent of where the shards live.
+
+    A string column is hashed as each value's 4-byte little-endian UTF-8 length then its bytes,
+    built with numpy from the Arrow buffers (no Python object per row).
+    """
     h = hashlib.sha256(f"salmae-manifest-v{FORMAT_VERSION}\n".encode())
     for name in _HASHED:
         col = table.column(name)
         h.update(name.encode() + b"\n")
         if pa.types.is_string(col.type):
-            values = col.to_pylist()
-            h.update(b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in values))
+            h.update(_length_prefixed(col))
         else:
             h.update(np.asarray(col.to_numpy(), dtype="<i8").tobytes())
     return h.hexdigest()
+
+
+def _length_prefixed(col: pa.ChunkedArray) -> bytes:
+    """b"".join(len(v).to_bytes(4, "little") + v for v in utf8 values), vectorised."""
+    arr = col.combine_chunks().cast(pa.large_string())
+    n = len(arr)
+    if n == 0:
+        return b""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if offsets[-1] > offsets[0] \
+        else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    out = np.empty(4 * n + len(data), dtype=np.uint8)
+    starts = offsets[:-1] - offsets[0] + 4 * np.arange(n)                 # where each value's length goes
+    out[(starts[:, None] + np.arange(4)).ravel()] = lengths.astype("<u4").view(np.uint8)
+    owner = np.repeat(np.arange(n), lengths)                                # value index of each data byte
+    out[np.arange(len(data)) + 4 * (owner + 1)] = data
+    return out.tobytes()
 
 
 def _write(manifest: Manifest, path: Path) -> None:
@@ -188,6 +332,8 @@ def _write(manifest: Manifest, path: Path) -> None:
         b"salmae.shards": json.dumps(manifest.shard_urls).encode(),
         b"salmae.format": FORMAT_VERSION.encode(),
     }
+    if manifest.shard_stats is not None:
+        meta[b"salmae.shard_stats"] = json.dumps(manifest.shard_stats).encode()
     table = manifest.table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -211,7 +357,10 @@ def load_manifest(path: str | Path) -> Manifest:
     if manifest_hash(table) != recorded:
         raise SalmaeError(f"manifest {path} was edited after it was built (content hash differs); {build}")
     urls = json.loads(meta.get(b"salmae.shards", b"[]"))
-    return Manifest(table=table, hash=recorded, shard_urls=urls, path=path)
+    manifest = Manifest(table=table, hash=recorded, shard_urls=urls, path=path)
+    if b"salmae.shard_stats" in meta:
+        manifest.shard_stats = json.loads(meta[b"salmae.shard_stats"])
+    return manifest
 
 
 # --------------------------------------------------------------------------- verify / describe
@@ -224,7 +373,7 @@ def verify_manifest(path: str | Path, shards: str | Sequence[str]) -> VerifyRepo
     urls = expand_shards(shards)
     by_shard: dict[str, list[tuple]] = collections.defaultdict(list)
     for key, name, status, nbytes in zip(manifest.keys, manifest.column("shard"), manifest.status,
-                                         manifest.column("image_nbytes")):
+                                         manifest.column("image_nbytes").tolist()):
         by_shard[name].append((key, status, nbytes))
     given = {shard_name(u): u for u in urls}
     report = VerifyReport(manifest=str(path), missing=[n for n in by_shard if n not in given],

@@ -205,13 +205,12 @@ def _dataset(cfg: PretrainConfig, model):
     from pipeline.data.pretrain_data import (IndexedPretrainDataset, StreamPretrainDataset,
                                              load_saliency_table)
     from pipeline.data.shards import expand_shards
-    from pipeline.manifest import build_manifest, load_manifest
     from pipeline.store import SaliencyStore
 
     if not cfg.data:
         raise SalmaeError("no training data: pass --data SHARDS (brace pattern, paths or pipe: URLs)")
     urls = expand_shards(cfg.data)
-    manifest = load_manifest(cfg.manifest) if cfg.manifest else build_manifest(urls)
+    manifest = _manifest(cfg, urls)
     table = store = None
     if cfg.saliency and cfg.masking.source == "store":
         store = SaliencyStore.open(cfg.saliency)
@@ -225,6 +224,31 @@ def _dataset(cfg: PretrainConfig, model):
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                                      world=dist.world_size(), **common), store
     return IndexedPretrainDataset(manifest, urls, **common), store
+
+
+def _manifest(cfg: PretrainConfig, urls: list[str]):
+    """The manifest of `--data`: `--manifest`, else the saliency store's, else the run folder's
+    `manifest.parquet`, built once by rank 0 (a process pool scans the shards) while the other
+    ranks wait. A stored manifest is trusted after an O(shards) check of shard sizes and times."""
+    from pipeline.manifest import build_manifest, load_manifest, stale_reason
+
+    if cfg.manifest:
+        manifest = load_manifest(cfg.manifest)
+        why = stale_reason(manifest, urls) if manifest.shard_stats is not None else None  # older: as given
+        if why is not None:
+            raise SalmaeError(f"manifest {cfg.manifest} does not describe --data: {why}; rebuild it with "
+                              f"`salmae manifest build '{cfg.data}' -o {cfg.manifest}` or drop --manifest")
+        return manifest
+    if cfg.saliency and (Path(cfg.saliency) / "manifest.parquet").is_file():
+        manifest = load_manifest(Path(cfg.saliency) / "manifest.parquet")
+        if stale_reason(manifest, urls) is None:
+            return manifest
+    cached = Path(cfg.out) / "manifest.parquet"
+    if dist.is_main() and not (cached.is_file() and stale_reason(load_manifest(cached), urls) is None):
+        get_logger().info("building the manifest of %d shards into %s", len(urls), cached)
+        build_manifest(urls, cached)
+    dist.barrier(f"rank 0 to build the manifest of --data into {cached}")
+    return load_manifest(cached)
 
 
 def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[int, int]):

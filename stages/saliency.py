@@ -130,17 +130,24 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
 
 def _resolve_manifest(cfg: SaliencyConfig, out: Path):
     """The manifest this run describes, and a file holding it (None if it must still be written)."""
-    from pipeline.manifest import build_manifest, load_manifest, verify_manifest
+    from pipeline.manifest import build_manifest, load_manifest, stale_reason, verify_manifest
 
     if cfg.manifest is not None:
         manifest = _load_manifest(cfg.manifest)
         if cfg.data:
-            report = verify_manifest(cfg.manifest, cfg.data)
-            if not report.ok:
-                raise SalmaeError(f"manifest {cfg.manifest} does not match --data ({report.describe().splitlines()[0]}); "
+            why = stale_reason(manifest, cfg.data)       # O(shards): sizes and times, no shard read
+            if why is not None and manifest.shard_stats is None:  # an older manifest: read the shards
+                report = verify_manifest(cfg.manifest, cfg.data)
+                why = None if report.ok else report.describe().splitlines()[0]
+            if why is not None:
+                raise SalmaeError(f"manifest {cfg.manifest} does not match --data ({why}); "
                                   f"rebuild it with `salmae manifest build '{cfg.data}' -o {cfg.manifest}`")
         return manifest, cfg.manifest
     stored = out / MANIFEST_NAME
+    if cfg.data and stored.is_file():
+        manifest = load_manifest(stored)
+        if stale_reason(manifest, cfg.data) is None:     # a restart: trust the store's own manifest
+            return manifest, stored
     if cfg.data:
         staging = out.with_name(f".{out.name}.build.parquet")
         manifest = build_manifest(cfg.data, staging)

@@ -31,7 +31,7 @@ def test_one_row_per_sample_with_contract_columns(tmp_path, shapes_dir, shapes_p
     assert table.schema.field("row").type == pa.int64() and table.schema.field("width").type == pa.int32()
     assert table.column("row").to_pylist() == list(range(64)) == list(range(len(m)))
     parquet_keys = [k for n in ("00000", "00001") for k in pq.read_table(shapes_dir / f"{n}.parquet").column("key").to_pylist()]
-    assert m.keys == parquet_keys  # shard order, then key
+    assert list(m.keys) == parquet_keys  # shard order, then key
     assert set(m.status) == {"ok"} and set(m.column("width")) == {32}
     assert table.schema.metadata[b"salmae.hash"].decode() == m.hash
     assert not list(tmp_path.glob(".m.parquet.tmp*"))  # written through a temp file
@@ -50,7 +50,7 @@ def test_order_and_hash_stable_and_location_independent(tmp_path, shapes_pattern
 def test_load_and_lookups(tmp_path, shapes_pattern):
     built = build_manifest(shapes_pattern, tmp_path / "m.parquet")
     m = load_manifest(tmp_path / "m.parquet")
-    assert m.hash == built.hash and m.keys == built.keys and m.shard_urls == built.shard_urls
+    assert m.hash == built.hash and list(m.keys) == list(built.keys) and m.shard_urls == built.shard_urls
     assert m.row_of(m.keys[40]) == 40
     assert m.rows_of_shard("00001.tar") == list(range(32, 64))
     with pytest.raises(SalmaeError, match="'99999'"):
@@ -112,3 +112,74 @@ def test_duplicate_keys_and_names_are_errors(tmp_path, shapes_dir):
     shutil.copy(shapes_dir / "00000.tar", tmp_path / "x" / "00005.tar")
     with pytest.raises(SalmaeError, match="appears in both 00000.tar and 00005.tar"):
         build_manifest(str(tmp_path / "x" / "{00000,00005}.tar"))
+
+
+# --------------------------------------------------------------------------- scale (issue 10)
+def _reference_hash(table: pa.Table) -> str:
+    """The manifest hash as first written: a Python loop over every value (the digest must not change)."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.manifest import FORMAT_VERSION, _HASHED
+
+    h = hashlib.sha256(f"salmae-manifest-v{FORMAT_VERSION}\n".encode())
+    for name in _HASHED:
+        col = table.column(name)
+        h.update(name.encode() + b"\n")
+        if pa.types.is_string(col.type):
+            h.update(b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in col.to_pylist()))
+        else:
+            h.update(np.asarray(col.to_numpy(), dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def test_vectorised_hash_equals_the_per_value_definition(shapes_pattern):
+    from pipeline.manifest import manifest_hash
+
+    m = build_manifest(shapes_pattern)
+    assert m.hash == _reference_hash(m.table)
+    # non-ASCII captions, empty strings and a sliced (offset) table hash the same way too
+    odd = m.table.set_column(3, "caption", pa.array(["é ü 漢字 🙂", ""] * (len(m) // 2)))
+    assert manifest_hash(odd) == _reference_hash(odd)
+    assert manifest_hash(odd.slice(5, 20)) == _reference_hash(odd.slice(5, 20))
+    assert manifest_hash(odd.slice(0, 0)) == _reference_hash(odd.slice(0, 0))
+
+
+def test_pool_scan_equals_one_process(shapes_pattern):
+    one = build_manifest(shapes_pattern, workers=1)
+    two = build_manifest(shapes_pattern, workers=2)
+    assert one.hash == two.hash and one.table.equals(two.table)
+    assert list(one.keys)[:2] == ["0000000", "0000001"] and one.rows_of_shard("00001.tar")[0] == 32
+
+
+def test_stale_reason_from_sizes_and_times(tmp_path, shards_copy):
+    import os
+
+    from pipeline.manifest import stale_reason
+
+    pattern = str(shards_copy / "{00000..00001}.tar")
+    m = build_manifest(pattern, tmp_path / "m.parquet")
+    loaded = load_manifest(tmp_path / "m.parquet")
+    assert loaded.shard_stats == m.shard_stats and set(m.shard_stats) == {"00000.tar", "00001.tar"}
+    assert stale_reason(loaded, pattern) is None
+    assert "1 missing" in stale_reason(loaded, str(shards_copy / "00000.tar"))
+    st = os.stat(shards_copy / "00001.tar")
+    os.utime(shards_copy / "00001.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes
+    assert "changed size or time" in stale_reason(loaded, pattern) and "00001.tar" in stale_reason(loaded, pattern)
+    piped = [f"pipe:cat {shards_copy / n}" for n in ("00000.tar", "00001.tar")]
+    assert stale_reason(build_manifest(piped), piped) is None        # streamed shards: names only
+    old = load_manifest(tmp_path / "m.parquet")
+    old.shard_stats = None                                           # as written before stats existed
+    assert "older salmae" in stale_reason(old, pattern)
+
+
+def test_string_columns_are_arrow_backed(shapes_pattern):
+    from pipeline.manifest import StringColumn
+
+    m = build_manifest(shapes_pattern)
+    keys, status = m.keys, m.status
+    assert isinstance(keys, StringColumn) and keys[3] == "0000003" and len(keys) == 64
+    assert keys.to_bytes().dtype.kind == "S" and keys.to_bytes()[3] == b"0000003"
+    assert status.equals("ok").sum() == 64 == status.count("ok")
+    assert m.column("width").dtype.kind == "i" and keys.take([1, 0]) == ["0000001", "0000000"]

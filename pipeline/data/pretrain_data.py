@@ -54,19 +54,27 @@ def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:
     if store_hash != manifest.hash:
         raise SalmaeError(f"saliency store {store.path} was built from another manifest (hash "
                           f"{str(store_hash)[:12]}… vs data {manifest.hash[:12]}…); rerun `salmae saliency` on this data")
-    index = {k: i for i, k in enumerate(store.keys.tolist())}
-    store_rows = np.array([index.get(k, -1) for k in manifest.keys], dtype=np.int64)
+    store_rows = _store_rows(manifest.keys.to_bytes(), np.char.encode(store.keys.astype(str), "utf-8"))
     status = store.status
-    wanted = np.array([s == "ok" for s in manifest.status])
+    wanted = manifest.status.equals("ok")
     pending = np.where(store_rows >= 0, status[np.maximum(store_rows, 0)] == STATUS_PENDING, True)
     missing = np.nonzero(wanted & pending)[0]
     if len(missing):
-        shards = sorted(Counter(manifest.column("shard")[i] for i in missing).items())
+        shards = sorted(Counter(manifest.column("shard").take(missing)).items())
         listed = ", ".join(f"{name} ({count})" for name, count in shards[:8]) + (" …" if len(shards) > 8 else "")
         raise SalmaeError(f"saliency store {store.path} misses {len(missing)} of {int(wanted.sum())} rows "
                           f"(absent or pending) in shards {listed}; finish it with `salmae saliency --out {store.path}`")
     _check_frames_fit(manifest, store, store_rows)
     return store_rows
+
+
+def _store_rows(keys: np.ndarray, store_keys: np.ndarray) -> np.ndarray:
+    """[N] store row of each key (-1 where absent), by sorting: no dict of millions of keys."""
+    order = np.argsort(store_keys)
+    sorted_keys = store_keys[order]
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+    found = (sorted_keys[pos] == keys) if len(sorted_keys) else np.zeros(len(keys), bool)
+    return np.where(found, order[pos] if len(order) else -1, -1).astype(np.int64)
 
 
 def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) -> None:
@@ -164,7 +172,7 @@ def collate(items: list[dict], grid: tuple[int, int]) -> dict:
 # --------------------------------------------------------------------------- indexed mode
 def _usable_rows(manifest, saliency: SaliencyTable | None, skip_missing: bool) -> tuple[np.ndarray, int]:
     """Manifest rows with status ok (less those without ok saliency if `skip_missing`), and how many were skipped."""
-    ok = np.asarray(manifest.status, dtype=object) == "ok"
+    ok = manifest.status.equals("ok")
     usable = ok & saliency.ok if (skip_missing and saliency is not None) else ok
     rows = np.nonzero(usable)[0].astype(np.int64)
     return rows, int(ok.sum()) - len(rows)
@@ -183,8 +191,9 @@ class IndexedPretrainDataset(Dataset):
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
                  augment: bool = True):
         by_name = {shard_name(u): u for u in shard_urls}
-        shards = np.asarray(manifest.column("shard"), dtype=object)
-        names, shard_index = np.unique(shards, return_inverse=True)
+        encoded = manifest.table.column("shard").combine_chunks().dictionary_encode()
+        names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+        shard_index = encoded.indices.to_numpy()
         absent = [s for s in names if s not in by_name]
         if absent:
             raise SalmaeError(f"manifest lists shards not in --data: {', '.join(absent[:5])}; "
@@ -194,7 +203,7 @@ class IndexedPretrainDataset(Dataset):
         self.shard_of = shard_index.astype(np.int32)                   # [N] row -> shard
         self.offsets = np.asarray(manifest.column("image_offset"), dtype=np.int64)
         self.nbytes = np.asarray(manifest.column("image_nbytes"), dtype=np.int64)
-        self.keys = np.asarray(manifest.keys, dtype="S")               # bytes: for error messages only
+        self.keys = manifest.keys.to_bytes()                           # bytes: for error messages only
         self.img_size, self.grid, self.saliency = img_size, grid, saliency
         self.seed, self.epoch, self.augment = seed, 0, augment
 
@@ -264,7 +273,7 @@ class StreamPretrainDataset(IterableDataset):
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
         rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing)
-        keys = np.asarray(manifest.keys, dtype="S")[rows]
+        keys = manifest.keys.to_bytes()[rows]
         order = np.argsort(keys)
         self._keys, self._rows = keys[order], rows[order]     # sorted keys -> manifest row (no dict per row)
         self.length = len(rows) // (batch_size * world) * batch_size  # samples per rank and epoch
