@@ -70,29 +70,42 @@ def resolve_layer(model: nn.Module, layer: str = DEFAULT_LAYER) -> tuple[nn.Modu
     return module, ".".join(parts)
 
 
+def trim_caption_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens: [N, T] int -> [N, T'] with T' the longest caption's length (end-of-text included).
+
+    Cheap on the host (the stage's loader workers call it), so the tokens that cross to the GPU
+    are already short and the length never has to be read back from the device.
+    """
+    length = int((tokens != 0).sum(1).max()) if tokens.numel() else 0
+    return tokens[:, :max(length, 1)]
+
+
 @torch.no_grad()
 def encode_captions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens: [N, T] int -> text embeddings [N, D], L2-normalised, no graph.
+    """tokens: [N, T'] int, T' <= context length -> text embeddings [N, D], L2-normalised, no graph.
 
     Captions are short (cc3m: ~10 tokens) but open_clip pads them to the context length (77).
     With a causal text mask and end-of-text pooling, the padding after the longest caption cannot
-    change any embedding, so it is cut off first: the text tower then costs a fraction as much.
+    change any embedding, so it is cut off first (`trim_caption_padding`): the text tower then
+    costs a fraction as much. Towers where cutting is not exact get the padding back. Pass host
+    tokens (pinned, already trimmed, as stage 1's loader ships them): for device tokens, finding
+    the longest caption waits for the GPU.
     """
+    tokens = trim_caption_padding(tokens).to(next(model.parameters()).device, non_blocking=True)
     return F.normalize(_encode_text_trimmed(model, tokens), dim=-1)
 
 
 def _encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text` over tokens[:, :longest]; the plain call for towers where that isn't exact."""
+    """open_clip's `encode_text` over tokens [N, T'] without the padding beyond T'."""
     trimmable = (getattr(model, "text_pool_type", None) == "argmax" and getattr(model, "attn_mask", None) is not None
                  and getattr(model, "text_projection", None) is not None and hasattr(model, "positional_embedding"))
-    length = int((tokens != 0).sum(1).max()) if tokens.numel() else 0
-    if not trimmable or length == 0 or length >= tokens.shape[1]:
-        return model.encode_text(tokens)
-    tokens = tokens[:, :length]
+    length = tokens.shape[1]
+    if not trimmable:
+        return model.encode_text(F.pad(tokens, (0, model.context_length - length)))   # pad id is 0
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))  # [N, T', width]
-    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]                                 # end-of-text token
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]               # end-of-text token
     proj = model.text_projection
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
@@ -160,8 +173,58 @@ def fast_hirescam(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor
     return hirescam_from_tokens(*layer_activation_and_grad(model, images, text_emb, layer), grid)
 
 
+def compile_around_layer(model: nn.Module, layer: nn.Module, backend: str = "inductor") -> list[str]:
+    """`torch.compile` every part of `model.visual` except `layer` and the modules that hold it.
+
+    The fast path starts autograd in a forward hook on `layer`, registered per batch. Dynamo does
+    not guard on hooks added after compilation, so a compiled `model.visual` runs without the hook
+    (no activation is captured). Compiling the siblings along the path down to `layer` instead
+    leaves the hook in eager code while the heavy parts compile: the blocks before the layer
+    (forward only, no graph) and the modules after it in its block and beyond (forward and
+    backward). The text tower stays eager: its trimmed length changes from batch to batch.
+    Modules are compiled in place (`nn.Module.compile`), so state-dict keys do not change.
+    Returns the dotted names (under `model.visual`) of the compiled modules.
+    """
+    path = _module_path(model.visual, layer)
+    if path is None:
+        raise SalmaeError("CAM layer is not part of model.visual; use a dotted path such as " + DEFAULT_LAYER)
+    compiled: list[str] = []
+
+    def compile_tree(module: nn.Module, name: str) -> None:
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):     # containers have no forward of their own
+            for child_name, child in module.named_children():
+                compile_tree(child, f"{name}.{child_name}")
+        elif any(True for _ in module.parameters()):               # parameter-free modules gain nothing
+            module.compile(backend=backend)
+            compiled.append(name)
+
+    prefix = ""
+    for parent, on_path in zip(path, path[1:]):
+        for child_name, child in parent.named_children():
+            if child is not on_path:
+                compile_tree(child, prefix + child_name)
+        prefix += next(n for n, c in parent.named_children() if c is on_path) + "."
+    return compiled
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> list[nn.Module] | None:
+    """[root, ..., target] following children, or None if `target` is not under `root`."""
+    if root is target:
+        return [root]
+    for child in root.children():
+        found = _module_path(child, target)
+        if found:
+            return [root, *found]
+    return None
+
+
 def minmax_per_image(cam: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """[N, gh, gw] -> each map shifted to min 0 and divided by (max + eps), as pytorch-grad-cam does."""
+    """[N, gh, gw] -> each map shifted to min 0 and divided by (max + eps).
+
+    pytorch-grad-cam does this twice (per layer, then after averaging its layers), which leaves
+    no trace of its eps = 1e-7; compare with its maps at `eps=0` (raw maxima of ~1e-4 make the
+    eps a 1e-3 relative error).
+    """
     flat = cam.flatten(1)
     flat = flat - flat.min(dim=1, keepdim=True).values
     flat = flat / (flat.max(dim=1, keepdim=True).values + eps)
@@ -203,7 +266,8 @@ def library_cam(method: str, model: nn.Module, images: torch.Tensor, text_emb: t
     cam_cls = type(f"Grid{base.__name__}", (base,), {"get_target_width_height": lambda self, x: (grid[1], grid[0])})
     wrapper = OwnCaptionSimilarity(model, text_emb)
     images = images.detach().clone().requires_grad_(True)   # parameters are frozen: let the graph start at the input
-    cam = cam_cls(model=wrapper, target_layers=[layer], reshape_transform=lambda t: tokens_to_grid(t, grid))
+    # float32 grids: the library hands activations and gradients to numpy, which has no bfloat16 (autocast)
+    cam = cam_cls(model=wrapper, target_layers=[layer], reshape_transform=lambda t: tokens_to_grid(t, grid).float())
     try:
         out = cam(input_tensor=images, targets=[SimilarityTarget() for _ in range(len(images))])
     finally:

@@ -4,6 +4,10 @@ Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun ran
 shards i with i % world == r; batches are formed inside a shard in row order, so the numbers do
 not depend on the world size. A shard's completion marker is written after its rows, so a rerun
 of the same command skips finished shards and ends with the same bytes as an uninterrupted run.
+
+The device never waits for the host: loader workers decode, resize and tokenize, images cross as
+uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host, and
+each batch's maps are copied back while the next batch runs (`_MapsToHost`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import __version__, dist
 from pipeline.config import save_config
-from pipeline.device import autocast, pick_device, pin_memory
+from pipeline.data.transforms import normalise
+from pipeline.device import autocast, pick_device, pin_memory, resolve_precision
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_json
-from pipeline.gradcam import CAM_METHODS, DEFAULT_LAYER, cam_normalisation, compute_cam, encode_captions, resolve_layer
+from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, compile_around_layer, compute_cam,
+                              encode_captions, resolve_layer, trim_caption_padding)
 from pipeline.logging import get_logger, setup_logging
 from pipeline.models.clip import load_clip
 from pipeline.store import STATUS_CODES, STATUS_OK, CODE_OF, SaliencyStore, create_store, status_code
@@ -43,9 +49,11 @@ class SaliencyConfig:
     clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE, or 'none'
     cam: str = "gradcam"              # gradcam, hirescam = fast path; library methods: gradcam++, layercam, ...
     layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
-    batch_size: int = 64              # images per forward/backward (keep it fixed across a resume)
-    workers: int = 2                  # DataLoader worker processes (decode + resize)
+    batch_size: int | None = None     # images per forward/backward; None: 256 on CUDA, 64 on CPU
+    workers: int = 2                  # DataLoader worker processes (decode, resize, tokenize)
     device: str = "auto"              # auto | cpu | cuda
+    precision: str = "auto"           # autocast: auto (bf16 GPU, fp16 older GPU, fp32 CPU) | bf16 | fp16 | fp32
+    compile: bool = False             # torch.compile the visual tower around the CAM layer (fast and library CAMs)
     overwrite: bool = False           # replace a store made with another config or other data
     rows_per_shard: int = 1024        # rows per Zarr shard = unit of work, resume and writing
     seed: int = 0                     # seeds torch (only library CAMs with randomness use it)
@@ -55,15 +63,19 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
     """Compute (or finish) the store at `cfg.out`; returns the summary also written to saliency_report.json."""
     if cfg.cam not in CAM_METHODS:
         raise SalmaeError(f"unknown --cam {cfg.cam!r}; choose one of {', '.join(CAM_METHODS)}")
-    if cfg.rows_per_shard < 1 or cfg.batch_size < 1:
+    if cfg.rows_per_shard < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):
         raise SalmaeError("rows_per_shard and batch_size must be positive; fix --set rows_per_shard / --batch-size")
     out = Path(cfg.out)
     setup_logging(None)
     device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or default_batch_size(device),
+                              precision=resolve_precision(cfg.precision, device))
     dist.init(device)
     torch.manual_seed(cfg.seed)
     model, info, tokenizer, record = load_clip(cfg.clip_model, cfg.clip_pretrained, device)
     layer, layer_path = resolve_layer(model, cfg.layer)
+    if cfg.compile:
+        compile_around_layer(model, layer)
     if dist.is_main():
         _prepare_store(cfg, out, record, layer_path, info)
     dist.barrier()
@@ -73,14 +85,25 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
     started = time.time()
     run_id = f"{started:.6f}"
     todo = [s for s in range(store.n_shards) if s % dist.world_size() == dist.rank() and not store.is_done(s)]
-    log.info("stage 1: %d rows in %d shards, %d to do on this rank (world %d); model %s/%s, cam %s at %s",
-             len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model, record["clip_pretrained"],
-             cfg.cam, layer_path)
+    log.info("stage 1: %d rows in %d shards, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
+             "batch %d, %s on %s%s", len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model,
+             record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision, device.type,
+             ", compiled" if cfg.compile else "")
     n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id)
     dist.barrier()
-    summary = _summarise(store, out, started, run_id, n_images) if dist.is_main() else {}
+    summary = _summarise(store, out, started, run_id, n_images, cfg) if dist.is_main() else {}
     dist.barrier()
     return summary
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per batch when none is asked for.
+
+    Maps do not depend on which images share a batch (each image's target and gradient are its
+    own), but float rounding may: on the CPU, batches of 5, 8 and 64 stored the same bytes while
+    batch 1 changed 2 of 1024 values by one float16 step. So a resume keeps the batch for a
+    bit-identical store; on the same device the default does."""
+    return 256 if device.type == "cuda" else 64
 
 
 # ---------------------------------------------------------------------------- store set-up (rank 0)
@@ -118,7 +141,8 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
     attrs = {"fingerprint": fingerprint, **record, "cam": cfg.cam, "layer": layer_path,
              "input_size": record["input_size"], "frame": FRAME_CONVENTION, "manifest_hash": manifest.hash,
              "salmae_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "normalisation": cam_normalisation(cfg.cam),
+             "normalisation": cam_normalisation(cfg.cam), "precision": cfg.precision, "compile": cfg.compile,
+             "batch_size": cfg.batch_size,
              "target": "cosine similarity of the image embedding to its own caption's text embedding"}
     staged = out.with_name(f".{out.name}.{MANIFEST_NAME}")
     shutil.copyfile(manifest_file, staged)                             # survive create_store's rmtree of `out`
@@ -171,17 +195,17 @@ def _load_manifest(path: Path):
 
 # ---------------------------------------------------------------------------- data loading
 class _RowImages(Dataset):
-    """Manifest row -> (row, normalised image [3, H, W] or None, damage reason or None).
+    """Manifest row -> (row, image uint8 [3, H, W] or None, caption tokens [T] or None, damage reason or None).
 
-    Local tars are read by byte offset (random access); streamed shards (pipe: URLs) are read
-    whole once per worker and cached by key.
+    Workers decode, resize and tokenize; images cross to the device as bytes and are normalised
+    there. Local tars are read by byte offset (random access); streamed shards (pipe: URLs) are
+    read whole once per worker and cached by key.
     """
 
-    def __init__(self, rows: dict[int, tuple[str, str, int, int]], info):
-        self.rows = rows                      # row -> (key, shard url, image offset, image bytes)
+    def __init__(self, rows: dict[int, tuple[str, str, int, int, str]], info, tokenizer):
+        self.rows = rows                      # row -> (key, shard url, image offset, image bytes, caption)
         self.size_wh = (info.input_size[1], info.input_size[0])
-        self.mean = torch.tensor(info.mean).view(3, 1, 1)
-        self.std = torch.tensor(info.std).view(3, 1, 1)
+        self.tokenizer = tokenizer            # open_clip's tokenizers are plain picklable objects
         self._cached_url: str | None = None
         self._cache: dict[str, bytes | None] = {}
 
@@ -191,14 +215,14 @@ class _RowImages(Dataset):
     def __getitem__(self, row: int):
         from pipeline.data.shards import DamagedSampleError, decode_image
 
-        key, url, offset, nbytes = self.rows[row]
+        key, url, offset, nbytes, caption = self.rows[row]
         try:
             image = decode_image(self._image_bytes(key, url, offset, nbytes), key)
         except DamagedSampleError as e:
-            return row, None, e.reason
+            return row, None, None, e.reason
         image = image.resize(self.size_wh, Image.BICUBIC)    # squash the whole image into the CLIP input
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return row, (x - self.mean) / self.std, None
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)   # [3, H, W]
+        return row, pixels, self.tokenizer([caption])[0], None
 
     def _image_bytes(self, key: str, url: str, offset: int, nbytes: int) -> bytes:
         from pipeline.data.shards import DamagedSampleError, iter_shard, read_member
@@ -219,10 +243,38 @@ def _is_local_tar(url: str) -> bool:
 
 
 def _collate(items):
-    rows = [r for r, _, _ in items]
-    errors = [e for _, _, e in items]
-    images = [x for _, x, _ in items if x is not None]
-    return rows, (torch.stack(images) if images else None), errors
+    """-> rows, images uint8 [n, 3, H, W] | None, tokens [n, T'] | None (padding after the longest cut), errors."""
+    rows = [r for r, _, _, _ in items]
+    errors = [e for _, _, _, e in items]
+    good = [(x, t) for _, x, t, _ in items if x is not None]
+    if not good:
+        return rows, None, None, errors
+    tokens = trim_caption_padding(torch.stack([t for _, t in good])).contiguous()  # contiguous: pinned whole
+    return rows, torch.stack([x for x, _ in good]), tokens, errors
+
+
+class _MapsToHost:
+    """Maps [n, gh, gw] on their way from the device to host memory; read them one batch later.
+
+    On CUDA the host buffer is pinned and the copy is queued behind the CAM kernels without
+    waiting (`non_blocking`), and an event marks its end: the loop launches the next batch before
+    `numpy()` waits on the event, so the GPU is never idle waiting for the host. On the CPU the
+    same lines make a plain copy and there is no event; the pinned buffer, the asynchronous copy
+    and the event wait are the part only CUDA exercises.
+    """
+
+    def __init__(self, maps: torch.Tensor):
+        cuda = maps.device.type == "cuda"
+        self.host = torch.empty(maps.shape, dtype=torch.float32, pin_memory=cuda)
+        self.host.copy_(maps.float(), non_blocking=cuda)
+        self.ready = torch.cuda.Event() if cuda else None
+        if self.ready is not None:
+            self.ready.record()
+
+    def numpy(self) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.numpy()
 
 
 def _shard_urls(cfg: SaliencyConfig, manifest) -> dict[str, str]:
@@ -254,7 +306,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
         if missing:
             raise SalmaeError(f"shard {missing[0]} of the store's manifest is not in --data; pass the original shards")
         for r in ok_rows:
-            rows_info[r] = (keys[r], urls[shards[r]], int(offsets[r]), int(nbytes[r]))
+            rows_info[r] = (keys[r], urls[shards[r]], int(offsets[r]), int(nbytes[r]), captions[r])
         bs = [ok_rows[i:i + cfg.batch_size] for i in range(0, len(ok_rows), cfg.batch_size)]
         plans[s] = {"saliency": np.zeros((len(rows), *store.grid), np.float16), "status": status,
                     "left": len(bs), "started": None}
@@ -262,51 +314,67 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
         batch_shard += [s] * len(bs)
     for s in todo:
         if plans[s]["left"] == 0:
-            _finish_shard(store, s, plans.pop(s), run_id)
+            _finish_shard(store, s, plans.pop(s), run_id, cfg)
     if not batches:
         return 0
-    loader = DataLoader(_RowImages(rows_info, info), batch_sampler=batches, num_workers=cfg.workers,
+    loader = DataLoader(_RowImages(rows_info, info, tokenizer), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
                         persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
     cam_fn = compute_cam(cfg.cam)
     bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
     n_images = 0
-    for (rows, images, errors), s in zip(loader, batch_shard):
+    in_flight: tuple | None = None                 # the previous batch, its maps still on their way to the host
+    for (rows, images, tokens, errors), s in zip(loader, batch_shard):
         plan = plans[s]
         plan["started"] = plan["started"] or time.time()
         lo = store.shard_rows(s).start
-        good = [r for r, e in zip(rows, errors) if e is None]
         for r, e in zip(rows, errors):
             if e is not None:
                 plan["status"][r - lo] = status_code(e)
+        maps = None
         if images is not None:
-            with autocast(device):
-                text_emb = encode_captions(model, tokenizer([captions[r] for r in good]).to(device))
-                cams = cam_fn(model, images.to(device, non_blocking=True), text_emb, layer, info.grid)
-            cams = cams.float().cpu().numpy().astype(np.float16)   # [n, gh, gw]
-            for r, cam in zip(good, cams):
-                finite = bool(np.isfinite(cam).all())
-                plan["saliency"][r - lo] = cam if finite else 0
-                plan["status"][r - lo] = STATUS_OK if finite else CODE_OF["nonfinite_map"]
-            n_images += len(good)
+            pixels = normalise(images.to(device, non_blocking=True), info.mean, info.std)   # [n, 3, H, W] float32
+            with autocast(device, cfg.precision):
+                text_emb = encode_captions(model, tokens)
+                maps = _MapsToHost(cam_fn(model, pixels, text_emb, layer, info.grid))
+        if in_flight is not None:
+            n_images += _store_maps(store, plans, *in_flight, run_id, cfg)
+        in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
         bar.update(len(rows))
-        plan["left"] -= 1
-        if plan["left"] == 0:
-            _finish_shard(store, s, plans.pop(s), run_id)
+    if in_flight is not None:
+        n_images += _store_maps(store, plans, *in_flight, run_id, cfg)
     bar.close()
     return n_images
 
 
-def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str) -> None:
+def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: list[int],
+                maps: _MapsToHost | None, run_id: str, cfg: SaliencyConfig) -> int:
+    """Put one batch's maps into its shard's plan (writing the shard when it is complete); -> images."""
+    plan = plans[shard]
+    lo = store.shard_rows(shard).start
+    if maps is not None:
+        for r, cam in zip(good, maps.numpy()):                  # [gh, gw] float32 each
+            finite = bool(np.isfinite(cam).all())
+            plan["saliency"][r - lo] = cam if finite else 0
+            plan["status"][r - lo] = STATUS_OK if finite else CODE_OF["nonfinite_map"]
+    plan["left"] -= 1
+    if plan["left"] == 0:
+        _finish_shard(store, shard, plans.pop(shard), run_id, cfg)
+    return len(good) if maps is not None else 0
+
+
+def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, cfg: SaliencyConfig) -> None:
     status = plan["status"]
     seconds = time.time() - plan["started"] if plan["started"] else 0.0
     marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
-              "images": int((status == STATUS_OK).sum() + (status == CODE_OF["nonfinite_map"]).sum())}
+              "images": int((status == STATUS_OK).sum() + (status == CODE_OF["nonfinite_map"]).sum()),
+              "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": cfg.compile}
     store.write_shard(shard, plan["saliency"], status, marker)
 
 
 # ---------------------------------------------------------------------------- report (rank 0)
-def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_images_rank0: int) -> dict[str, Any]:
+def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_images_rank0: int,
+               cfg: SaliencyConfig) -> dict[str, Any]:
     status = store.status
     keys = store.keys
     counts = {STATUS_CODES[int(c)]: int(n) for c, n in zip(*np.unique(status, return_counts=True))}
@@ -324,6 +392,7 @@ def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_i
         "bytes_per_image": round(nbytes / max(len(store), 1), 2), "saliency_bytes": nbytes,
         "manifest_hash": store.attrs.get("manifest_hash"), "clip_model": store.attrs.get("clip_model"),
         "clip_pretrained": store.attrs.get("clip_pretrained"), "cam": store.attrs.get("cam"),
+        "this_run": {"batch_size": cfg.batch_size, "precision": cfg.precision, "compile": cfg.compile},
     }
     atomic_write_json(out.parent / REPORT_NAME, summary)
     get_logger().info("stage 1 done: %d rows, %s; %.1f img/s this run, %.0f bytes/image; report %s",
