@@ -13,6 +13,7 @@ each batch's maps are copied back while the next batch runs (`_MapsToHost`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ class SaliencyConfig:
     overwrite: bool = False           # replace a store made with another config or other data
     rows_per_shard: int = 1024        # rows per Zarr shard = unit of work, resume and writing
     seed: int = 0                     # seeds torch (only library CAMs with randomness use it)
+    shards: str = ""                  # LO:HI = compute only Zarr shards LO..HI-1 (split one store across jobs)
 
 
 def run(cfg: SaliencyConfig) -> dict[str, Any]:
@@ -78,13 +80,14 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
         compile_around_layer(model, layer)
     if dist.is_main():
         _prepare_store(cfg, out, record, layer_path, info)
-    dist.barrier()
+    dist.barrier(f"rank 0 to create or check the store {out} (and build its manifest)")
     log = setup_logging(out)
     store = SaliencyStore.open(out, mode="r+")
     manifest = _load_manifest(out / MANIFEST_NAME)
     started = time.time()
     run_id = f"{started:.6f}"
-    todo = [s for s in range(store.n_shards) if s % dist.world_size() == dist.rank() and not store.is_done(s)]
+    job = job_shards(cfg.shards, store.n_shards)
+    todo = [s for s in rank_shards(job, dist.world_size(), dist.rank()) if not store.is_done(s)]
     log.info("stage 1: %d rows in %d shards, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
              "batch %d, %s on %s%s", len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model,
              record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision, device.type,
@@ -94,6 +97,28 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
     summary = _summarise(store, out, started, run_id, n_images, cfg) if dist.is_main() else {}
     dist.barrier()
     return summary
+
+
+def job_shards(spec: str, n_shards: int) -> range:
+    """The Zarr shards this job computes: all, or `LO:HI` (HI may be omitted; clipped to the store)."""
+    if not spec:
+        return range(n_shards)
+    try:
+        lo_text, hi_text = spec.split(":")
+        lo, hi = int(lo_text or 0), int(hi_text) if hi_text else n_shards
+    except ValueError:
+        raise SalmaeError(f"--set shards={spec!r} is not LO:HI (e.g. 0:160); the store has {n_shards} shards") from None
+    if not 0 <= lo <= hi:
+        raise SalmaeError(f"--set shards={spec!r} needs 0 <= LO <= HI; the store has {n_shards} shards")
+    return range(min(lo, n_shards), min(hi, n_shards))
+
+
+def rank_shards(shards: range, world: int, rank: int) -> range:
+    """Rank `rank`'s contiguous block of `shards`. Rows are in manifest order (shard by shard), so a
+    block of Zarr shards is a contiguous run of tars: no tar is read by more than the two ranks
+    that share its ends, where round-robin dealing made every rank open every tar."""
+    n = len(shards)
+    return shards[n * rank // world:n * (rank + 1) // world]
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -238,6 +263,28 @@ class _RowImages(Dataset):
         return data
 
 
+def deal_tars_to_workers(batch_tars: list[str], workers: int) -> list[int]:
+    """Order batches so that a DataLoader (batch i -> worker i % workers) gives each tar to one worker.
+
+    A streamed tar (`pipe:`) can only be read whole, so a worker that needs one row of it reads
+    all of it: dealt round-robin, every worker would read every tar. Tars go, in order, to the
+    worker with the fewest batches so far; if a worker's queue runs dry first, another's tail
+    batch takes its turn (that tar is then read by two workers). Local tars are read by byte
+    range and need none of this. Returns a permutation of range(len(batch_tars)).
+    """
+    queues: list[list[int]] = [[] for _ in range(workers)]
+    owner: dict[str, int] = {}
+    for i, tar in enumerate(batch_tars):
+        if tar not in owner:
+            owner[tar] = min(range(workers), key=lambda w: len(queues[w]))
+        queues[owner[tar]].append(i)
+    order: list[int] = []
+    for turn in range(len(batch_tars)):
+        queue = queues[turn % workers] or max(queues, key=len)
+        order.append(queue.pop(0))
+    return order
+
+
 def _is_local_tar(url: str) -> bool:
     return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
 
@@ -307,7 +354,10 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
             raise SalmaeError(f"shard {missing[0]} of the store's manifest is not in --data; pass the original shards")
         for r in ok_rows:
             rows_info[r] = (keys[r], urls[shards[r]], int(offsets[r]), int(nbytes[r]), captions[r])
-        bs = [ok_rows[i:i + cfg.batch_size] for i in range(0, len(ok_rows), cfg.batch_size)]
+        bs = []  # a batch never spans two tars (maps do not depend on the batch: test_batch_size_changes_no_map)
+        for _, group in itertools.groupby(ok_rows, key=lambda r: shards[r]):
+            group = list(group)
+            bs += [group[i:i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
         plans[s] = {"saliency": np.zeros((len(rows), *store.grid), np.float16), "status": status,
                     "left": len(bs), "started": None}
         batches += bs
@@ -317,6 +367,9 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
             _finish_shard(store, s, plans.pop(s), run_id, cfg)
     if not batches:
         return 0
+    if cfg.workers > 1 and not all(_is_local_tar(u) for u in urls.values()):
+        order = deal_tars_to_workers([shards[b[0]] for b in batches], cfg.workers)
+        batches, batch_shard = [batches[i] for i in order], [batch_shard[i] for i in order]
     loader = DataLoader(_RowImages(rows_info, info, tokenizer), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
                         persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
