@@ -52,11 +52,13 @@ def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, pro
 def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, epoch: int, plan: MaskPlan,
                     lr_at: Callable[[float], float], *, batch_size: int, accum_iter: int = 1,
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
-                    scaler: torch.amp.GradScaler | None = None) -> dict:
+                    scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False) -> dict:
     """One pass over `loader`; returns {loss, masked, fallback, steps} (global means / counts).
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
+    `check_syncs` (CUDA only; `salmae gpu-check` turns it on) makes any device->host sync in a
+    step other than a logging step an error, through `torch.cuda.set_sync_debug_mode`.
     """
     model.train()
     steps, world = len(loader), dist.world_size()
@@ -72,31 +74,33 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
         if step % accum_iter == 0:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(progress)
-        imgs = normalise(batch["image"].to(device, non_blocking=True))
-        m = device_masks(batch, plan, raw_model, imgs, progress, step_seed(plan.seed, epoch, step), rows)
-        sync = (step + 1) % accum_iter == 0 or step + 1 == steps
-        ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else contextlib.nullcontext()
-        with ctx:
-            with autocast(device, precision):
-                loss, _, _ = model(imgs, masking=tuple(m[k] for k in MASK_KEYS), weight=m["weight"],
-                                   valid=m["valid"])
-            scaled = loss / accum_iter
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if sync:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window[0] += loss.detach()
+        logging_step = step % log_every == 0 or step + 1 == steps
+        with _no_host_syncs(device, check_syncs and not logging_step, epoch, step):
+            imgs = normalise(batch["image"].to(device, non_blocking=True))
+            m = device_masks(batch, plan, raw_model, imgs, progress, step_seed(plan.seed, epoch, step), rows)
+            sync = (step + 1) % accum_iter == 0 or step + 1 == steps
+            ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else contextlib.nullcontext()
+            with ctx:
+                with autocast(device, precision):
+                    loss, _, _ = model(imgs, masking=tuple(m[k] for k in MASK_KEYS), weight=m["weight"],
+                                       valid=m["valid"])
+                scaled = loss / accum_iter
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if sync:
+                if scaler is not None:
+                    scaler.step(optimizer)   # reads the inf check on the host: fp16 only
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window[0] += loss.detach()
         for i, value in ((1, m["masked"]), (2, m["n_fallback"])):
             if value.device.type == "cpu":
                 host[i - 1] += float(value)  # a loader tensor: no device involved
             else:
                 window[i] += value
         since += 1
-        if step % log_every == 0 or step + 1 == steps:  # the only host sync and collective of a step
+        if logging_step:  # the only host sync and collective of a step
             packed = window + torch.tensor([0.0, *host], dtype=torch.float64).to(device)
             loss_sum, masked_sum, fallback_sum = dist.all_reduce_sum(packed).tolist()
             loss_mean = loss_sum / (since * world)
@@ -116,3 +120,21 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
             host, since = [0.0, 0.0], 0
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
             "steps": steps}
+
+
+@contextlib.contextmanager
+def _no_host_syncs(device: torch.device, enabled: bool, epoch: int, step: int):
+    """On CUDA with `enabled`: any device->host sync inside is an error naming the step; else nothing."""
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    except RuntimeError as e:
+        if "synchroniz" not in str(e).lower():
+            raise
+        raise SalmaeError(f"epoch {epoch} step {step} waited for the GPU outside a logging step ({e}); "
+                          "this is a salmae bug: please report it with the line above") from e
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -97,6 +97,7 @@ class PretrainConfig:
     log_every: int = 20                    # step records (and the only host sync / all-reduce) every N iterations
     viz_samples: int = 6                   # fixed samples in each epoch's PNG grid (0 = none)
     compile: bool = False                  # torch.compile the model (after DDP wrapping, so all-reduce overlaps backward)
+    check_syncs: bool = False              # CUDA: any host sync outside a logging step is an error (gpu-check)
     precision: str = "auto"                # auto | bf16 | fp16 | fp32 (auto: bf16 on a bf16 GPU, fp16 + loss scaling
                                            # on an older GPU, fp32 on CPU); config.yaml records the resolved one
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -158,7 +159,8 @@ def run(cfg: PretrainConfig) -> dict:
         dataset.set_epoch(epoch)
         stats = train_one_epoch(train_model, model, loader, optimizer, device, epoch, plan, lr_at,
                                 batch_size=cfg.batch_size, accum_iter=cfg.optim.accum_iter, metrics=metrics,
-                                log_every=cfg.log_every, precision=cfg.precision, scaler=scaler)
+                                log_every=cfg.log_every, precision=cfg.precision, scaler=scaler,
+                                check_syncs=cfg.check_syncs)
         seconds = time.time() - t0
         metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
                       fallback=stats["fallback"], lr=optimizer.param_groups[0]["lr"], seconds=seconds,

@@ -3,7 +3,9 @@ padding for variable keep counts, collectives only on logging steps, compile, bf
 
 What only CUDA can show (NCCL's refusal of CPU tensors, device->host syncs, pinned copies) is
 covered by construction: one process group serves CPU and CUDA tensors (`pipeline.dist`), and
-the loop reads device tensors on logging steps only; `salmae gpu-check` runs it on a GPU.
+the loop reads device tensors on logging steps only; `salmae gpu-check` runs stage 2 on a GPU
+with `check_syncs` on, which turns any host sync outside a logging step into an error
+(`torch.cuda.set_sync_debug_mode`, which has no CPU counterpart).
 """
 
 from __future__ import annotations

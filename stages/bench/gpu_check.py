@@ -199,15 +199,15 @@ def _stage2(s: CheckSizes, data: str, store_path: Path, out: Path, device: torch
     passed = _known(PretrainConfig, precision=precision)
     pcfg = PretrainConfig(data=data, out=out, saliency=str(store_path), mask="saliency", model=s.mae_model,
                           epochs=s.epochs, batch_size=s.batch_size, workers=s.workers, device=device.type,
-                          compile=compiled, viz_samples=0, log_every=1, save_every=0, **passed)
+                          compile=compiled, viz_samples=0, save_every=0, check_syncs=device.type == "cuda",
+                          **passed)  # default log_every: a sync every 20 steps, as a real run; none in between
     _reset_peak(device)
     with _quiet():
         pretrain_run(pcfg)
     peak = _peak(device)
     records = read_metrics(out / "metrics.jsonl")
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    steps = {e["epoch"]: sum(1 for r in records if r.get("kind") == "step" and r["epoch"] == e["epoch"])
-             for e in epochs}
+    steps = {e["epoch"]: e["images"] // s.batch_size for e in epochs}
     timed = [e for e in epochs if e["epoch"] > 0] or epochs   # epoch 0 holds compile time and cold caches
     n_steps = sum(steps[e["epoch"]] for e in timed)
     seconds = sum(e["seconds"] for e in timed)
@@ -217,7 +217,8 @@ def _stage2(s: CheckSizes, data: str, store_path: Path, out: Path, device: torch
             if len(epochs) > 1 else "nothing (one epoch)",
             "steps": sum(steps.values()), "epochs": len(epochs), "peak_gpu_memory_bytes": peak,
             "model": s.mae_model, "mask": "saliency", "batch_size": s.batch_size, "image_size": _mae_size(s),
-            "workers": s.workers, "compile": compiled, "stage_fields_given": sorted([*passed, "compile"])}
+            "workers": s.workers, "compile": compiled, "host_syncs_checked": device.type == "cuda",
+            "stage_fields_given": sorted([*passed, "compile"])}
 
 
 def _stage3(s: CheckSizes, root: Path, ckpt: Path, out: Path, device: torch.device, precision: str) -> dict[str, Any]:
