@@ -1,7 +1,8 @@
 """The saliency store: a Zarr v3 group that stage 1 writes and stage 2 / `salmae inspect` read.
 
 Layout of `STORE.zarr` (rows in manifest order, N rows):
-    saliency    float16 [N, gh, gw]  raw non-negative CAM (normalisation in attrs)
+    saliency    float16 [N, gh, gw]  each CAM divided by its own maximum (so in [0, 1]; 0 for a zero map)
+    scale       float32 [N]          that maximum: map = saliency * scale (normalisation in attrs)
     status      uint8   [N]          0 pending, 1 ok, >= 2 a named failure (`STATUS_CODES`)
     key         str     [N]          img2dataset key, leading zeros kept
     frame       float32 [N, 4]       x0, y0, x1, y1 of the image region the map covers (pixels)
@@ -12,6 +13,12 @@ Layout of `STORE.zarr` (rows in manifest order, N rows):
 Every array is sharded along rows with the same `rows_per_shard`, so Zarr shard i of every
 array holds rows [i*R, (i+1)*R): one writer owns a whole shard, and a shard is complete exactly
 when its marker exists.
+
+Why a scale: raw Grad-CAM values of a cosine target are tiny (~1e-4 with ViT-B-16 on photos),
+and float16 keeps full precision only above 6.1e-5, so raw maps stored as float16 were largely
+subnormal (a few significant bits, or zero). Scaled to their maximum, a map's values keep 11
+bits down to 6.1e-5 of that maximum. Readers (`read`, `load_all`) return maps in the original
+units. Format 1 stores (no `scale` array) are still read, with scale 1.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_json
 
-FORMAT = "salmae-saliency-store/1"
+FORMAT = "salmae-saliency-store/2"
+READABLE_FORMATS = ("salmae-saliency-store/1", FORMAT)   # 1: maps stored raw, no `scale` array
 DONE_DIR = "_done"
-ARRAYS = ("saliency", "status", "key", "frame", "image_size")
+ARRAYS = ("saliency", "status", "key", "frame", "image_size")   # in every format; `scale` from format 2
 
 STATUS_PENDING, STATUS_OK = 0, 1
 # code -> reason; 2.. are the data layer's DAMAGE_REASONS codes, then stage 1's own failures.
@@ -55,6 +63,17 @@ def status_code(reason: str | None) -> int:
     if reason in (None, "ok"):
         return STATUS_OK
     return CODE_OF.get(reason, CODE_OF["damaged"])
+
+
+def scale_to_max(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """maps [n, gh, gw] -> (float16 maps divided by their own max |value| [n, gh, gw], float32 scale [n]).
+
+    A zero map gets scale 0 and stays zero; `stored * scale[:, None, None]` gives the map back.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    scale = np.abs(maps.reshape(len(maps), -1)).max(1, initial=0).astype(np.float32)    # [n]
+    safe = np.where(scale > 0, scale, 1)[:, None, None]
+    return (maps / safe).astype(np.float16), scale
 
 
 def _chunk_rows(rows_per_shard: int, target: int = 64) -> int:
@@ -81,6 +100,7 @@ def create_store(path: str | Path, *, keys: Sequence[str], image_sizes: np.ndarr
                                   shards=(rows_per_shard, *shape[1:]), compressors=compressor, fill_value=fill)
 
     array("saliency", (n, gh, gw), "float16", (c, gh, gw), 0)
+    array("scale", (n,), "float32", (rows_per_shard,), 0)
     array("status", (n,), "uint8", (rows_per_shard,), STATUS_PENDING)
     keys_arr = array("key", (n,), str, (rows_per_shard,), "")
     frame_arr = array("frame", (n, 4), "float32", (rows_per_shard, 4), 0)
@@ -104,6 +124,7 @@ class SaliencyStore:
         self.grid: tuple[int, int] = tuple(self.attrs["grid"])
         self.rows_per_shard: int = int(self.attrs["rows_per_shard"])
         self._saliency = group["saliency"]
+        self._scale = group["scale"] if "scale" in group else None    # None: a format-1 store, scale 1
         self._status = group["status"]
         self._keys: np.ndarray | None = None
         self._row_of: dict[str, int] | None = None
@@ -119,8 +140,11 @@ class SaliencyStore:
         except Exception as e:
             raise SalmaeError(f"{path} is not a readable Zarr v3 group ({e.__class__.__name__}); "
                               "recreate it with `salmae saliency --overwrite`") from e
-        if group.attrs.get("format") != FORMAT or any(name not in group for name in ARRAYS):
+        if group.attrs.get("format") not in READABLE_FORMATS or any(name not in group for name in ARRAYS):
             raise SalmaeError(f"{path} is not a salmae saliency store; point to the --out of `salmae saliency`")
+        if mode != "r" and group.attrs.get("format") != FORMAT:
+            raise SalmaeError(f"store {path} has the older format {group.attrs.get('format')} (maps without a scale); "
+                              "it can be read but not written: recompute it with `salmae saliency --overwrite`")
         return cls(path, group)
 
     # ------------------------------------------------------------------ reading
@@ -145,11 +169,14 @@ class SaliencyStore:
         return self._row_of.get(key)
 
     def read(self, rows: Sequence[int]) -> np.ndarray:
-        """Maps of `rows` -> [n, gh, gw] float32."""
+        """Maps of `rows` -> [n, gh, gw] float32, in the CAM's own units (stored map * scale)."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.zeros((0, *self.grid), dtype=np.float32)
-        return np.asarray(self._saliency.get_orthogonal_selection((rows,)), dtype=np.float32)
+        maps = np.asarray(self._saliency.get_orthogonal_selection((rows,)), dtype=np.float32)
+        if self._scale is None:
+            return maps
+        return maps * np.asarray(self._scale.get_orthogonal_selection((rows,)), dtype=np.float32)[:, None, None]
 
     def frames(self, rows: Sequence[int]) -> np.ndarray:
         """[n, 4] float32 (x0, y0, x1, y1) in image pixels."""
@@ -160,8 +187,11 @@ class SaliencyStore:
         return np.asarray(self._group["image_size"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
 
     def load_all(self) -> np.ndarray:
-        """[N, gh, gw] float32, the whole map array in memory."""
-        return np.asarray(self._saliency[:], dtype=np.float32)
+        """[N, gh, gw] float32, every map in memory, in the CAM's own units (stored map * scale)."""
+        maps = np.asarray(self._saliency[:], dtype=np.float32)
+        if self._scale is not None:
+            maps *= np.asarray(self._scale[:], dtype=np.float32)[:, None, None]
+        return maps
 
     # ------------------------------------------------------------------ shards (stage 1)
     @property
@@ -190,18 +220,21 @@ class SaliencyStore:
     def write_shard(self, shard: int, saliency: np.ndarray, status: np.ndarray, marker: dict[str, Any]) -> None:
         """Write one whole Zarr shard (maps + statuses), then its completion marker.
 
-        saliency: [rows, gh, gw]; status: [rows] uint8. The marker is written atomically after the data,
-        so a killed writer leaves the shard unmarked and a rerun rewrites it from scratch.
+        saliency: [rows, gh, gw] maps in their own units (float32, kept until `scale_to_max`);
+        status: [rows] uint8. The marker is written atomically after the data, so a killed writer
+        leaves the shard unmarked and a rerun rewrites it from scratch.
         """
         rows = self.shard_rows(shard)
         self._clear_shard(shard)
-        self._saliency[rows.start:rows.stop] = np.asarray(saliency, dtype=np.float16)
+        scaled, scale = scale_to_max(saliency)
+        self._saliency[rows.start:rows.stop] = scaled
+        self._scale[rows.start:rows.stop] = scale
         self._status[rows.start:rows.stop] = np.asarray(status, dtype=np.uint8)
         atomic_write_json(self.marker_path(shard), {"shard": shard, "rows": [rows.start, rows.stop], **marker})
 
     def _clear_shard(self, shard: int) -> None:
         """Delete shard files a killed writer may have left half-written (Zarr would read-modify-write them)."""
-        for name, arr in (("saliency", self._saliency), ("status", self._status)):
+        for name, arr in (("saliency", self._saliency), ("scale", self._scale), ("status", self._status)):
             path = self.path / name / "c" / str(shard)
             for _ in range(arr.ndim - 1):
                 path = path / "0"
@@ -209,6 +242,11 @@ class SaliencyStore:
                 path.unlink()
 
     def array_nbytes(self, name: str = "saliency") -> int:
-        """Bytes on disk of one array (all its shard files)."""
+        """Bytes on disk of one array (all its shard files); 0 for an array the store does not have."""
         root = self.path / name
         return sum(os.path.getsize(p) for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+    def update_attrs(self, attrs: dict[str, Any]) -> None:
+        """Add or replace top-level attrs (stage 1's rank 0, e.g. to record a mixed resume)."""
+        self._group.attrs.update(attrs)
+        self.attrs.update(attrs)

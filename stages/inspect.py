@@ -55,6 +55,12 @@ def format_summary(summary: dict[str, Any], as_json: bool = False) -> str:
     attrs = summary["attrs"]
     lines.append(f"  model {attrs.get('clip_model')} / {attrs.get('clip_pretrained')}, cam {attrs.get('cam')} "
                  f"at {attrs.get('layer')}, input {attrs.get('input_size')}, manifest {str(attrs.get('manifest_hash'))[:12]}")
+    prov = attrs.get("provenance") or {}
+    if prov:
+        mixed = f"; resumed {len(attrs['mixed_runs'])}x with other settings (allow_mixed)" if attrs.get("mixed_runs") else ""
+        lines.append(f"  computed on {prov.get('device')} in {prov.get('precision')}, batch {prov.get('batch_size')}, "
+                     f"compile {'on' if prov.get('compile') else 'off'}, seed {prov.get('seed')}; torch {prov.get('torch')}, "
+                     f"open_clip {prov.get('open_clip')}, grad-cam {prov.get('grad_cam')}{mixed}")
     maps = summary.get("maps") or {}
     if maps:
         lines.append(f"  maps: entropy {maps['entropy']:.3f} nats ({maps['entropy_rel']:.2f} of uniform), "

@@ -34,6 +34,7 @@ from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, com
                               encode_captions, resolve_layer, trim_caption_padding)
 from pipeline.logging import get_logger, setup_logging
 from pipeline.models.clip import load_clip
+from pipeline.store import FORMAT as STORE_FORMAT
 from pipeline.store import STATUS_CODES, STATUS_OK, CODE_OF, SaliencyStore, create_store, status_code
 
 MANIFEST_NAME = "manifest.parquet"
@@ -59,6 +60,7 @@ class SaliencyConfig:
     rows_per_shard: int = 1024        # rows per Zarr shard = unit of work, resume and writing
     seed: int = 0                     # seeds torch (only library CAMs with randomness use it)
     shards: str = ""                  # LO:HI = compute only Zarr shards LO..HI-1 (split one store across jobs)
+    allow_mixed: bool = False         # resume a store begun on another device/precision/batch/seed/library (recorded)
 
 
 def run(cfg: SaliencyConfig) -> dict[str, Any]:
@@ -78,8 +80,9 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
     layer, layer_path = resolve_layer(model, cfg.layer)
     if cfg.compile:
         compile_around_layer(model, layer)
+    provenance = run_provenance(cfg, device)
     if dist.is_main():
-        _prepare_store(cfg, out, record, layer_path, info)
+        _prepare_store(cfg, out, record, layer_path, info, provenance)
     dist.barrier(f"rank 0 to create or check the store {out} (and build its manifest)")
     log = setup_logging(out)
     store = SaliencyStore.open(out, mode="r+")
@@ -92,9 +95,9 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
              "batch %d, %s on %s%s", len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model,
              record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision, device.type,
              ", compiled" if cfg.compile else "")
-    n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id)
+    n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id, provenance)
     dist.barrier()
-    summary = _summarise(store, out, started, run_id, n_images, cfg) if dist.is_main() else {}
+    summary = _summarise(store, out, started, run_id, n_images, provenance) if dist.is_main() else {}
     dist.barrier()
     return summary
 
@@ -125,32 +128,52 @@ def default_batch_size(device: torch.device) -> int:
     """Images per batch when none is asked for.
 
     Maps do not depend on which images share a batch (each image's target and gradient are its
-    own), but float rounding may: on the CPU, batches of 5, 8 and 64 stored the same bytes while
-    batch 1 changed 2 of 1024 values by one float16 step. So a resume keeps the batch for a
-    bit-identical store; on the same device the default does."""
+    own), but float rounding may: on the CPU, batches of 5 and 1 against 8 changed 1 of 1024
+    stored float16 values by one step and the last bits of the float32 scale of 28 and 56 of 64
+    maps. So the batch is part of a store's provenance and a resume keeps it (on the same device
+    the default does)."""
     return 256 if device.type == "cuda" else 64
 
 
+def run_provenance(cfg: SaliencyConfig, device: torch.device) -> dict[str, Any]:
+    """What, besides the config and data, decides a map's bytes: a resume must not mix these silently."""
+    import open_clip
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        grad_cam = version("grad-cam")
+    except PackageNotFoundError:
+        grad_cam = None
+    return {"device": device.type, "precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile,
+            "seed": cfg.seed, "torch": torch.__version__, "open_clip": open_clip.__version__, "grad_cam": grad_cam}
+
+
 # ---------------------------------------------------------------------------- store set-up (rank 0)
-def _prepare_store(cfg: SaliencyConfig, out: Path, record: dict, layer_path: str, info) -> None:
-    """Create the store, or check that an existing one was made by the same config and data."""
+def _prepare_store(cfg: SaliencyConfig, out: Path, record: dict, layer_path: str, info, provenance: dict) -> None:
+    """Create the store, or check that an existing one was made by the same config, data and provenance."""
     manifest, manifest_file = _resolve_manifest(cfg, out)
     try:
-        _create_or_check(cfg, out, record, layer_path, info, manifest, manifest_file)
+        _create_or_check(cfg, out, record, layer_path, info, manifest, manifest_file, provenance)
     finally:
         staging = out.with_name(f".{out.name}.build.parquet")
         if staging.exists():
             staging.unlink()
 
 
-def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manifest, manifest_file) -> None:
+def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manifest, manifest_file,
+                     provenance: dict) -> None:
     fingerprint = {"clip_model": record["clip_model"], "clip_pretrained": record["clip_pretrained"],
                    "pretrained_sha256": record["pretrained_sha256"], "cam": cfg.cam, "layer": layer_path,
                    "input_size": record["input_size"], "manifest_hash": manifest.hash,
                    "rows_per_shard": cfg.rows_per_shard}
     if (out / "zarr.json").exists():
-        existing = SaliencyStore.open(out).attrs.get("fingerprint", {})
+        attrs = SaliencyStore.open(out).attrs
+        existing = attrs.get("fingerprint", {})
+        if attrs.get("format") != STORE_FORMAT and not cfg.overwrite:
+            raise SalmaeError(f"store {out} has the older format {attrs.get('format')} (maps without a scale); "
+                              "pass --overwrite to recompute it, or choose another --out")
         if existing == fingerprint:
+            _check_provenance(cfg, out, attrs.get("provenance") or {}, provenance)
             return
         if not cfg.overwrite:
             changed = sorted(k for k in fingerprint if existing.get(k) != fingerprint[k])
@@ -166,8 +189,7 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
     attrs = {"fingerprint": fingerprint, **record, "cam": cfg.cam, "layer": layer_path,
              "input_size": record["input_size"], "frame": FRAME_CONVENTION, "manifest_hash": manifest.hash,
              "salmae_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "normalisation": cam_normalisation(cfg.cam), "precision": cfg.precision, "compile": cfg.compile,
-             "batch_size": cfg.batch_size,
+             "normalisation": cam_normalisation(cfg.cam), "provenance": provenance,
              "target": "cosine similarity of the image embedding to its own caption's text embedding"}
     staged = out.with_name(f".{out.name}.{MANIFEST_NAME}")
     shutil.copyfile(manifest_file, staged)                             # survive create_store's rmtree of `out`
@@ -175,6 +197,25 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
                  rows_per_shard=cfg.rows_per_shard, attrs=attrs)
     staged.replace(out / MANIFEST_NAME)
     save_config(cfg, out / "config.yaml")
+
+
+def _check_provenance(cfg: SaliencyConfig, out: Path, begun: dict, now: dict) -> None:
+    """Refuse to resume with another device, precision, batch, seed or library versions, unless
+    `allow_mixed`; then the mix is recorded in the store's attrs (`mixed_runs`)."""
+    differs = {k: [begun.get(k), now[k]] for k in now if begun.get(k) != now[k]}
+    store = SaliencyStore.open(out)
+    if not differs or len(store.done_markers()) == store.n_shards:   # nothing left to compute: nothing to mix
+        return
+    what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in differs.items())
+    if not cfg.allow_mixed:
+        raise SalmaeError(f"store {out} was begun with precision {begun.get('precision')} on {begun.get('device')}; "
+                          f"this run uses {now['precision']} on {now['device']} ({what}): finish it with the same "
+                          "settings, pass --set allow_mixed=true to mix them (recorded in the store), or --overwrite")
+    store = SaliencyStore.open(out, mode="r+")
+    mixed = list(store.attrs.get("mixed_runs", [])) + [{"provenance": now, "differs": differs,
+                                                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+    store.update_attrs({"allow_mixed": True, "mixed_runs": mixed})
+    get_logger().warning("store %s: resuming with %s (allow_mixed; recorded in its attrs)", out, what)
 
 
 def _resolve_manifest(cfg: SaliencyConfig, out: Path):
@@ -333,7 +374,7 @@ def _shard_urls(cfg: SaliencyConfig, manifest) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- compute
 def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, info, tokenizer, layer,
-                    device, run_id: str) -> int:
+                    device, run_id: str, provenance: dict) -> int:
     """Compute and write every shard in `todo`; returns the number of images run through CLIP."""
     from tqdm import tqdm
 
@@ -358,13 +399,13 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
         for _, group in itertools.groupby(ok_rows, key=lambda r: shards[r]):
             group = list(group)
             bs += [group[i:i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
-        plans[s] = {"saliency": np.zeros((len(rows), *store.grid), np.float16), "status": status,
+        plans[s] = {"saliency": np.zeros((len(rows), *store.grid), np.float32), "status": status,
                     "left": len(bs), "started": None}
         batches += bs
         batch_shard += [s] * len(bs)
     for s in todo:
         if plans[s]["left"] == 0:
-            _finish_shard(store, s, plans.pop(s), run_id, cfg)
+            _finish_shard(store, s, plans.pop(s), run_id, provenance)
     if not batches:
         return 0
     if cfg.workers > 1 and not all(_is_local_tar(u) for u in urls.values()):
@@ -391,17 +432,17 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
                 text_emb = encode_captions(model, tokens)
                 maps = _MapsToHost(cam_fn(model, pixels, text_emb, layer, info.grid))
         if in_flight is not None:
-            n_images += _store_maps(store, plans, *in_flight, run_id, cfg)
+            n_images += _store_maps(store, plans, *in_flight, run_id, provenance)
         in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
         bar.update(len(rows))
     if in_flight is not None:
-        n_images += _store_maps(store, plans, *in_flight, run_id, cfg)
+        n_images += _store_maps(store, plans, *in_flight, run_id, provenance)
     bar.close()
     return n_images
 
 
 def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: list[int],
-                maps: _MapsToHost | None, run_id: str, cfg: SaliencyConfig) -> int:
+                maps: _MapsToHost | None, run_id: str, provenance: dict) -> int:
     """Put one batch's maps into its shard's plan (writing the shard when it is complete); -> images."""
     plan = plans[shard]
     lo = store.shard_rows(shard).start
@@ -412,22 +453,22 @@ def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: 
             plan["status"][r - lo] = STATUS_OK if finite else CODE_OF["nonfinite_map"]
     plan["left"] -= 1
     if plan["left"] == 0:
-        _finish_shard(store, shard, plans.pop(shard), run_id, cfg)
+        _finish_shard(store, shard, plans.pop(shard), run_id, provenance)
     return len(good) if maps is not None else 0
 
 
-def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, cfg: SaliencyConfig) -> None:
+def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, provenance: dict) -> None:
     status = plan["status"]
     seconds = time.time() - plan["started"] if plan["started"] else 0.0
     marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
               "images": int((status == STATUS_OK).sum() + (status == CODE_OF["nonfinite_map"]).sum()),
-              "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": cfg.compile}
+              **{k: provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
     store.write_shard(shard, plan["saliency"], status, marker)
 
 
 # ---------------------------------------------------------------------------- report (rank 0)
 def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_images_rank0: int,
-               cfg: SaliencyConfig) -> dict[str, Any]:
+               provenance: dict) -> dict[str, Any]:
     status = store.status
     keys = store.keys
     counts = {STATUS_CODES[int(c)]: int(n) for c, n in zip(*np.unique(status, return_counts=True))}
@@ -435,7 +476,7 @@ def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_i
     markers = store.done_markers()
     seconds = time.time() - started
     this_run = sum(m.get("images", 0) for m in markers.values() if m.get("run_id") == run_id)
-    nbytes = store.array_nbytes("saliency")
+    nbytes = store.array_nbytes("saliency") + store.array_nbytes("scale")
     summary = {
         "store": str(out), "rows": len(store), "grid": list(store.grid), "counts": counts,
         "damaged": len(failures), "failures": failures,
@@ -445,7 +486,7 @@ def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_i
         "bytes_per_image": round(nbytes / max(len(store), 1), 2), "saliency_bytes": nbytes,
         "manifest_hash": store.attrs.get("manifest_hash"), "clip_model": store.attrs.get("clip_model"),
         "clip_pretrained": store.attrs.get("clip_pretrained"), "cam": store.attrs.get("cam"),
-        "this_run": {"batch_size": cfg.batch_size, "precision": cfg.precision, "compile": cfg.compile},
+        "this_run": provenance, "allow_mixed": bool(store.attrs.get("allow_mixed", False)),
     }
     atomic_write_json(out.parent / REPORT_NAME, summary)
     get_logger().info("stage 1 done: %d rows, %s; %.1f img/s this run, %.0f bytes/image; report %s",

@@ -22,12 +22,33 @@ def test_summary_and_localisation(store, shapes_pattern, tmp_path):
     assert s["rows"] == 64 and s["status"]["ok"]["count"] == 64 and s["grid"] == [4, 4]
     assert 0 < s["maps"]["entropy_rel"] <= 1 and 0.25 <= s["maps"]["top25_mass"] <= 1
     loc = s["localisation"]
-    assert loc["n"] == 64 and loc["pointing_game"] == pytest.approx(_pointing_game(store, shapes_pattern))
-    assert 0 < loc["box_area_share"] < 1
+    assert loc["n"] == 64 and 0 < loc["box_area_share"] < 1
+    assert loc["pointing_game"] == pytest.approx(_pointing_game(store, shapes_pattern))
     assert len(s["png"]) == 3 and all(Path(p).stat().st_size > 1000 for p in s["png"])
     text = format_summary(s)
     assert "pointing game" in text and "64 rows" in text
+    assert "computed on cpu in fp32, batch 16, compile off, seed 0" in text
     assert json.loads(format_summary(s, as_json=True))["rows"] == 64
+
+
+def _pointing_game(store: Path, data: str) -> float:
+    """Independent count: is the centre of each map's top patch inside the named object's bbox?"""
+    import numpy as np
+
+    from pipeline.data.shards import iter_samples
+    from pipeline.store import SaliencyStore
+
+    st = SaliencyStore.open(store)
+    meta = {s.key: s.meta for s in iter_samples(data, decode=False)}
+    maps, (gh, gw) = st.load_all(), st.grid
+    hits = []
+    for row, key in enumerate(st.keys):
+        x0, y0, x1, y1 = meta[str(key)]["bbox"]
+        width, height = st.image_sizes([row])[0]
+        i, j = divmod(int(maps[row].argmax()), gw)
+        cx, cy = (j + 0.5) * width / gw, (i + 0.5) * height / gh
+        hits.append(x0 <= cx <= x1 and y0 <= cy <= y1)
+    return float(np.mean(hits))
 
 
 def test_cli_inspect(store):
@@ -104,27 +125,6 @@ def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pa
     split = loc["pointing_game_different_colour"]["n"] + loc.get("pointing_game_same_colour", {"n": 0})["n"]
     assert split == loc["n"] == 64
     assert "argmax on the distractor" in format_summary(inspect_store(copy, data=shapes_pattern))
-
-
-def _pointing_game(store, data) -> float:
-    """An independent count: is the centre of each map's argmax cell inside the named object's bbox?"""
-    import numpy as np
-
-    from pipeline.data.shards import iter_samples
-    from pipeline.store import SaliencyStore
-
-    st = SaliencyStore.open(store)
-    meta = {s.key: s.meta for s in iter_samples(data, decode=False)}
-    hits = []
-    for row, key in enumerate(st.keys):
-        m = st.read([row])[0]
-        x0, y0, x1, y1 = st.frames([row])[0]
-        i, j = np.unravel_index(int(m.argmax()), m.shape)
-        cx = x0 + (j + 0.5) * (x1 - x0) / m.shape[1]
-        cy = y0 + (i + 0.5) * (y1 - y0) / m.shape[0]
-        bx0, by0, bx1, by1 = meta[str(key)]["bbox"]
-        hits.append(bx0 <= cx <= bx1 and by0 <= cy <= by1)
-    return float(np.mean(hits))
 
 
 def test_map_statistics_streamed_in_chunks_equal_all_at_once(store):

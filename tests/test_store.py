@@ -21,21 +21,64 @@ def test_create_write_read_roundtrip(tmp_path):
     assert len(st) == 10 and st.n_shards == 3 and list(st.shard_rows(2)) == [8, 9]
     assert st.keys[0] == "000000000" and st.row_of("000000007") == 7 and st.row_of("x") is None
     assert (st.status == 0).all() and not st.is_done(1)
-    maps = np.arange(4 * 6, dtype=np.float32).reshape(4, 2, 3)
+    maps = np.arange(4 * 6, dtype=np.float32).reshape(4, 2, 3) * 1e-4
     st.write_shard(1, maps, np.array([1, 1, 2, 1], np.uint8), {"images": 3})
     assert st.is_done(1) and st.done_markers()[1]["rows"] == [4, 8]
     ro = SaliencyStore.open(tmp_path / "s.zarr")
-    np.testing.assert_array_equal(ro.read([5, 4]), maps[[1, 0]])
+    np.testing.assert_allclose(ro.read([5, 4]), maps[[1, 0]], rtol=2.0 ** -11, atol=0)   # half a float16 step
+    np.testing.assert_allclose(ro.load_all()[4:8], maps, rtol=2.0 ** -11, atol=0)
     assert ro.read([5]).dtype == np.float32
+    np.testing.assert_array_equal(ro._group["scale"][4:8], maps.reshape(4, -1).max(1))   # each map's own maximum
+    assert ro._group["saliency"][4:8].max(axis=(1, 2)).tolist() == [1.0] * 4            # stored scaled to max 1
     assert ro.status.tolist() == [0, 0, 0, 0, 1, 1, 2, 1, 0, 0]
     np.testing.assert_array_equal(ro.frames([3]), [[0, 0, 40, 30]])
     np.testing.assert_array_equal(ro.image_sizes([3]), [[40, 30]])
     assert ro.load_all().shape == (10, 2, 3)
     assert ro.attrs["grid"] == [2, 3] and ro.attrs["manifest_hash"] == "abc"
     assert ro.attrs["status_codes"]["8"] == "nonfinite_map"
-    write_last = np.ones((2, 2, 3), np.float32)
+    write_last = np.stack([np.zeros((2, 3)), np.full((2, 3), 3.0)]).astype(np.float32)
     st.write_shard(2, write_last, np.ones(2, np.uint8), {})
-    np.testing.assert_array_equal(ro.read([9])[0], write_last[1])
+    np.testing.assert_array_equal(ro.read([8, 9]), write_last)                    # a zero map stays zero
+    np.testing.assert_array_equal(ro._group["scale"][8:10], [0.0, 3.0])
+
+
+def test_tiny_maps_keep_their_precision(tmp_path):
+    """Maps peaking at 1e-4 (raw Grad-CAM of a cosine target on photos): stored raw as float16,
+    nearly half the non-zero values were subnormal (46% here); scaled to
+    their maximum, only values below 6.1e-5 of it are (none here)."""
+    rng = np.random.default_rng(0)
+    maps = (rng.random((64, 2, 3)) * 1e-4).astype(np.float32)                     # [64, 2, 3]
+    maps[rng.random(maps.shape) < 0.3] = 0                                         # ReLU'd patches
+    maps[:, 0, 0] = 1e-4                                                           # each map's peak
+    old = maps.astype(np.float16)                                                  # format 1: raw float16
+    subnormal = lambda a: float((np.abs(a[a != 0]) < 2.0 ** -14).mean())          # float16's smallest normal
+    assert subnormal(old) > 0.4
+    st = _make(tmp_path / "s.zarr", n=64, rows_per_shard=64)
+    st.write_shard(0, maps, np.ones(64, np.uint8), {})
+    stored = st._group["saliency"][:]
+    assert subnormal(stored) < 0.01 and (stored == 0).sum() == (maps == 0).sum()
+    back = SaliencyStore.open(tmp_path / "s.zarr").load_all()
+    big = maps >= 1e-4 * 2.0 ** -14                                                # normal once scaled
+    assert (np.abs(back - maps) <= 2.0 ** -11 * maps)[big].all()                  # half a step, relative
+    assert (np.abs(old.astype(np.float32) - maps) > 2.0 ** -11 * maps)[big].mean() > 0.1     # measured 0.22
+
+
+def test_format_1_stores_are_read_with_scale_1(tmp_path):
+    """A store written before the scale array (format 1, raw float16 maps) is read as it was, not written."""
+    import zarr
+
+    st = _make(tmp_path / "s.zarr", n=4, rows_per_shard=4)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+", zarr_format=3)
+    raw = np.arange(24, dtype=np.float16).reshape(4, 2, 3) * np.float16(1e-3)
+    group["saliency"][:] = raw
+    del group["scale"]
+    group.attrs["format"] = "salmae-saliency-store/1"
+    old = SaliencyStore.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(old.load_all(), raw.astype(np.float32))
+    np.testing.assert_array_equal(old.read([2, 1]), raw[[2, 1]].astype(np.float32))
+    with pytest.raises(SalmaeError, match="older format.*--overwrite"):
+        SaliencyStore.open(tmp_path / "s.zarr", mode="r+")
+    assert st.attrs["format"] == "salmae-saliency-store/2"
 
 
 def test_shards_are_separate_files_per_array(tmp_path):
