@@ -5,7 +5,7 @@ device and runs the model: images arrive as uint8 and are normalised there, mask
 (`pipeline.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
 device or talks to other processes, except where the algorithm needs it (DDP's gradient
 all-reduce): the loss is summed on the device, and on logging steps (every `log_every` steps and
-the last) one all-reduce of [loss, masked, fallbacks] gives every rank the same numbers and the
+the last) one all-reduce of [loss, masked, fallbacks, zero maps] gives every rank the same numbers and the
 same verdict on a non-finite loss. A bad loss is therefore caught within `log_every` steps, before
 any checkpoint is written.
 """
@@ -44,7 +44,7 @@ def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, pro
     device = imgs.device
     if "ids_keep" in batch:
         return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
-                for k in (*MASK_KEYS, "valid", "weight")} | {"masked": batch["masked"], "n_fallback": batch["n_fallback"]}
+                for k in (*MASK_KEYS, "valid", "weight")} | {k: batch[k] for k in ("masked", "n_fallback", "n_zero")}
     sal = raw_model.token_salience(imgs)                                           # [N, L] on the device
     return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal)
 
@@ -53,7 +53,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     lr_at: Callable[[float], float], *, batch_size: int, accum_iter: int = 1,
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False) -> dict:
-    """One pass over `loader`; returns {loss, masked, fallback, steps} (global means / counts).
+    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts).
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
@@ -64,9 +64,9 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     steps, world = len(loader), dist.world_size()
     rows = (dist.rank() * batch_size, batch_size * world)
     ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
-    window = torch.zeros(3, dtype=torch.float64, device=device)  # loss, masked, fallbacks since the last log
-    host = [0.0, 0.0]                                           # masked, fallbacks known on the host
-    since, totals = 0, {"loss": 0.0, "masked": 0.0, "fallback": 0}
+    window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps since the last log
+    host = [0.0, 0.0, 0.0]                                      # masked, fallbacks, zero maps known on the host
+    since, totals = 0, {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
@@ -94,7 +94,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window[0] += loss.detach()
-        for i, value in ((1, m["masked"]), (2, m["n_fallback"])):
+        for i, value in ((1, m["masked"]), (2, m["n_fallback"]), (3, m["n_zero"])):
             if value.device.type == "cpu":
                 host[i - 1] += float(value)  # a loader tensor: no device involved
             else:
@@ -102,7 +102,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
         since += 1
         if logging_step:  # the only host sync and collective of a step
             packed = window + torch.tensor([0.0, *host], dtype=torch.float64).to(device)
-            loss_sum, masked_sum, fallback_sum = dist.all_reduce_sum(packed).tolist()
+            loss_sum, masked_sum, fallback_sum, zero_sum = dist.all_reduce_sum(packed).tolist()
             loss_mean = loss_sum / (since * world)
             if not math.isfinite(loss_mean):
                 raise SalmaeError(f"loss became {loss_mean} at epoch {epoch} step {step}; stopped, the last good "
@@ -111,15 +111,16 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
             totals["loss"] += loss_sum / world
             totals["masked"] += masked_sum / (batch_size * world)
             totals["fallback"] += int(round(fallback_sum))
+            totals["zero_maps"] += int(round(zero_sum))
             bar.set_postfix(loss=f"{loss_mean:.4f}")
             if metrics is not None:
                 metrics.write(kind="step", epoch=epoch, step=epoch * steps + step, loss=loss_mean,
                               lr=optimizer.param_groups[0]["lr"], masked=masked, fallback=int(round(fallback_sum)),
-                              steps=since)
+                              zero_maps=int(round(zero_sum)), steps=since)
             window.zero_()
-            host, since = [0.0, 0.0], 0
+            host, since = [0.0, 0.0, 0.0], 0
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
-            "steps": steps}
+            "zero_maps": totals["zero_maps"], "steps": steps}
 
 
 @contextlib.contextmanager

@@ -67,7 +67,8 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
 
 def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, seed: int,
                 rows: tuple[int, int], saliency: torch.Tensor | None = None,
-                saliency_ok: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                saliency_ok: torch.Tensor | None = None,
+                saliency_zero: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Masks for one (rank-local slice of a global) batch of `n` images.
 
     Args:
@@ -79,15 +80,17 @@ def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, 
         saliency: [n, L] pooled maps (saliency/adaptive plans), on the CPU or the device.
         saliency_ok: [n] bool; images without a usable map get a random mask (cap 0 with the same
             generator, exactly `random_mask`'s rule) and are counted as fallbacks.
+        saliency_zero: [n] bool; the fallbacks whose map was all zero (counted on their own too).
     Returns:
         ids_keep [n, K] int64, mask [n, L] float (1 = masked), ids_restore [n, L] int64,
         valid [n, K] bool or None (None: no padding), weight [n, L] or None,
-        n_fallback [] int64, masked [] float64 (masked patches summed over the batch).
+        n_fallback [] int64, n_zero [] int64, masked [] float64 (masked patches summed over the batch).
     """
     length = grid[0] * grid[1]
     g = torch.Generator().manual_seed(seed)
     ratio = plan.ratio.sample(n, g, rows)
     n_fallback = torch.zeros((), dtype=torch.int64)
+    n_zero = saliency_zero.sum() if (plan.uses_saliency and saliency_zero is not None) else torch.zeros((), dtype=torch.int64)
     if not plan.uses_saliency:
         device = saliency.device if saliency is not None else torch.device("cpu")
         ids_keep, mask, ids_restore = masking.make_mask(plan.strategy, n, grid, ratio, generator=g, rows=rows,
@@ -111,7 +114,7 @@ def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, 
         valid = masking.keep_valid(ids_keep, mask)
     weight = masking.boundary_weights(mask, grid, plan.boundary_weight) if plan.boundary_weight != 1.0 else None
     return {"ids_keep": ids_keep, "mask": mask, "ids_restore": ids_restore, "valid": valid, "weight": weight,
-            "n_fallback": n_fallback, "masked": mask.double().sum()}
+            "n_fallback": n_fallback, "n_zero": n_zero, "masked": mask.double().sum()}
 
 
 class MaskingCollate:
@@ -136,7 +139,7 @@ class MaskingCollate:
         batch["step"] = step
         masks = batch_masks(self.plan, len(items), self.grid, epoch + step / self.steps_per_epoch,
                             step_seed(self.plan.seed, epoch, step), self.rows,
-                            batch.get("saliency"), batch.get("saliency_ok"))
+                            batch.get("saliency"), batch.get("saliency_ok"), batch.get("saliency_zero"))
         batch.update({k: v for k, v in masks.items() if v is not None})
         return batch
 

@@ -207,8 +207,11 @@ def saliency_mask(saliency: torch.Tensor, ratio: float | torch.Tensor = 0.75, ca
         score = -score if inverse else score
     else:
         raise SalmaeError(f"mask option select={select!r} is unknown; use topk or sample")
-    # order by score, ties broken by the noise (not by raster position)
-    perm = torch.argsort(u, dim=1)
+    # Order by score; ties are broken by a draw of their own. Breaking them with `u` would make the
+    # tie losers the patches with the largest `u`, which the fill below masks first: the fill
+    # would then prefer tied patches over the rest instead of being uniform among unselected ones.
+    tie = _rand(n, (length,), generator, rows, device)
+    perm = torch.argsort(tie, dim=1)
     by_score = torch.argsort(torch.gather(score, 1, perm), dim=1, descending=True, stable=True)
     order = torch.gather(perm, 1, by_score)  # [N, L] most salient first
     rank = torch.argsort(order, dim=1)  # rank of each patch in the saliency order

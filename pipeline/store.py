@@ -54,6 +54,7 @@ STATUS_CODES: dict[int, str] = {
     7: "truncated_tar",
     8: "nonfinite_map",
     9: "damaged",          # any other damage reason the data layer reports
+    10: "zero_map",        # a finite map that is zero everywhere: no patch is salient (stage 2 masks at random)
 }
 CODE_OF: dict[str, int] = {reason: code for code, reason in STATUS_CODES.items()}
 

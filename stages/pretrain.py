@@ -163,7 +163,8 @@ def run(cfg: PretrainConfig) -> dict:
                                 check_syncs=cfg.check_syncs)
         seconds = time.time() - t0
         metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
-                      fallback=stats["fallback"], lr=optimizer.param_groups[0]["lr"], seconds=seconds,
+                      fallback=stats["fallback"], zero_maps=stats["zero_maps"], lr=optimizer.param_groups[0]["lr"],
+                      seconds=seconds,
                       images=stats["steps"] * eff_batch // cfg.optim.accum_iter, precision=cfg.precision,
                       compile=cfg.compile)
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
@@ -217,8 +218,8 @@ def _dataset(cfg: PretrainConfig, model):
     if cfg.saliency and cfg.masking.source == "store":
         store = SaliencyStore.open(cfg.saliency)
         table = load_saliency_table(manifest, store)
-        get_logger().info("saliency store %s: %d of %d rows usable, %d fall back to %s", cfg.saliency,
-                          int(table.ok.sum()), len(table.ok), table.n_failed,
+        get_logger().info("saliency store %s: %d of %d rows usable, %d (%d of them all-zero maps) fall back to %s",
+                          cfg.saliency, int(table.ok.sum()), len(table.ok), table.n_failed, table.n_zero,
                           "being skipped" if cfg.masking.skip_missing else "random masks")
     common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
                   skip_missing=cfg.masking.skip_missing, seed=cfg.seed)

@@ -450,7 +450,8 @@ def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: 
         for r, cam in zip(good, maps.numpy()):                  # [gh, gw] float32 each
             finite = bool(np.isfinite(cam).all())
             plan["saliency"][r - lo] = cam if finite else 0
-            plan["status"][r - lo] = STATUS_OK if finite else CODE_OF["nonfinite_map"]
+            plan["status"][r - lo] = (CODE_OF["nonfinite_map"] if not finite
+                                      else CODE_OF["zero_map"] if not cam.max() > 0 else STATUS_OK)
     plan["left"] -= 1
     if plan["left"] == 0:
         _finish_shard(store, shard, plans.pop(shard), run_id, provenance)
@@ -461,7 +462,7 @@ def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, pro
     status = plan["status"]
     seconds = time.time() - plan["started"] if plan["started"] else 0.0
     marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
-              "images": int((status == STATUS_OK).sum() + (status == CODE_OF["nonfinite_map"]).sum()),
+              "images": int(np.isin(status, [STATUS_OK, CODE_OF["nonfinite_map"], CODE_OF["zero_map"]]).sum()),
               **{k: provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
     store.write_shard(shard, plan["saliency"], status, marker)
 

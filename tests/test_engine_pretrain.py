@@ -268,3 +268,21 @@ def test_saliency_table_is_float16_scaled_to_each_maps_maximum(shapes_pattern, s
     peaks = table.maps.reshape(len(table.maps), -1).max(1)
     assert np.all(peaks[table.ok] == 1.0)
     assert int((~table.ok).sum()) == 2
+
+
+def test_all_zero_maps_fall_back_and_are_counted_on_their_own(tmp_path, shapes_pattern):
+    """Issue 11: a map that is zero everywhere (status ok in an older store, or stage 1's zero_map)
+    would turn the saliency pick into a random one unseen; it is a fallback, with its own count."""
+    from pipeline.store import CODE_OF, SaliencyStore
+
+    path = _store(tmp_path / "zeros.zarr", shapes_pattern, failed_rows=(3, 40))
+    store = SaliencyStore.open(path, mode="r+")
+    rows = store.shard_rows(0)
+    maps, status = store.read(list(rows)), store.status[rows.start:rows.stop].copy()
+    maps[5] = 0                                   # ok status, all-zero map
+    maps[6] = 0
+    status[6] = CODE_OF["zero_map"]               # as stage 1 now marks it
+    store.write_shard(0, maps, status, {})
+    _run(tmp_path / "run", shapes_pattern, path, epochs=1, batch_size=8, log_every=100)
+    epoch = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"][0]
+    assert epoch["fallback"] == 4 and epoch["zero_maps"] == 2      # rows 3, 40 failed; rows 5, 6 all zero

@@ -164,3 +164,18 @@ def test_online_saliency_shape():
         masking.make_mask("saliency", 2, GRID, 0.75)
     with pytest.raises(SalmaeError):
         masking.make_mask("nope", 2, GRID, 0.75)
+
+
+def test_random_fill_is_uniform_when_the_cap_cuts_through_tied_scores():
+    """Issue 11: 4 patches at 1.0, 8 tied at 0.5, 4 at 0.0; ratio 0.75 (12 masked), cap 0.5 (8 by
+    saliency). The top 4 are always masked; 4 of the 8 tied ones are picked by saliency, uniformly;
+    the fill then masks 4 of the 8 left (4 tied + 4 zero), uniformly: tied p = 0.5 + 0.5 * 0.5 = 0.75,
+    zero p = 0.5. Breaking ties with the fill's own noise gave 0.835 and 0.33."""
+    n = 8000
+    sal = torch.tensor([1.0] * 4 + [0.5] * 8 + [0.0] * 4).expand(n, 16).contiguous()
+    _, mask, _ = masking.saliency_mask(sal, 0.75, 0.5, generator=torch.Generator().manual_seed(0))
+    freq = mask.mean(0)
+    assert torch.equal(freq[:4], torch.ones(4))
+    expected = torch.tensor([0.75] * 8 + [0.5] * 4)
+    assert (freq[4:] - expected).abs().max() < 0.02, freq
+    assert torch.equal(mask.sum(1), torch.full((n,), 12.0))

@@ -30,21 +30,31 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 from pipeline.data.shards import decode_image, read_member, shard_name
 from pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
 from pipeline.errors import SalmaeError
-from pipeline.store import STATUS_OK, STATUS_PENDING, SaliencyStore
+from pipeline.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
 
 
 # --------------------------------------------------------------------------- saliency lookup
 @dataclass
 class SaliencyTable:
-    """Saliency for every manifest row, in memory: maps [N, gh, gw], frames [N, 4], ok [N]."""
+    """Saliency for every manifest row, in memory: maps [N, gh, gw], frames [N, 4], ok [N], zero [N].
+
+    `ok` marks usable maps; `zero` marks maps that are all zero (status `zero_map`, or an ok map of
+    an older store that is zero everywhere): they are not ok either, since no patch is salient, and
+    are counted on their own.
+    """
 
     maps: np.ndarray
     frames: np.ndarray
     ok: np.ndarray
+    zero: np.ndarray
 
     @property
     def n_failed(self) -> int:
         return int((~self.ok).sum())
+
+    @property
+    def n_zero(self) -> int:
+        return int(self.zero.sum())
 
 
 def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:
@@ -119,8 +129,10 @@ def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536
         maps[rows] = np.divide(chunk, peak, out=np.zeros_like(chunk), where=peak > 0)
     frames = np.zeros((len(manifest), 4), np.float32)
     frames[found] = store.frames(store_rows[found])
-    ok = found & (store.status[np.maximum(store_rows, 0)] == STATUS_OK) & finite  # frames: check_store_covers
-    return SaliencyTable(maps, frames, ok)
+    status = store.status[np.maximum(store_rows, 0)]
+    ok = found & (status == STATUS_OK) & finite  # frames: check_store_covers
+    zero = found & ((status == CODE_OF["zero_map"]) | (ok & ~(maps.reshape(len(maps), -1) > 0).any(axis=1)))
+    return SaliencyTable(maps, frames, ok & ~zero, zero)
 
 
 # --------------------------------------------------------------------------- one sample
@@ -142,13 +154,15 @@ def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple
         flip = bool(torch.rand(1, generator=g) < 0.5)
     else:
         box, flip = (0, 0, w, h), False
-    item = {"image": crop_flip_image(image, box, flip, img_size), "row": row, "saliency_ok": False, "epoch": epoch}
+    item = {"image": crop_flip_image(image, box, flip, img_size), "row": row, "saliency_ok": False,
+            "saliency_zero": False, "epoch": epoch}
     if saliency is None:
         item["saliency"] = torch.zeros(grid[0] * grid[1])
         return item
     # the map is cropped, flipped and pooled per batch in `collate` (cheaper than per sample)
     ok = bool(saliency.ok[row])
     item["saliency_ok"] = ok
+    item["saliency_zero"] = bool(saliency.zero[row])
     item["saliency_raw"] = torch.from_numpy(saliency.maps[row] if ok else np.zeros_like(saliency.maps[row]))
     item["frame"] = torch.from_numpy(saliency.frames[row])
     item["box"] = torch.tensor(box, dtype=torch.float64)
