@@ -36,7 +36,7 @@ INDEX_SPAN = 10_000      # img2dataset's samples per shard: key = shard * INDEX_
 KEY_DIGITS = 9           # 5 digits of shard number + 4 of index
 SHARD_DIGITS = 5         # shard file names: 00000.tar
 JPEG_QUALITY = 95        # img2dataset's default encode_quality
-BYTES_PER_ROW = 3_700    # tar bytes per sample (3 headers + padded members), for disk checks
+BYTES_PER_ROW = 4_200    # bytes per sample on disk (tar: 3 headers + padded members; parquet)
 WORDS = ("a", "the", "of", "in", "on", "with", "and", "at", "for", "by", "view", "person", "man", "woman", "child",
          "dog", "cat", "horse", "bird", "car", "bus", "train", "boat", "street", "city", "beach", "mountain",
          "river", "lake", "forest", "field", "garden", "house", "room", "kitchen", "table", "chair", "window",
@@ -128,7 +128,7 @@ def _write_parquet(path: str, columns: dict[str, list]) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-_USTAR_TAIL = b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2 + b"\0" * (8 + 8 + 155 + 12)
+_USTAR_TAIL = b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2 + b"\0" * (8 + 8 + 155 + 12)  # no device numbers
 
 
 def tar_member(name: str, data: bytes) -> bytes:

@@ -104,7 +104,7 @@ def run_scale(cfg: ScaleConfig) -> dict[str, Any]:
 
     from pipeline.files import atomic_write_json, atomic_write_text
     from pipeline.logging import setup_logging
-    from stages.bench.report import figure_record, machine_info, merge_blocks
+    from stages.bench.report import block, figure_record, machine_info, merge_blocks
 
     cfg = cfg.sized()
     log = setup_logging(None)
@@ -133,7 +133,8 @@ def run_scale(cfg: ScaleConfig) -> dict[str, Any]:
     summary["figures"] = [figure_record(r, date, cfg.quick) for r in figures]
     path = Path(cfg.out)
     old = path.read_text() if path.is_file() else ""
-    atomic_write_text(path, merge_blocks(old, {f"scale-{cfg.rows}": render(summary)}))
+    name = f"scale-{cfg.rows}"
+    atomic_write_text(path, merge_blocks(old, {name: block(name, render(summary))}))
     log.info("bench scale: wrote block scale-%d of %s", cfg.rows, path)
     if cfg.json_out:
         atomic_write_json(cfg.json_out, summary)
