@@ -6,6 +6,7 @@ import json
 import logging
 import tarfile
 import tempfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -64,7 +65,7 @@ def test_generation_is_deterministic_and_the_pool_path_writes_the_same_bytes(tmp
     one = write_cc3m_like(tmp_path / "a", rows=30, shard_size=10, workers=1)
     two = write_cc3m_like(tmp_path / "b", rows=30, shard_size=10, workers=2)
     for a, b in zip(one, two):
-        assert open(a, "rb").read() == open(b, "rb").read()
+        assert Path(a).read_bytes() == Path(b).read_bytes()
     with pytest.raises(Exception, match="shard_size"):
         write_cc3m_like(tmp_path / "c", rows=10, shard_size=10_001)
 
