@@ -229,13 +229,24 @@ def demo(config_path, overrides, out, seeds) -> None:
 
 
 @cli.command()
-@click.argument("which", type=click.Choice(["all", "saliency", "pretrain", "eval"]), default="all")
+@click.argument("which", type=click.Choice(["all", "saliency", "pretrain", "eval", "scale"]), default="all")
 @click.option("--out", default="BENCHMARKS.md", show_default=True, help="Markdown file to (re)write.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Repeats per timing (median reported).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the figures as JSON ({\"figures\": [{\"id\", \"value\", \"target\", \"verdict\", ...}]}).")
-def bench(which, out, repeats, json_out) -> None:
-    """Measure the stage speed ratios and rewrite BENCHMARKS.md."""
+@click.option("--rows", type=int, default=3_300_000, show_default=True,
+              help="scale: cc3m-shaped rows to generate (data under $TMPDIR; markdown block scale-ROWS).")
+@click.option("--shard-size", type=int, default=10_000, show_default=True, help="scale: samples per tar shard.")
+@click.option("--keep", is_flag=True, help="scale: keep the generated data folder.")
+def bench(which, out, repeats, json_out, rows, shard_size, keep) -> None:
+    """Measure the stage speed ratios and rewrite BENCHMARKS.md (`scale`: time and memory of each step at N rows)."""
+    if which == "scale":
+        from stages.bench.scale import ScaleConfig, render, run_scale
+        from stages.bench.workspace import _quick_from_env
+
+        click.echo(render(run_scale(ScaleConfig(rows=rows, out=out, json_out=json_out, keep=keep,
+                                                shard_size=shard_size, quick=_quick_from_env()))))
+        return
     from stages.bench import run_bench
 
     click.echo(run_bench(which=which, out=out, repeats=repeats, json_out=json_out))
