@@ -102,8 +102,11 @@ def test_scale_cli_quick_writes_every_step_and_removes_the_data(tmp_path, monkey
     resume = steps["saliency_resume"]    # 3 store shards of 1024, the last (952 rows) left to compute
     assert resume["rows_computed"] == 3000 - 2048 and resume["store_shards"] == 3
     assert 0 < resume["compute_seconds"] < resume["seconds"]
-    assert (steps["inspect"]["store_rows"], steps["inspect"]["ok_rows"]) == (3000, 3000)
-    assert (steps["pretrain_table"]["dataset_rows"], steps["pretrain_table"]["saliency_ok"]) == (3000, 3000)
+    # the micro CLIP's random weights give a few all-zero maps: status zero_map, not ok
+    zero = steps["inspect"]["zero_map_rows"]
+    assert steps["inspect"]["store_rows"] == 3000 and steps["inspect"]["ok_rows"] + zero == 3000 and zero < 30
+    assert (steps["pretrain_table"]["dataset_rows"], steps["pretrain_table"]["saliency_ok"]) == (3000, 3000 - zero)
+    assert steps["pretrain_table"]["zero_maps"] == zero
     loader = steps["pretrain_loader"]
     assert loader["images"] == 1024 and loader["images_per_s"] == pytest.approx(1024 / loader["seconds"])
     assert len(loader["worker_peak_rss_mb"]) == 2 and all(p > 0 for p in loader["worker_peak_rss_mb"])

@@ -12,7 +12,9 @@ Sections (`salmae bench {all,saliency,pretrain,eval}`), one module each:
 - `pretrain`: training step saliency vs random masks, visible-only vs all-token encoder, data
   loader with vs without saliency lookup;
 - `evaluate`: cached vs uncached linear probe;
-- `demo`: the demo's wall time, read from `runs/demo/demo_time.json` (the bench never runs it).
+- `demo`: the demo's wall time, read from `runs/demo/demo_time.json` (the bench never runs it);
+- `scale` (`salmae bench scale --rows N`, not part of `all`): a cc3m-sized rehearsal of the data
+  path on generated img2dataset shards, each step's time and peak RSS.
 
 The other modules: `timing` (repeats, interleaving, ratios), `report` (rows, targets, the
 markdown blocks and the JSON figures), `workspace` (sizes and the shared generated data),

@@ -281,7 +281,9 @@ def _inspect(store: str) -> dict:
     from stages.inspect import inspect_store
 
     summary = inspect_store(store)
-    return {"store_rows": summary["rows"], "ok_rows": summary["status"].get("ok", {}).get("count", 0)}
+    counts = summary["status"]
+    return {"store_rows": summary["rows"], "ok_rows": counts.get("ok", {}).get("count", 0),
+            "zero_map_rows": counts.get("zero_map", {}).get("count", 0)}
 
 
 def _stage2_dataset(pattern: str, manifest_path: str, store: str):
@@ -299,7 +301,7 @@ def _stage2_dataset(pattern: str, manifest_path: str, store: str):
 
 def _pretrain_table(pattern: str, manifest_path: str, store: str) -> dict:
     dataset, table = _stage2_dataset(pattern, manifest_path, store)
-    return {"dataset_rows": len(dataset), "saliency_ok": int(table.ok.sum())}
+    return {"dataset_rows": len(dataset), "saliency_ok": int(table.ok.sum()), "zero_maps": table.n_zero}
 
 
 def _pretrain_loader(cfg: ScaleConfig, pattern: str, manifest_path: str, store: str) -> dict:
