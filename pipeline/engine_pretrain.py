@@ -52,13 +52,17 @@ def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, pro
 def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, epoch: int, plan: MaskPlan,
                     lr_at: Callable[[float], float], *, batch_size: int, accum_iter: int = 1,
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
-                    scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False) -> dict:
+                    scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False,
+                    loss_reduction: str = "mean", step_partial: bool = False) -> dict:
     """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts).
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
     `check_syncs` (CUDA only; `salmae gpu-check` turns it on) makes any device->host sync in a
     step other than a logging step an error, through `torch.cuda.set_sync_debug_mode`.
+    `loss_reduction` is the model's ("mean": MAE's mean over masked patches, or "image_mean").
+    A last accumulation group cut short by the epoch's end is dropped, as MAE does (its gradient
+    is cleared at the next epoch's start), unless `step_partial`.
     """
     model.train()
     steps, world = len(loader), dist.world_size()
@@ -66,7 +70,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
     window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps since the last log
     host = [0.0, 0.0, 0.0]                                      # masked, fallbacks, zero maps known on the host
-    since, totals = 0, {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
+    since, done, totals = 0, 0, {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
@@ -78,12 +82,14 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
         with _no_host_syncs(device, check_syncs and not logging_step, epoch, step):
             imgs = normalise(batch["image"].to(device, non_blocking=True))
             m = device_masks(batch, plan, raw_model, imgs, progress, step_seed(plan.seed, epoch, step), rows)
-            sync = (step + 1) % accum_iter == 0 or step + 1 == steps
+            full = (step + 1) % accum_iter == 0
+            partial_end = step + 1 == steps and not full
+            sync = full or (partial_end and step_partial)
             ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else contextlib.nullcontext()
             with ctx:
                 with autocast(device, precision):
                     loss, _, _ = model(imgs, masking=tuple(m[k] for k in MASK_KEYS), weight=m["weight"],
-                                       valid=m["valid"])
+                                       valid=m["valid"], reduction=loss_reduction)
                 scaled = loss / accum_iter
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if sync:
@@ -119,6 +125,10 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                               zero_maps=int(round(zero_sum)), steps=since)
             window.zero_()
             host, since = [0.0, 0.0, 0.0], 0
+        done = step + 1
+    if done != steps:  # every per-epoch mean below divides by `steps`
+        raise SalmaeError(f"the loader gave {done} of its {steps} batches in epoch {epoch}; in stream mode use "
+                          "no more --workers than shards per process (each worker needs a shard)")
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
             "zero_maps": totals["zero_maps"], "steps": steps}
 

@@ -71,8 +71,11 @@ class OptimConfig:
     lr: float | None = None                # absolute lr (overrides blr)
     min_lr: float = 0.0                    # lr at the end of the cosine
     warmup_epochs: float = 1.0             # linear warmup length
-    weight_decay: float = 0.05             # not applied to norms, biases, tokens, pos-embeds
+    weight_decay: float = 0.05             # not applied to norms and biases (fixed pos-embeds are not trained)
+    decay_tokens: bool = True              # decay cls_token and mask_token too, as MAE does (false: exempt them)
     accum_iter: int = 1                    # gradient accumulation steps per optimizer step
+    step_partial: bool = False             # step a last accumulation group cut short by the epoch's end
+                                           # (MAE drops it: its gradient is cleared at the next epoch)
 
 
 @dataclass
@@ -98,6 +101,9 @@ class PretrainConfig:
     viz_samples: int = 6                   # fixed samples in each epoch's PNG grid (0 = none)
     compile: bool = False                  # torch.compile the model (after DDP wrapping, so all-reduce overlaps backward)
     check_syncs: bool = False              # CUDA: any host sync outside a logging step is an error (gpu-check)
+    loss_mean: Literal["auto", "patch", "image"] = "auto"  # patch: MAE's mean over all masked patches of a batch;
+                                           # image: mean of per-image means (each image weighs the same);
+                                           # auto: image for plans whose masked count varies per image, else patch
     precision: str = "auto"                # auto | bf16 | fp16 | fp32 (auto: bf16 on a bf16 GPU, fp16 + loss scaling
                                            # on an older GPU, fp32 on CPU); config.yaml records the resolved one
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -128,7 +134,7 @@ def run(cfg: PretrainConfig) -> dict:
     world = dist.world_size()
     eff_batch = cfg.batch_size * cfg.optim.accum_iter * world
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
-    optimizer = build_optimizer(model, lr, cfg.optim.weight_decay, device)
+    optimizer = build_optimizer(model, lr, cfg.optim.weight_decay, device, decay_tokens=cfg.optim.decay_tokens)
     scaler = grad_scaler(device, cfg.precision)
     start_epoch = 0
     if ckpt_path is not None:
@@ -151,6 +157,7 @@ def run(cfg: PretrainConfig) -> dict:
     metrics = MetricsWriter(out / "metrics.jsonl")
     viz = _viz_batch(cfg, dataset) if dist.is_main() and cfg.viz_samples > 0 else None
     lr_at = lambda e: cosine_lr(e, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)  # noqa: E731
+    reduction = _loss_reduction(cfg, plan, model)
     stats: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -160,13 +167,14 @@ def run(cfg: PretrainConfig) -> dict:
         stats = train_one_epoch(train_model, model, loader, optimizer, device, epoch, plan, lr_at,
                                 batch_size=cfg.batch_size, accum_iter=cfg.optim.accum_iter, metrics=metrics,
                                 log_every=cfg.log_every, precision=cfg.precision, scaler=scaler,
-                                check_syncs=cfg.check_syncs)
+                                check_syncs=cfg.check_syncs, loss_reduction=reduction,
+                                step_partial=cfg.optim.step_partial)
         seconds = time.time() - t0
         metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
                       fallback=stats["fallback"], zero_maps=stats["zero_maps"], lr=optimizer.param_groups[0]["lr"],
                       seconds=seconds,
                       images=stats["steps"] * eff_batch // cfg.optim.accum_iter, precision=cfg.precision,
-                      compile=cfg.compile)
+                      compile=cfg.compile, loss_mean={"mean": "patch", "image_mean": "image"}[reduction])
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
                  stats["masked"], stats["fallback"], seconds)
         if dist.is_main():
@@ -182,11 +190,13 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
-                    fused: bool | None = None) -> torch.optim.AdamW:
-    """MAE's AdamW (betas 0.9, 0.95; no decay on norms, biases, tokens, position embeddings);
-    the fused kernel on CUDA (`fused=None`), which also runs on the CPU when asked for."""
+                    fused: bool | None = None, decay_tokens: bool = True) -> torch.optim.AdamW:
+    """MAE's AdamW: betas (0.9, 0.95), no decay on norms and biases (1-d parameters), decay on
+    `cls_token` and `mask_token` as MAE's `add_weight_decay` does (`decay_tokens=False` exempts
+    them); the fixed sin-cos position embeddings are not trained. The fused kernel on CUDA
+    (`fused=None`), which also runs on the CPU when asked for."""
     groups = param_groups_weight_decay(model, weight_decay,
-                                       no_weight_decay_list=("cls_token", "mask_token", "pos_embed", "decoder_pos_embed"))
+                                       no_weight_decay_list=() if decay_tokens else ("cls_token", "mask_token"))
     fused = device.type == "cuda" if fused is None else fused
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
@@ -227,6 +237,14 @@ def _dataset(cfg: PretrainConfig, model):
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                                      world=dist.world_size(), **common), store
     return IndexedPretrainDataset(manifest, urls, **common), store
+
+
+def _loss_reduction(cfg: PretrainConfig, plan: MaskPlan, model) -> str:
+    """The model's loss reduction for `loss_mean` (auto: per-image means when masked counts vary)."""
+    mode = cfg.loss_mean
+    if mode == "auto":
+        mode = "image" if plan.keep_slots(model.num_patches) is not None else "patch"
+    return {"patch": "mean", "image": "image_mean"}[mode]
 
 
 def _manifest(cfg: PretrainConfig, urls: list[str]):

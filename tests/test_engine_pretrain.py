@@ -286,3 +286,69 @@ def test_all_zero_maps_fall_back_and_are_counted_on_their_own(tmp_path, shapes_p
     _run(tmp_path / "run", shapes_pattern, path, epochs=1, batch_size=8, log_every=100)
     epoch = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"][0]
     assert epoch["fallback"] == 4 and epoch["zero_maps"] == 2      # rows 3, 40 failed; rows 5, 6 all zero
+
+
+# --------------------------------------------------------------------------- MAE's choices (issue 11)
+def test_weight_decay_groups_follow_maes_add_weight_decay():
+    from stages.pretrain import build_optimizer
+
+    model = build_mae("tiny", **TINY)
+    # MAE (old timm add_weight_decay): skip frozen params; no decay for 1-d params and biases
+    mae_decay = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith(".bias")}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(opt):
+        return {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+    assert decayed(build_optimizer(model, 1e-3, 0.05, torch.device("cpu"))) == mae_decay
+    assert {"cls_token", "mask_token"} <= mae_decay and "pos_embed" not in mae_decay
+    ours = decayed(build_optimizer(model, 1e-3, 0.05, torch.device("cpu"), decay_tokens=False))
+    assert ours == mae_decay - {"cls_token", "mask_token"}
+
+
+@pytest.mark.parametrize("step_partial,steps", [(False, 2), (True, 3)])
+def test_a_partial_accumulation_group_is_dropped_as_mae_does(tmp_path, shapes_pattern, store_path, step_partial,
+                                                              steps):
+    # 64 rows / batch 8 = 8 steps per epoch; accum_iter 3 -> groups of 3, 3 and a last one of 2
+    ckpt = _run(tmp_path / "r", shapes_pattern, store_path, mask="random", **{"optim.accum_iter": 3,
+                                                                             "optim.step_partial": step_partial})
+    state = ckpt["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {steps}
+
+
+def test_loss_means_mae_patch_mean_and_per_image_mean():
+    torch.manual_seed(0)
+    model = build_mae("tiny", **TINY).eval()
+    imgs = torch.randn(6, 3, 32, 32)
+    plan = MaskPlan(strategy="adaptive")
+    m = batch_masks(plan, 6, model.grid, 0.0, 3, (0, 6), _peaked(6, 16), torch.ones(6, dtype=torch.bool))
+    triple = (m["ids_keep"], m["mask"], m["ids_restore"])
+    assert len(set((m["mask"].sum(1)).tolist())) > 1                       # masked counts differ
+    patch, pred, mask = model(imgs, masking=triple, valid=m["valid"])
+    # MAE's forward_loss, transcribed: norm_pix target, per-patch mean, then one mean over masked patches
+    target = model.patchify(imgs)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)
+    torch.testing.assert_close(patch, (per_patch * mask).sum() / mask.sum())
+    image = model(imgs, masking=triple, valid=m["valid"], reduction="image_mean")[0]
+    torch.testing.assert_close(image, ((per_patch * mask).sum(1) / mask.sum(1)).mean())
+    assert not torch.isclose(patch, image)
+
+
+def test_loss_mean_auto_is_per_image_only_for_variable_counts(tmp_path, shapes_pattern, store_path):
+    for mask, want in (("saliency", "patch"), ("adaptive", "image")):
+        _run(tmp_path / mask, shapes_pattern, store_path, mask=mask)
+        epoch = [r for r in read_metrics(tmp_path / mask / "metrics.jsonl") if r["kind"] == "epoch"][0]
+        assert epoch["loss_mean"] == want
+
+
+def test_stream_mode_delivers_every_batch_with_two_workers(tmp_path, shapes_pattern, store_path):
+    """64 rows, batch 12: 5 batches per epoch. Quotas of 30 samples per worker made each worker drop a
+    partial batch, so 4 of 5 arrived and the epoch mean was divided by 5."""
+    _run(tmp_path / "s", shapes_pattern, store_path, mask="saliency", batch_size=12, workers=2,
+         data_mode="stream", shuffle_buffer=8, log_every=1)
+    records = read_metrics(tmp_path / "s" / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    epoch = [r for r in records if r["kind"] == "epoch"][0]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3, 4] and epoch["images"] == 60
+    assert epoch["loss"] == pytest.approx(sum(r["loss"] for r in steps) / 5, rel=1e-9)

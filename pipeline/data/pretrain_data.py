@@ -286,6 +286,7 @@ class StreamPretrainDataset(IterableDataset):
         self.manifest, self.urls, self.img_size, self.grid = manifest, shard_urls, img_size, grid
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
+        self.batch_size = batch_size
         rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing)
         keys = manifest.keys.to_bytes()[rows]
         order = np.argsort(keys)
@@ -307,8 +308,11 @@ class StreamPretrainDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info is not None else 1
-        quota = -(-self.length // workers)  # this worker's share (the loop stops at len(self))
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        # Whole batches per worker: the DataLoader batches each worker's stream on its own and drops
+        # a worker's partial last batch, so a quota that is not a multiple of the batch loses batches.
+        batches = self.length // self.batch_size
+        quota = (batches // workers + (1 if worker < batches % workers else 0)) * self.batch_size
         produced, rounds = 0, 0
         while produced < quota:
             before = produced

@@ -183,11 +183,14 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                     weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-image loss [N]: mean (weighted) MSE over that image's masked patches.
+                     weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """(Weighted) MSE over the masked patches.
 
         imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L] (1 = masked), weight [N, L] or None.
-        With equal masked counts and no weights, the mean over images equals MAE's global mean.
+        reduction: "mean" -> MAE's: one mean over every masked patch of the batch (scalar);
+        "image_mean" -> the mean over images of each image's own mean (scalar; every image weighs
+        the same when masked counts differ, as with adaptive ratios); "none" -> per-image means [N].
+        The two scalars are equal when every image has the same masked count and no weights.
         """
         target = self.patchify(imgs)
         if self.norm_pix_loss:
@@ -196,7 +199,14 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [N, L] per patch
         w = mask if weight is None else mask * weight
-        return (loss * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-8)
+        if reduction == "mean":
+            return (loss * w).sum() / w.sum().clamp_min(1e-8)
+        per_image = (loss * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-8)
+        if reduction == "image_mean":
+            return per_image.mean()
+        if reduction == "none":
+            return per_image
+        raise SalmaeError(f"unknown loss reduction {reduction!r}; use mean, image_mean or none")
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 masking: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -210,7 +220,8 @@ class MaskedAutoencoderViT(nn.Module):
             masking: a precomputed (ids_keep, mask, ids_restore) from `pipeline.masking`; ids_keep
                 may be padded (variable keep counts): padding is excluded by an attention mask.
             weight: [N, L] per-patch loss weights (e.g. `masking.boundary_weights`).
-            reduction: "mean" -> scalar mean of per-image losses; "none" -> [N].
+            reduction: "mean" -> MAE's mean over all masked patches; "image_mean" -> mean of per-image
+                means; "none" -> per-image means [N] (see `forward_loss`).
             valid: [N, K] bool marking the real entries of a padded `ids_keep`, or None when nothing
                 is padded. "auto" finds out from `mask`, which reads a device tensor on the host
                 (a sync); the training loop passes what the loader worked out instead.
@@ -226,8 +237,7 @@ class MaskedAutoencoderViT(nn.Module):
             valid = valid.to(imgs.device)
         latent = self.forward_encoder(imgs, ids_keep, valid)
         pred = self.forward_decoder(latent, mask, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask, weight)
-        return (loss.mean() if reduction == "mean" else loss), pred, mask
+        return self.forward_loss(imgs, pred, mask, weight, reduction), pred, mask
 
     @torch.no_grad()
     def token_salience(self, imgs: torch.Tensor) -> torch.Tensor:
