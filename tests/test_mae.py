@@ -66,8 +66,28 @@ def test_noise_reproduces_mask():
     a = model(imgs, noise=noise)
     b = model(imgs, noise=noise)
     assert torch.equal(a[2], b[2]) and torch.allclose(a[0], b[0])
-    _, mask_ref, _ = masking.random_mask(2, 16, 0.75, noise=noise)
-    assert torch.equal(a[2], mask_ref)
+    # MAE's random_masking, transcribed (models_mae.py), not our masking module
+    len_keep = int(16 * (1 - 0.75))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask_ref = torch.ones(2, 16)
+    mask_ref[:, :len_keep] = 0
+    mask_ref = torch.gather(mask_ref, dim=1, index=ids_restore)
+    assert torch.equal(a[2], mask_ref) and a[2].sum() == 24
+
+
+def test_sincos_position_embedding_golden_values():
+    """MAE's get_2d_sincos_pos_embed with dim 4 on a 2x2 grid: the first half of the channels
+    encodes the column, the second the row; omega = 1, so patch (row r, col c) gets
+    [sin c, cos c, sin r, cos r] (and the cls row zeros)."""
+    import math
+
+    from pipeline.models.mae import sincos_pos_embed_2d
+
+    emb = sincos_pos_embed_2d(4, (2, 2))
+    s1, c1 = math.sin(1.0), math.cos(1.0)
+    want = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 1], [s1, c1, 0, 1], [0, 1, s1, c1], [s1, c1, s1, c1]])
+    torch.testing.assert_close(emb, want.float())
 
 
 def test_precomputed_triple_equals_noise_path():
@@ -104,10 +124,15 @@ def test_weights_and_online_salience():
     imgs = torch.randn(2, 3, 32, 32)
     triple = masking.random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
     w = masking.boundary_weights(triple[1], model.grid, 3.0)
-    plain = model(imgs, masking=triple)[0]
-    weighted = model(imgs, masking=triple, weight=w)[0]
-    assert torch.isfinite(weighted) and not torch.allclose(plain, weighted)
-    assert model.token_salience(imgs).shape == (2, 16)
+    weighted, pred, mask = model(imgs, masking=triple, weight=w)
+    target = model.patchify(imgs)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)
+    torch.testing.assert_close(weighted, (per_patch * mask * w).sum() / (mask * w).sum())
+    assert (w[mask == 0] == 1).all() and (w == 3.0).any()
+    sal = model.token_salience(imgs)
+    assert sal.shape == (2, 16)
+    torch.testing.assert_close(sal.sum(1), torch.full((2,), 16.0))   # attention columns: sums to L per row
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base", "large", "huge"])
@@ -121,5 +146,16 @@ def test_presets(preset):
     if preset == "tiny":
         model = build_mae("tiny")
         assert model(torch.randn(1, 3, 64, 64))[1].shape == (1, 64, 192)
+    # every preset's encoder has exactly the parameters of timm's ViT of that shape (built on `meta`:
+    # no memory, no init), and the decoder predicts p*p*3 values per patch
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.device("meta"):
+        model = build_mae(preset)
+        vit = VisionTransformer(img_size=args["img_size"], patch_size=args["patch_size"], embed_dim=args["embed_dim"],
+                                depth=args["depth"], num_heads=args["num_heads"], num_classes=0)
+    encoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask_token")))
+    assert encoder == sum(p.numel() for p in vit.parameters())
+    assert model.decoder_pred.out_features == args["patch_size"] ** 2 * 3
     with pytest.raises(SalmaeError):
         build_mae("gigantic")
