@@ -18,10 +18,36 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """Write `state` (plus the format version) to `path` via a temp file and a rename."""
+    """Write `state` (plus the format version) to `path` via a temp file and a rename.
+
+    A failed write (a full disk shows up as torch's "PytorchStreamWriter failed writing file …
+    unexpected pos", or ENOSPC) leaves the previous checkpoint in place and becomes one line
+    naming the file and the free space.
+    """
     state = {"version": FORMAT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        raise SalmaeError(f"could not write checkpoint {path}: {write_failure(path, e)}; "
+                          "the previous checkpoint is kept") from e
+
+
+def write_failure(path: str | Path, error: BaseException) -> str:
+    """Why writing `path` failed, for a one-line message: 'disk full (N MB free on DIR)' when it is."""
+    import errno
+    import shutil
+
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20)
+    where = f"{free / 2**20:.0f} MB free on {folder}" if free is not None else f"free space of {folder} unknown"
+    if full:
+        return f"disk full ({where}); free some space or write elsewhere"
+    return f"{error.__class__.__name__}: {str(error).splitlines()[0][:160]} ({where})"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -37,3 +63,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict):
         raise SalmaeError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files (from `files.atomic_path`) whose writer on this host is gone:
+    a kill -9 during a save leaves one behind, gigabytes at ViT-B. Returns what was removed."""
+    import os
+    import re
+
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        match = re.fullmatch(r"\..+\.tmp-(\d+)", tmp.name)
+        if match is None or not tmp.is_file():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue                      # still running: its save is in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                      # someone else's live process
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

@@ -7,6 +7,7 @@ the stage's config dataclass (see `pipeline.config`). Stage modules are imported
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from typing import Any
@@ -25,6 +26,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SalmaeError as e:
             click.echo(f"salmae: error: {e}", err=True)
+            ctx.exit(SalmaeError.exit_code)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            from pipeline.checkpoint import write_failure
+
+            target = e.filename or "a file"
+            click.echo(f"salmae: error: could not write {target}: {write_failure(target, e)}", err=True)
             ctx.exit(SalmaeError.exit_code)
 
 

@@ -169,3 +169,34 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is Path:
         return Path(value)
     return value
+
+
+# --------------------------------------------------------------------------- validation and resume checks
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """SalmaeError naming `key`, its value and the rule, unless `ok` (one line; CLI exit 2)."""
+    if not ok:
+        raise SalmaeError(f"config key '{key}' = {value!r} must be {rule}")
+
+
+def flat_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any], may_change: Sequence[str]) -> list[str]:
+    """'key: saved -> now' for every key whose value differs, except those in `may_change` (or under
+    one of them, for sections). Keys only one side has count as differences too."""
+    a, b = flat_items(saved), flat_items(now)
+    free = tuple(may_change)
+
+    def is_free(key: str) -> bool:
+        return any(key == f or key.startswith(f + ".") for f in free)
+
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+            if not is_free(k) and a.get(k) != b.get(k)]

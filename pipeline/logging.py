@@ -55,8 +55,26 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time(), 3), **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        with open(self.path, "a+b") as f:
+            if f.tell() > 0:              # a line cut short (a full disk, a kill) must not swallow this one
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(record, default=float) + "\n").encode())
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    """The JSON records of a metrics file; a line that is not JSON (cut short by a kill or a full
+    disk) is skipped."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -64,4 +82,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path.read_text(errors="replace"))
+
+
+def truncate_metrics(path: str | Path, keep_epochs_below: int) -> int:
+    """Drop the records of epochs >= `keep_epochs_below` (a resumed run writes them again) and any
+    line cut short; rewrite the file atomically. Returns the number of records dropped."""
+    from pipeline.files import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    text = path.read_text(errors="replace")
+    records = _records(text)
+    kept = [r for r in records if not (isinstance(r.get("epoch"), int) and r["epoch"] >= keep_epochs_below)]
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if len(kept) != lines:
+        atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
+    return lines - len(kept)

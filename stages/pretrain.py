@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from timm.optim import param_groups_weight_decay
 
 from pipeline import dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import config_to_dict, save_config
+from pipeline.config import config_to_dict, require, resume_differences, save_config
 from pipeline.data.transforms import normalise
 from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
@@ -112,16 +113,22 @@ class PretrainConfig:
 
 
 def run(cfg: PretrainConfig) -> dict:
-    """Train; returns {run, epochs, loss, checkpoint}."""
+    """Train; returns {run, epochs, loss, checkpoint}.
+
+    Every check (option ranges, a resume's config, the data and the saliency store) runs before
+    anything is written into `out`: a refused run leaves the folder as it was.
+    """
+    validate(cfg)
     device = pick_device(cfg.device)
     dist.init(device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device),
                   workers=default_workers() if cfg.workers is None else cfg.workers)
     out = Path(cfg.out)
-    log = setup_logging(out)
+    log = setup_logging(None)                       # console only until the checks pass
     ckpt_path = _resume_path(cfg, out)
-    if dist.is_main():
-        save_config(cfg, out / "config.yaml")
+    state = load_checkpoint(ckpt_path, map_location="cpu") if ckpt_path is not None else None
+    if state is not None:
+        _check_resume(cfg, state, ckpt_path)
     plan = _mask_plan(cfg)
     if plan.uses_saliency and plan.source == "store" and not cfg.saliency:
         raise SalmaeError(f"--mask {cfg.mask} needs a saliency store: pass --saliency STORE.zarr "
@@ -131,14 +138,18 @@ def run(cfg: PretrainConfig) -> dict:
                                     if getattr(cfg.arch, f.name) is not None}).to(device)
     dataset, _ = _dataset(cfg, model)
     loader, sampler = _loader(cfg, dataset, device, plan, model.grid)
+    # the checks passed: from here on the run folder is written
+    log = setup_logging(out)
+    if dist.is_main():
+        _settle_run_folder(out, state)
+        save_config(cfg, out / "config.yaml")
     world = dist.world_size()
     eff_batch = cfg.batch_size * cfg.optim.accum_iter * world
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
     optimizer = build_optimizer(model, lr, cfg.optim.weight_decay, device, decay_tokens=cfg.optim.decay_tokens)
     scaler = grad_scaler(device, cfg.precision)
     start_epoch = 0
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location="cpu")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -199,6 +210,78 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devi
                                        no_weight_decay_list=() if decay_tokens else ("cls_token", "mask_token"))
     fused = device.type == "cuda" if fused is None else fused
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+# --------------------------------------------------------------------------- checks
+# What a resume may change: nothing here alters what the run computes (precision and compile alter
+# rounding only, and are recorded per epoch in metrics.jsonl); everything else must match.
+RESUME_MAY_CHANGE = ("epochs", "out", "resume", "device", "workers", "log_every", "save_every", "viz_samples",
+                     "compile", "precision", "check_syncs", "manifest", "model_args")
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Every numeric option in range (one line naming the key, exit 2), before anything is created."""
+    m, o = cfg.masking, cfg.optim
+    require(cfg.epochs >= 1, "epochs", cfg.epochs, "at least 1")
+    require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "at least 1")
+    require(cfg.workers is None or cfg.workers >= 0, "workers", cfg.workers, ">= 0 (or unset for the default)")
+    require(cfg.log_every >= 1, "log_every", cfg.log_every, "at least 1")
+    require(cfg.save_every >= 0, "save_every", cfg.save_every, ">= 0 (0 = only checkpoint-latest.pth)")
+    require(cfg.viz_samples >= 0, "viz_samples", cfg.viz_samples, ">= 0")
+    require(cfg.shuffle_buffer >= 1, "shuffle_buffer", cfg.shuffle_buffer, "at least 1")
+    ratio = RatioSpec.parse(m.ratio, m.ratio_per)
+    require(ratio.low > 0, "masking.ratio", m.ratio, "above 0 (with nothing masked the loss is 0)")
+    require(0 <= m.cap <= 1, "masking.cap", m.cap, "between 0 and 1 (a fraction of the patches)")
+    require(m.cap_ramp_epochs >= 0, "masking.cap_ramp_epochs", m.cap_ramp_epochs, ">= 0")
+    require(m.tau > 0, "masking.tau", m.tau, "above 0")
+    require(0 < m.base < 1, "masking.base", m.base, "between 0 and 1")
+    require(m.var >= 0 and 0 < m.base - m.var and m.base + m.var < 1, "masking.var", m.var,
+            f">= 0 with base ± var inside (0, 1) (base is {m.base})")
+    require(0 <= m.delta <= 1, "masking.delta", m.delta, "between 0 and 1 (a threshold on max-normalised maps)")
+    require(m.boundary_weight > 0, "masking.boundary_weight", m.boundary_weight, "above 0")
+    require(o.blr > 0, "optim.blr", o.blr, "above 0")
+    require(o.lr is None or o.lr > 0, "optim.lr", o.lr, "above 0 (or unset to use blr)")
+    require(o.min_lr >= 0, "optim.min_lr", o.min_lr, ">= 0")
+    require(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    require(o.accum_iter >= 1, "optim.accum_iter", o.accum_iter, "at least 1")
+    for f in fields(ArchConfig):
+        value = getattr(cfg.arch, f.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            require(value >= 1, f"arch.{f.name}", value, "at least 1 (or unset for the preset's value)")
+
+
+def _check_resume(cfg: PretrainConfig, state: dict, path: Path) -> None:
+    """Refuse a resume whose config would change what the run computes (one line naming each change)."""
+    saved = dict(state.get("config") or {})
+    if not saved:
+        raise SalmaeError(f"checkpoint {path} holds no config; it was not written by `salmae pretrain`: "
+                          "start a new run (--out) instead of resuming")
+    changed = resume_differences(saved, config_to_dict(cfg), RESUME_MAY_CHANGE)
+    if changed:
+        raise SalmaeError(f"--resume would change the run in {cfg.out} ({'; '.join(changed)}); resume with the "
+                          "saved settings (config.yaml) or start a new --out")
+    done = int(state.get("epoch", -1)) + 1
+    require(cfg.epochs >= done, "epochs", cfg.epochs, f"at least the {done} epochs the checkpoint holds "
+            "(a resume extends a run, it cannot shorten one)")
+
+
+def _settle_run_folder(out: Path, state: dict | None) -> None:
+    """Before a (resumed) run writes: remove temp files that a killed save left behind, and drop the
+    metrics a killed run wrote after its last checkpoint (they would be written again)."""
+    from pipeline.checkpoint import remove_stale_temp_files
+    from pipeline.logging import truncate_metrics
+
+    out.mkdir(parents=True, exist_ok=True)
+    if _staged_manifest(out).is_file():
+        os.replace(_staged_manifest(out), out / "manifest.parquet")
+    removed = remove_stale_temp_files(out)
+    if removed:
+        get_logger().info("removed %d temp files a killed run left in %s", len(removed), out)
+    if state is not None:
+        truncate_metrics(out / "metrics.jsonl", keep_epochs_below=int(state["epoch"]) + 1)
+    elif (out / "metrics.jsonl").exists():
+        truncate_metrics(out / "metrics.jsonl", keep_epochs_below=0)   # a fresh start in a folder without checkpoints
 
 
 # --------------------------------------------------------------------------- wiring helpers
@@ -264,12 +347,20 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
         manifest = load_manifest(Path(cfg.saliency) / "manifest.parquet")
         if stale_reason(manifest, urls) is None:
             return manifest
-    cached = Path(cfg.out) / "manifest.parquet"
-    if dist.is_main() and not (cached.is_file() and stale_reason(load_manifest(cached), urls) is None):
-        get_logger().info("building the manifest of %d shards into %s", len(urls), cached)
-        build_manifest(urls, cached)
-    dist.barrier(f"rank 0 to build the manifest of --data into {cached}")
-    return load_manifest(cached)
+    out = Path(cfg.out)
+    cached = out / "manifest.parquet"
+    if cached.is_file() and stale_reason(load_manifest(cached), urls) is None:
+        return load_manifest(cached)
+    staged = _staged_manifest(out)   # beside the run folder: it moves in once every check has passed
+    if dist.is_main() and not (staged.is_file() and stale_reason(load_manifest(staged), urls) is None):
+        get_logger().info("building the manifest of %d shards into %s", len(urls), staged)
+        build_manifest(urls, staged)
+    dist.barrier(f"rank 0 to build the manifest of --data into {staged}")
+    return load_manifest(staged)
+
+
+def _staged_manifest(out: Path) -> Path:
+    return out.parent / f".{out.name}.manifest.parquet"
 
 
 def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[int, int]):

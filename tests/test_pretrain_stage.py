@@ -148,15 +148,25 @@ def test_ddp_two_processes_equal_one(tmp_path, shapes_pattern, store_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_pattern):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_pattern, monkeypatch):
+    from pipeline.models.mae import MaskedAutoencoderViT
     from stages.pretrain import run
 
     out = tmp_path / "run"
     run(_cfg(out, shapes_pattern, mask="random", epochs=1, batch_size=8, viz_samples=0))
     good = load_checkpoint(out / "checkpoint-latest.pth")
-    with pytest.raises(SalmaeError, match="loss became"):
+    real = MaskedAutoencoderViT.forward_loss
+    calls = []
+
+    def blows_up_at_step_3(self, *a, **k):   # a loss that turns non-finite mid-epoch, between logging steps
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", blows_up_at_step_3)
+    with pytest.raises(SalmaeError, match="loss became nan at epoch 1 step 4"):
         run(_cfg(out, shapes_pattern, mask="random", epochs=3, batch_size=8, viz_samples=0, resume="latest",
-                 **{"optim.lr": 1e38, "optim.warmup_epochs": 0}))
+                 log_every=4))
     kept = load_checkpoint(out / "checkpoint-latest.pth")
     assert kept["epoch"] == good["epoch"] == 0
     assert torch.equal(kept["model"]["norm.weight"], good["model"]["norm.weight"])
