@@ -128,23 +128,32 @@ def write_report(runs: list[str], out: str, baseline: str | None = None) -> str:
                           f"{', '.join(sorted({r.strategy for r in loaded}))}); name one of those")
     out_path = Path(out)
     groups = group_by_setting(loaded)
-    pretrain_rows = [Row(g) for g in groups]
     tables = {p: eval_rows(groups, p) for p in protocols_of(loaded)}
-    loss_png = out_path.with_name(out_path.stem + "-loss.png")
-    acc_png = out_path.with_name(out_path.stem + "-accuracy.png")
-    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for r in loaded:
-        panels.setdefault(r.strategy, {})[_run_name(r, loaded)] = r.losses
-    plot_loss_curves(panels, loss_png)
     eval_diffs = {p: differing_eval_keys(rows) for p, rows in tables.items()}
-    plot_accuracy_points({PROTOCOL_TITLES.get(p, f"{p} top-1"): [
-        SeedPoints(row_label(row, loaded, eval_diffs[p]), list(row.values().values()), *mean_ci(list(row.values().values())))
-        for row in rows] for p, rows in tables.items()}, acc_png)
-    text = render_markdown(loaded, pretrain_rows, tables, eval_diffs, baseline, loss_png.name, acc_png.name)
+    loss_png, acc_png = write_plots(loaded, tables, eval_diffs, out_path)
+    text = render_markdown(loaded, [Row(g) for g in groups], tables, eval_diffs, baseline, loss_png, acc_png)
     atomic_write_text(out_path, text)
     n_rows = sum(len(rows) for rows in tables.values())
     return (f"report: {out_path} ({len(loaded)} runs, {len(groups)} settings, {n_rows} eval rows; "
-            f"plots {loss_png.name}, {acc_png.name})")
+            f"plots {loss_png}, {acc_png})")
+
+
+def write_plots(runs: list[Run], tables: dict[str, list[Row]], eval_diffs: dict[str, dict[str, list[Any]]],
+                out_path: Path) -> tuple[str, str]:
+    """OUT-loss.png (a panel per mask strategy) and OUT-accuracy.png (a panel per protocol); their names."""
+    loss_png = out_path.with_name(out_path.stem + "-loss.png")
+    acc_png = out_path.with_name(out_path.stem + "-accuracy.png")
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in runs:
+        panels.setdefault(r.strategy, {})[_run_name(r, runs)] = r.losses
+    plot_loss_curves(panels, loss_png)
+    points = {}
+    for p, rows in tables.items():
+        values = [list(row.values().values()) for row in rows]
+        points[PROTOCOL_TITLES.get(p, f"{p} top-1")] = [
+            SeedPoints(row_label(row, runs, eval_diffs[p]), v, *mean_ci(v)) for row, v in zip(rows, values)]
+    plot_accuracy_points(points, acc_png)
+    return loss_png.name, acc_png.name
 
 
 # --------------------------------------------------------------------------- loading
@@ -330,6 +339,27 @@ def render_markdown(runs: list[Run], pretrain_rows: list[Row], tables: dict[str,
                     eval_diffs: dict[str, dict[str, list[Any]]], baseline: str | None,
                     loss_png: str, acc_png: str) -> str:
     differing = differing_keys(runs)
+    extra = [k for k in differing if k != "epochs"]  # epochs has its own column anyway
+    lines = _intro(runs, pretrain_rows, differing, eval_diffs, baseline)
+    lines += ["## Pretraining", ""]
+    lines += _table(["strategy", "parameters", "saliency source", *[f"`{k}`" for k in extra], "epochs", "n",
+                     "final loss (seed: value)", "mean", "95% CI"],
+                    [[*_setting_cells(r, runs, extra), _epochs_cell(r.runs), *_stat_cells(r.values(), digits=4)]
+                     for r in pretrain_rows])
+    stale: list[tuple[Run, Eval]] = []
+    for p, rows in tables.items():
+        lines += [f"## {PROTOCOL_TITLES.get(p, f'{p} top-1')} (`{p}`)", ""]
+        lines += _protocol_table(p, rows, runs, extra, eval_diffs[p], baseline, stale)
+    lines += _stale_notes(stale)
+    lines += ["Runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
+              f"![pretrain loss per mask strategy]({loss_png})", "",
+              f"![top-1 per seed, mean and 95% CI]({acc_png})", ""]
+    return "\n".join(lines)
+
+
+def _intro(runs: list[Run], pretrain_rows: list[Row], differing: dict[str, list[Any]],
+           eval_diffs: dict[str, dict[str, list[Any]]], baseline: str | None) -> list[str]:
+    """The title, how to read a row, and a warning per key that differs across the report."""
     lines = ["# salmae run comparison", "",
              f"{len(runs)} run(s) in {len(pretrain_rows)} pretraining setting(s). A row holds runs that differ "
              "only in `seed`: each seed's value (`seed: value`), their mean and its 95% confidence interval "
@@ -346,46 +376,47 @@ def render_markdown(runs: list[Run], pretrain_rows: list[Row], tables: dict[str,
         lines.append("")
     for p, diffs in eval_diffs.items():
         if diffs:
-            lines.append(f"**Warning: the {p} evaluations differ in** " +
-                         "; ".join(f"`{k}` ({', '.join(_fmt_value(v) for v in vs)})" for k, vs in diffs.items()) +
-                         " — they are separate rows.")
-            lines.append("")
-    extra = [k for k in differing if k != "epochs"]  # epochs has its own column anyway
-    lines += ["## Pretraining", ""]
-    lines += _table(["strategy", "parameters", "saliency source", *[f"`{k}`" for k in extra], "epochs", "n",
-                     "final loss (seed: value)", "mean", "95% CI"],
-                    [[r.first.strategy, strategy_params(r.first, runs) or "—", saliency_source(r.first),
-                      *[_fmt_value(r.first.config.get(k)) for k in extra], _epochs_cell(r.runs),
-                      *_stat_cells(r.values(), digits=4)] for r in pretrain_rows])
-    stale: list[tuple[Run, Eval]] = []
-    for p, rows in tables.items():
-        lines += [f"## {PROTOCOL_TITLES.get(p, f'{p} top-1')} (`{p}`)", ""]
-        header = ["strategy", "parameters", "saliency source", *[f"`{k}`" for k in extra],
-                  *[f"eval `{k}`" for k in eval_diffs[p]], "pretrain epoch", "n", "top-1 % (seed: value)",
-                  "mean", "95% CI", *([f"Δ vs {baseline} (paired)"] if baseline else [])]
-        body = []
-        for row in rows:
-            marks = {r.seed: STALE_MARK if is_stale(r, r.evals[p]) else "" for r in row.runs}
-            stale += [(r, r.evals[p]) for r in row.runs if marks[r.seed]]
-            body.append([row.first.strategy, strategy_params(row.first, runs) or "—", saliency_source(row.first),
-                         *[_fmt_value(row.first.config.get(k)) for k in extra],
-                         *[_fmt_value(row.setting.get(k)) for k in eval_diffs[p]],
-                         _fmt_epoch(row.setting.get("pretrain_epoch")),
-                         *_stat_cells(row.values(), digits=2, marks=marks),
-                         *([_baseline_cell(row, rows, baseline)] if baseline else [])])
-        lines += _table(header, body)
-    if stale:
-        lines.append(f"{STALE_MARK} evaluated a checkpoint that is no longer the run's latest (the run was trained "
-                     "further or restarted); rerun these evaluations:")
-        for run, ev in stale:
-            lines.append(f"- `{ev.dir}`: checkpoint sha256 {str(ev.results['checkpoint_sha256'])[:12]}… at pretrain "
-                         f"epoch {_fmt_epoch(ev.results.get('pretrain_epoch'))}; checkpoint-latest.pth is now "
-                         f"{run.latest_sha256[:12]}… ({len(run.losses)} epochs done)")
-        lines.append("")
-    lines += ["Runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
-              f"![pretrain loss per mask strategy]({loss_png})", "",
-              f"![top-1 per seed, mean and 95% CI]({acc_png})", ""]
-    return "\n".join(lines)
+            lines += [f"**Warning: the {p} evaluations differ in** " +
+                      "; ".join(f"`{k}` ({', '.join(_fmt_value(v) for v in vs)})" for k, vs in diffs.items()) +
+                      " — they are separate rows.", ""]
+    return lines
+
+
+def _protocol_table(protocol: str, rows: list[Row], runs: list[Run], extra: list[str],
+                    eval_diffs: dict[str, list[Any]], baseline: str | None,
+                    stale: list[tuple[Run, Eval]]) -> list[str]:
+    """One protocol's table; evals of an older checkpoint are marked and appended to `stale`."""
+    header = ["strategy", "parameters", "saliency source", *[f"`{k}`" for k in extra],
+              *[f"eval `{k}`" for k in eval_diffs], "pretrain epoch", "n", "top-1 % (seed: value)",
+              "mean", "95% CI", *([f"Δ vs {baseline} (paired)"] if baseline else [])]
+    body = []
+    for row in rows:
+        marks = {r.seed: STALE_MARK if is_stale(r, r.evals[protocol]) else "" for r in row.runs}
+        stale += [(r, r.evals[protocol]) for r in row.runs if marks[r.seed]]
+        body.append([*_setting_cells(row, runs, extra), *[_fmt_value(row.setting.get(k)) for k in eval_diffs],
+                     _fmt_epoch(row.setting.get("pretrain_epoch")),
+                     *_stat_cells(row.values(), digits=2, marks=marks),
+                     *([_baseline_cell(row, rows, baseline)] if baseline else [])])
+    return _table(header, body)
+
+
+def _stale_notes(stale: list[tuple[Run, Eval]]) -> list[str]:
+    if not stale:
+        return []
+    lines = [f"{STALE_MARK} evaluated a checkpoint that is no longer the run's latest (the run was trained "
+             "further or restarted); rerun these evaluations:"]
+    for run, ev in stale:
+        lines.append(f"- `{ev.dir}`: checkpoint sha256 {str(ev.results['checkpoint_sha256'])[:12]}… at pretrain "
+                     f"epoch {_fmt_epoch(ev.results.get('pretrain_epoch'))}; checkpoint-latest.pth is now "
+                     f"{run.latest_sha256[:12]}… ({len(run.losses)} epochs done)")
+    return lines + [""]
+
+
+def _setting_cells(row: Row, runs: list[Run], extra: list[str]) -> list[str]:
+    """strategy, parameters, saliency source and the differing pretraining keys of a row."""
+    first = row.first
+    return [first.strategy, strategy_params(first, runs) or "—", saliency_source(first),
+            *[_fmt_value(first.config.get(k)) for k in extra]]
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -398,7 +429,8 @@ def _stat_cells(values: dict[Any, float], digits: int, marks: dict[Any, str] | N
     if not values:
         return ["0", "—", "—", "—"]
     marks = marks or {}
-    per_seed = ", ".join(f"{s}: {v:.{digits}f}{marks.get(s, '')}" for s, v in sorted(values.items(), key=_seed_order))
+    ordered = sorted(values.items(), key=_seed_order)
+    per_seed = ", ".join(f"{s}: {v:.{digits}f}{marks.get(s, '')}" for s, v in ordered)
     mean, half = mean_ci(list(values.values()))
     ci = "—" if half is None else f"[{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
     return [str(len(values)), per_seed, f"{mean:.{digits}f}", ci]

@@ -94,11 +94,13 @@ def _report(tmp_path: Path, runs: list[Path], baseline: str | None = None) -> st
 # --------------------------------------------------------------------------- table content and statistics
 def test_report_lists_each_seed_mean_and_t_interval(tmp_path):
     runs = [
-        make_run(tmp_path, "sal-s0", mask="saliency", seed=0, losses=[0.9, 0.7, 0.5], top1={"knn": 60.0, "linear": 70.0}),
-        make_run(tmp_path, "sal-s1", mask="saliency", seed=1, losses=[0.9, 0.7, 0.6], top1={"knn": 64.0, "linear": 74.0}),
+        make_run(tmp_path, "sal-s0", mask="saliency", seed=0, losses=[0.9, 0.7, 0.5],
+                 top1={"knn": 60.0, "linear": 70.0}),
+        make_run(tmp_path, "sal-s1", mask="saliency", seed=1, losses=[0.9, 0.7, 0.6],
+                 top1={"knn": 64.0, "linear": 74.0}),
         make_run(tmp_path, "sal-s2", mask="saliency", seed=2, losses=[0.9, 0.7, 0.55], top1={"knn": 62.0}),
-        make_run(tmp_path, "rand-s0", mask="random", seed=0, losses=[1.0, 0.8, 0.65], top1={"knn": 50.0, "finetune": 81.5},
-                 saliency=None),
+        make_run(tmp_path, "rand-s0", mask="random", seed=0, losses=[1.0, 0.8, 0.65],
+                 top1={"knn": 50.0, "finetune": 81.5}, saliency=None),
     ]
     out = tmp_path / "report" / "report.md"
     summary = write_report([str(r) for r in runs], str(out))
