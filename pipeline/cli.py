@@ -220,11 +220,13 @@ for _protocol in ("linear", "knn", "finetune"):
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output markdown file.")
-def report(runs, out) -> None:
-    """Compare pretraining runs (and their evals) in one markdown table with PNG plots."""
+@click.option("--baseline", default=None, metavar="STRATEGY",
+              help="Mask strategy (e.g. random) each row is compared with, seed by seed (paired difference).")
+def report(runs, out, baseline) -> None:
+    """Compare pretraining runs (and their evals) in markdown tables with PNG plots."""
     from stages.report import write_report
 
-    click.echo(write_report(list(runs), out))
+    click.echo(write_report(list(runs), out, baseline=baseline))
 
 
 # --------------------------------------------------------------------------- whole pipeline

@@ -1,61 +1,123 @@
-"""Plots of the run-comparison report (`salmae report`): pretrain loss curves, accuracy bars.
+"""Plots of the run-comparison report (`salmae report`): pretrain loss curves, accuracy per seed.
 
-Pure matplotlib with the Agg backend (no display needed); each function writes one PNG.
+Pure matplotlib with the Agg backend (no display needed). `loss_figure` / `accuracy_figure`
+build a figure (tests read its axes); `plot_*` write it as one PNG.
+
+- Loss: one panel per mask strategy, each with its own y-axis. Each strategy computes its loss
+  over different patches (salient ones are harder to reconstruct), so a lower curve in another
+  panel does not mean a better model; the figure says so.
+- Accuracy: one panel per protocol, one column per table row: every seed a hollow point, the
+  mean a black diamond with its 95% interval. The y-axis is fitted to the points and the
+  intervals (not fixed at 0-100), so differences of a point or two stay visible.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+LOSS_CAVEAT = "each strategy computes its loss over different patches: panels are not comparable"
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | Path) -> Path:
-    """One line per run: (epoch, mean pretrain loss) pairs, labelled by the run name."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, points in curves.items():
-        if points:
-            epochs, losses = zip(*points)
-            ax.plot([e + 1 for e in epochs], losses, marker="o", markersize=3, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("pretrain loss")
-    ax.set_title("MAE pretraining loss")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=7)
-    return _save(fig, path)
+class SeedPoints(NamedTuple):
+    """One table row as plotted: a label, each seed's value, the mean and its 95% half width."""
+
+    label: str
+    values: Sequence[float]
+    mean: float
+    half_width: float | None
 
 
-def plot_accuracy_bars(settings: Sequence[str], protocols: Sequence[str],
-                       means: Mapping[tuple[str, str], float], stds: Mapping[tuple[str, str], float],
-                       path: str | Path) -> Path:
-    """Grouped bars: one group per setting (strategy), one bar per protocol, std as error bars.
+def loss_figure(panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> Figure:
+    """One panel per mask strategy (no shared y-axis); in each, one line per run.
 
-    means / stds are keyed by (setting, protocol); missing pairs are left out.
+    panels: strategy -> run name -> (epoch from 0, mean pretrain loss) pairs.
     """
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(settings) + 2), 4.0), dpi=100)
-    width = 0.8 / max(len(protocols), 1)
-    for j, protocol in enumerate(protocols):
-        xs = [i + (j - (len(protocols) - 1) / 2) * width for i, s in enumerate(settings) if (s, protocol) in means]
-        ys = [means[(s, protocol)] for s in settings if (s, protocol) in means]
-        es = [stds.get((s, protocol), 0.0) for s in settings if (s, protocol) in means]
-        ax.bar(xs, ys, width=width, yerr=es, capsize=3, label=protocol)
-    ax.set_xticks(range(len(settings)))
-    ax.set_xticklabels(settings, rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("accuracy per strategy")
-    ax.grid(axis="y", alpha=0.3)
-    if protocols:
-        ax.legend(fontsize=7)
-    return _save(fig, path)
+    n = max(len(panels), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.7), dpi=100, squeeze=False)
+    for ax, (strategy, curves) in zip(axes.flat, panels.items()):
+        for name, points in curves.items():
+            if points:
+                epochs, losses = zip(*points)
+                ax.plot([e + 1 for e in epochs], losses, marker="o", markersize=3, label=name)
+        ax.set_title(f"mask: {strategy}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("pretrain loss")
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        fig.delaxes(ax)
+    fig.suptitle(f"MAE pretraining loss per mask strategy\n({LOSS_CAVEAT})", fontsize=9)
+    return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def accuracy_figure(panels: Mapping[str, Sequence[SeedPoints]]) -> Figure:
+    """One panel per protocol title; per row, each seed's value and the mean with its interval."""
+    n = max(len(panels), 1)
+    widest = max((len(rows) for rows in panels.values()), default=1)
+    fig, axes = plt.subplots(1, n, figsize=(n * max(3.6, 0.9 * widest + 1.6), 4.4), dpi=100, squeeze=False)
+    for ax, (title, rows) in zip(axes.flat, panels.items()):
+        for i, row in enumerate(rows):
+            xs = [i - 0.12 + dx for dx in _spread(len(row.values))]
+            ax.scatter(xs, row.values, s=16, facecolors="none", edgecolors="tab:blue",
+                       label="one seed" if i == 0 else None, zorder=3)
+            ax.errorbar([i + 0.15], [row.mean], yerr=None if row.half_width is None else [[row.half_width]] * 2,
+                        fmt="D", color="black", markersize=5, capsize=4,
+                        label="mean ± 95% CI" if i == 0 else None, zorder=4)
+        ends = [row.mean + sign * row.half_width for row in rows if row.half_width is not None for sign in (-1, 1)]
+        ax.set_ylim(*fitted_ylim([v for row in rows for v in row.values] + ends, bounds=(0.0, 100.0)))
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([row.label for row in rows], rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if rows:
+            ax.legend(fontsize=7)
+    fig.suptitle("top-1: each seed a point, the mean with its 95% CI (y-axis fitted to the data)", fontsize=8)
+    return fig
+
+
+def fitted_ylim(values: Sequence[float], pad_frac: float = 0.1, min_pad: float = 0.5,
+                bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """An axis range around `values`: their span plus `pad_frac` of it (at least `min_pad`) each
+    side, kept within `bounds` (e.g. 0-100 for accuracies) when given."""
+    if not values:
+        return bounds or (0.0, 1.0)
+    lo, hi = min(values), max(values)
+    pad = max((hi - lo) * pad_frac, min_pad)
+    lo, hi = lo - pad, hi + pad
+    return (max(lo, bounds[0]), min(hi, bounds[1])) if bounds else (lo, hi)
+
+
+def plot_loss_curves(panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: str | Path) -> Path:
+    """Write `loss_figure(panels)` to `path` (PNG)."""
+    return _save(loss_figure(panels), path)
+
+
+def plot_accuracy_points(panels: Mapping[str, Sequence[SeedPoints]], path: str | Path) -> Path:
+    """Write `accuracy_figure(panels)` to `path` (PNG)."""
+    return _save(accuracy_figure(panels), path)
+
+
+def _spread(n: int, width: float = 0.16) -> list[float]:
+    """x offsets that keep n seed points of one row apart."""
+    return [0.0] if n <= 1 else [-width / 2 + width * k / (n - 1) for k in range(n)]
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -360,6 +360,7 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
         "epochs": outcome["epochs"],
         "checkpoint": str(Path(ctx.cfg.checkpoint).resolve()),
         "checkpoint_sha256": ctx.checkpoint_sha256,
+        "pretrain_epoch": _pretrain_epoch(ctx.cfg.checkpoint),
         "counts": {"train": len(data.train) - len(outcome["train_unreadable"]),
                    "val": len(data.val) - len(outcome["val_unreadable"]),
                    "skipped": len(skipped), "skipped_files": skipped, "classes": len(data.classes)},
@@ -374,3 +375,20 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
         "salmae_version": __version__,
         **extra,
     }
+
+
+def _pretrain_epoch(path: str) -> int | None:
+    """The checkpoint dict's `epoch` (stage 2 and MAE: the last finished epoch, from 0), None if absent.
+
+    Memory-mapped, so the tensors are not read a second time; MAE's own checkpoints hold an
+    `argparse.Namespace`, the one non-plain type allowed here.
+    """
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # timm weights in the legacy format, safetensors, …: no epoch to report
+        return None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    return int(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
