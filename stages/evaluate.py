@@ -99,7 +99,7 @@ class EvalConfig:
     compile: bool = False         # finetune: torch.compile the (DDP-wrapped) model
     resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
     timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it
-    num_heads: int | None = None  # attention heads for inferred architectures (default embed_dim // 64)
+    num_heads: int | None = None  # attention heads for inferred architectures (None: by width, 192->3 … 1280->16)
     linear: LinearConfig = field(default_factory=LinearConfig)    # linear-probe settings
     knn: KnnConfig = field(default_factory=KnnConfig)             # kNN settings
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tune settings
@@ -364,7 +364,7 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
                    "val": len(data.val) - len(outcome["val_unreadable"]),
                    "skipped": len(skipped), "skipped_files": skipped, "classes": len(data.classes)},
         "encoder": {"source": spec.source, **spec.arch, "pretrain_img_size": spec.pretrain_img_size,
-                    "eval_img_size": ctx.image_size},
+                    "eval_img_size": ctx.image_size, "dropped_keys": spec.dropped_keys},
         "config": config_to_dict(ctx.cfg),
         "world_size": dist.world_size(),
         # What the numbers were computed at: frozen features (knn, linear) are always fp32, eager.

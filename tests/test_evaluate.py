@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def mae_checkpoint(tmp_path_factory) -> Path:
 def _cfg(protocol, ckpt, data, out, **sets) -> EvalConfig:
     overrides = [f"{k}={v}" for k, v in sets.items()]
     return resolve_config(EvalConfig, None, overrides, protocol=protocol, checkpoint=str(ckpt), data=str(data),
-                          out=str(out), device="cpu", workers=0)
+                          out=str(out), device="cpu", workers=0, num_heads=1)  # width 32: not a standard ViT
 
 
 def test_knn_separable_far_above_chance_and_results_fields(colour_folder, mae_checkpoint, tmp_path):
@@ -86,8 +87,26 @@ def test_knn_separable_far_above_chance_and_results_fields(colour_folder, mae_ch
     assert saved["counts"]["skipped_files"][0].endswith("red/9999.png")
     assert saved["config"]["knn"] == {"k": 20, "temperature": 0.07}
     assert saved["encoder"]["source"] == "mae" and saved["salmae_version"] and saved["seconds"] > 0
+    assert saved["encoder"]["dropped_keys"] == ["mask_token", "decoder_embed.weight"]
+    assert saved["encoder"]["num_heads"] == 1 and saved["config"]["num_heads"] == 1
     for name in ("config.yaml", "run.log", "features-train.pt", "features-val.pt"):
         assert (tmp_path / "knn" / name).is_file(), name
+
+
+def test_files_damaged_after_opening_are_counted_unreadable_not_replaced(colour_folder, mae_checkpoint, tmp_path):
+    """check=none: two val files that fail to decode are left out of the score and listed, never replaced by a
+    neighbour (which would score a neighbour twice and report 24 readable val images)."""
+    root = tmp_path / "colours"
+    shutil.copytree(colour_folder, root)
+    (root / "train" / "red" / "9999.png").unlink()
+    for name in ("blue/0000.png", "green/0003.png"):
+        (root / "val" / name).write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    res = run(_cfg("knn", mae_checkpoint, root, tmp_path / "knn", batch_size=32, check="none"))
+    assert res["counts"]["val"] == 22 and res["counts"]["train"] == 48 and res["counts"]["skipped"] == 2
+    assert sorted(Path(p).relative_to(root / "val").as_posix() for p in res["counts"]["skipped_files"]) == \
+        ["blue/0000.png", "green/0003.png"]
+    feats = torch.load(tmp_path / "knn" / "features-val.pt", weights_only=True)
+    assert int((~feats["ok"]).sum()) == 2
 
 
 def test_random_encoder_on_hard_set_is_near_chance(noise_folder, mae_checkpoint, tmp_path):
@@ -153,7 +172,7 @@ def test_torchrun_two_processes_match_one(colour_folder, mae_checkpoint, tmp_pat
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "eval", "knn",
            "--checkpoint", str(mae_checkpoint), "--data", str(colour_folder), "--out", str(tmp_path / "two"),
-           "--batch-size", "8", "--device", "cpu", "--set", "workers=0"]
+           "--batch-size", "8", "--device", "cpu", "--set", "workers=0", "--set", "num_heads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -301,7 +320,7 @@ def _torchrun_finetune(ckpt: Path, data: Path, out: Path, epochs: int, *sets: st
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "eval", "finetune",
            "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--batch-size", "8",
-           "--epochs", str(epochs), "--device", "cpu", "--set", "workers=0",
+           "--epochs", str(epochs), "--device", "cpu", "--set", "workers=0", "--set", "num_heads=1",
            *[f"--set={k}={v}" for k, v in FT_SETS.items() if k != "batch_size"], *[f"--set={s}" for s in sets]]
     env = {**os.environ, "OMP_NUM_THREADS": "1",  # children import this worktree's pipeline
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
