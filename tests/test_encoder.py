@@ -245,3 +245,15 @@ def test_stage2_mae_checkpoint_encoder_equals_mae_forward_encoder(tmp_path):
     ids_keep = torch.arange(16).expand(2, 16)  # every patch visible, in order
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(x), mae.forward_encoder(x, ids_keep), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_can_be_chosen_from_the_width(tmp_path):
+    """Fine-tuning passes a function of the width (MAE's recipes differ by size); the last block gets the rate."""
+    path = tmp_path / "mae.pth"
+    torch.save({"model": mae_state_dict()}, path)
+    widths = []
+    model, spec = load_encoder(path, drop_path_rate=lambda width: (widths.append(width), 0.3)[1])
+    assert widths == [192] and spec.drop_path_rate == 0.3
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)  # timm: linspace(0, rate, depth)
+    plain, plain_spec = load_encoder(path)
+    assert plain_spec.drop_path_rate == 0.0 and not hasattr(plain.blocks[-1].drop_path1, "drop_prob")
