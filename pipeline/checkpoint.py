@@ -1,11 +1,14 @@
 """Checkpoints: one dict (model, optimizer, scaler, epoch, config, version), written atomically.
 
 Loading always uses `weights_only=True`, so a checkpoint can hold only tensors and plain
-Python containers/scalars (configs are stored as plain dicts, never as dataclass objects).
+Python containers/scalars (configs are stored as plain dicts, never as dataclass objects), plus
+exactly one class more: `argparse.Namespace`, which MAE's own `main_pretrain.py` /
+`main_finetune.py` store under `args`. Any other pickled object is still refused.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from pipeline.errors import SalmaeError
 from pipeline.files import atomic_path
 
 FORMAT_VERSION = 1
+# Classes a checkpoint may hold beyond weights_only's tensors and containers: MAE's `args`.
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:
@@ -56,7 +61,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise SalmaeError(f"checkpoint {path} not found; check the path (or train one first)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-checkpoint files
         raise SalmaeError(f"checkpoint {path} could not be read ({e.__class__.__name__}: {str(e)[:120]}); "
                           "is it a complete torch checkpoint?") from e

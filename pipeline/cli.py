@@ -194,16 +194,28 @@ def _eval_command(protocol: str):
                   help="Mean-pool patch tokens (default for finetune) or use the class token (linear/knn default).")
     @_config_options
     def command(config_path, overrides, **named) -> None:
+        if "augment" in named:  # --aug/--no-aug sets linear.augment
+            named["linear.augment"] = named.pop("augment")
         _run_stage("stages.evaluate", "EvalConfig", config_path, overrides, protocol=protocol, **named)
 
+    if protocol in ("linear", "finetune"):
+        command = click.option("--accum-iter", "accum_iter", type=int, default=None,
+                               help="Micro-batches per optimiser step (default: global batch / (batch x processes); "
+                                    "MAE's global batch is 16384 for linear, 1024 for finetune).")(command)
+    if protocol == "linear":
+        command = click.option("--aug/--no-aug", "augment", default=None,
+                               help="MAE's probe with RandomResizedCrop + flip (default), or the fast variant on "
+                                    "cached centre-crop features, recorded as protocol linear-noaug.")(command)
     if protocol == "finetune":
         command = click.option("--compile/--no-compile", "compile", default=None,
                                help="torch.compile the ViT (default: off).")(command)
 
     command.__doc__ = {
-        "linear": "Linear probe on frozen features (BatchNorm + Linear, LARS, cached features).",
+        "linear": "MAE's linear probe (crop + flip, BatchNorm + Linear, LARS, global batch 16384, 90 epochs); "
+                  "--no-aug: cached features (linear-noaug).",
         "knn": "Weighted kNN on L2-normalised frozen features (k=20, T=0.07).",
-        "finetune": "End-to-end fine-tuning with layer decay, mixup/cutmix, RandAugment.",
+        "finetune": "End-to-end fine-tuning with MAE's recipe for the encoder's size (layer decay, drop path, "
+                    "blr, epochs), global batch 1024, mixup/cutmix, RandAugment.",
     }[protocol]
     return command
 

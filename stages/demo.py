@@ -45,7 +45,7 @@ class DemoConfig:
     epochs: int = 12                   # pretraining epochs per run
     batch_size: int = 64               # pretraining batch
     blr: float = 1.5e-3                # pretraining base lr: 10x MAE's, for a short run at a tiny batch
-    linear_epochs: int = 30            # linear-probe epochs (on cached features)
+    linear_epochs: int = 30            # linear-probe epochs (the cached-feature variant, linear-noaug)
     linear_blr: float = 50.0           # LARS base lr: MAE's 0.1 assumes batch 16384; ours is 64
     workers: int = 2                   # DataLoader workers in every stage
     device: str = "auto"               # auto | cpu | cuda
@@ -150,8 +150,8 @@ def _evaluate(cfg: DemoConfig, protocol: str, run_dir: Path, root: Path, seed: i
     ecfg = evaluate.EvalConfig(protocol=protocol, checkpoint=str(run_dir / "checkpoint-latest.pth"),
                                data=str(root), out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
                                epochs=cfg.linear_epochs if protocol == "linear" else None,
-                               batch_size=64, workers=cfg.workers, seed=seed, crop_pct=1.0,
-                               linear=evaluate.LinearConfig(blr=cfg.linear_blr, warmup_epochs=3))
+                               batch_size=64, global_batch=64, workers=cfg.workers, seed=seed, crop_pct=1.0,
+                               linear=evaluate.LinearConfig(blr=cfg.linear_blr, warmup_epochs=3, augment=False))
     result = evaluate.run(ecfg)
     return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result
 

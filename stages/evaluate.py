@@ -2,7 +2,16 @@
 
 `salmae eval {linear,knn,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
 (`pipeline.models.encoder`), reads an ImageFolder root (`pipeline.eval.data`) and runs one
-protocol with MAE's / DINO's defaults. The same command runs as one process or under torchrun:
+protocol with MAE's / DINO's defaults:
+- `linear` is MAE's linear probe: RandomResizedCrop + flip, BatchNorm (no affine) + Linear,
+  LARS, blr 0.1 at a global batch of 16384 (by gradient accumulation), 90 epochs, 10 warmup.
+  `linear --no-aug` (`linear.augment=false`) is the fast variant on cached centre-crop features,
+  recorded as protocol `linear-noaug` so no table can mix the two.
+- `finetune` takes MAE's recipe for the encoder's size (`pipeline.eval.recipes`: layer decay,
+  drop path, blr, epochs; config values override it) at a global batch of 1024, head bias 0.
+- `knn` is DINO's weighted kNN (k 20, T 0.07).
+results.json records the protocol name, epochs, the global batch asked for and used, the
+accumulation, the lr (and for fine-tuning the resolved recipe). The same command runs as one process or under torchrun:
 features are extracted split over ranks and all-gathered; kNN scores each rank's share of the
 val rows on the device and sums the hit counts; the linear head and fine-tuning train under DDP.
 Frozen features (kNN, linear) are always computed in fp32, as DINO does; `precision` (autocast,
@@ -19,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -30,21 +39,24 @@ from pipeline.config import config_to_dict, save_config
 from pipeline.device import (grad_scaler, loader_generator, pick_device, pin_memory, resolve_precision,
                              seed_everything, seed_worker)
 from pipeline.errors import SalmaeError
+from pipeline.eval.accumulation import Accumulation, plan_accumulation
 from pipeline.eval.data import EvalData, open_eval_data
 from pipeline.eval.features import Features, cached_features, extract_features
-from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints
+from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints, init_finetune_head
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval.knn import knn_hits
 from pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
                                   train_linear_head)
 from pipeline.eval.metrics import topk_correct
+from pipeline.eval.recipes import FINETUNE_GLOBAL_BATCH, FinetuneRecipe, resolve_recipe
 from pipeline.eval.transforms import eval_transform, finetune_train_transform, linear_train_transform
 from pipeline.files import atomic_write_json, sha256_file
 from pipeline.logging import MetricsWriter, get_logger, setup_logging
 from pipeline.models.encoder import EncoderSpec, load_encoder
 
-DEFAULT_EPOCHS = {"linear": 90, "knn": 0, "finetune": 100}
-DEFAULT_BATCH = {"linear": 256, "knn": 256, "finetune": 64}
+DEFAULT_EPOCHS = {"linear": 90, "knn": 0}  # finetune: the recipe's (pipeline.eval.recipes)
+DEFAULT_BATCH = {"linear": 512, "knn": 256, "finetune": 64}  # linear: MAE's per-GPU 512 (the head's BatchNorm batch)
+DEFAULT_GLOBAL_BATCH = {"linear": 16384, "knn": 0, "finetune": FINETUNE_GLOBAL_BATCH}  # MAE's effective batches
 
 
 @dataclass
@@ -52,8 +64,8 @@ class LinearConfig:
     blr: float = 0.1             # base lr; lr = blr * global batch / 256 (MAE linear probe)
     warmup_epochs: int = 10      # linear warmup before the half-cycle cosine
     weight_decay: float = 0.0    # LARS weight decay on the head's weight matrix
-    augment: bool = False        # MAE's RandomResizedCrop + flip; True disables the feature cache
-    cache: bool = True           # extract train features once (needs augment=False); False re-encodes each epoch
+    augment: bool = True         # MAE's RandomResizedCrop + flip; False (--no-aug) = protocol linear-noaug
+    cache: bool = True           # linear-noaug: extract train features once; False re-encodes each epoch
 
 
 @dataclass
@@ -64,12 +76,12 @@ class KnnConfig:
 
 @dataclass
 class FinetuneConfig:
-    blr: float = 5e-4            # base lr; lr = blr * global batch / 256 (AdamW)
+    blr: float | None = None     # base lr; lr = blr * global batch / 256 (AdamW). None: recipe (B 5e-4, L/H 1e-3)
     min_lr: float = 1e-6         # floor of the cosine schedule
     warmup_epochs: int = 5       # linear warmup epochs
     weight_decay: float = 0.05   # AdamW weight decay (not on norms, biases, tokens)
-    layer_decay: float = 0.75    # layer-wise lr decay (timm create_optimizer_v2)
-    drop_path: float = 0.1       # stochastic depth rate
+    layer_decay: float | None = None  # layer-wise lr decay (timm create_optimizer_v2). None: recipe (B 0.65, L/H 0.75)
+    drop_path: float | None = None    # stochastic depth rate. None: recipe (B 0.1, L 0.2, H 0.3)
     mixup: float = 0.8           # Mixup alpha (0 with cutmix 0 = off)
     cutmix: float = 1.0          # CutMix alpha
     label_smoothing: float = 0.1  # smoothing of the (mixed) targets
@@ -84,8 +96,10 @@ class EvalConfig:
     checkpoint: str = ""          # stage-2 checkpoint, official MAE checkpoint or timm ViT weights
     data: str = ""                # ImageFolder root with train/ and val/ class folders
     out: str = ""                 # output folder (results.json, config.yaml, run.log, caches)
-    epochs: int | None = None     # training epochs (None = protocol default: linear 90, finetune 100)
-    batch_size: int | None = None  # per-process batch (None = linear/knn 256, finetune 64)
+    epochs: int | None = None     # training epochs (None = protocol default: linear 90, finetune the recipe's)
+    batch_size: int | None = None  # per-process (micro-)batch (None = linear 512, knn 256, finetune 64)
+    global_batch: int | None = None  # images per optimiser step over all ranks (None = MAE's: linear 16384, finetune 1024)
+    accum_iter: int | None = None  # micro-batches per step (None = global_batch // (batch_size * world), at least 1)
     device: str = "auto"          # auto, cpu or cuda
     global_pool: bool | None = None  # mean-pool patch tokens instead of the class token (None: finetune only)
     image_size: int | None = None  # eval input side (None = the pretraining size; pos-embed resampled otherwise)
@@ -99,7 +113,7 @@ class EvalConfig:
     compile: bool = False         # finetune: torch.compile the (DDP-wrapped) model
     resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
     timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it
-    num_heads: int | None = None  # attention heads for inferred architectures (default embed_dim // 64)
+    num_heads: int | None = None  # attention heads for inferred architectures (None: by width, 192->3 … 1280->16)
     linear: LinearConfig = field(default_factory=LinearConfig)    # linear-probe settings
     knn: KnnConfig = field(default_factory=KnnConfig)             # kNN settings
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tune settings
@@ -114,6 +128,7 @@ class _Context:
     device: torch.device
     epochs: int
     batch_size: int
+    protocol: str                 # as recorded: knn, linear, linear-noaug or finetune
     image_size: int
     checkpoint_sha256: str
     metrics: MetricsWriter
@@ -138,8 +153,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     seed_everything(cfg.seed + dist.rank())
     ckpt_sha = sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
     ctx = _Context(cfg=cfg, out=out, device=device,
-                   epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS[cfg.protocol],
-                   batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], image_size=0,
+                   epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(cfg.protocol, 0),
+                   batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], protocol=protocol_name(cfg), image_size=0,
                    checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"), precision=precision)
     protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
     outcome = protocol(ctx)
@@ -147,13 +162,32 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if dist.is_main():
         atomic_write_json(out / "results.json", results)
     dist.barrier()
-    log.info("eval %s: top-1 %.2f%%, top-5 %.2f%% -> %s", cfg.protocol, results["top1"], results["top5"],
+    log.info("eval %s: top-1 %.2f%%, top-5 %.2f%% -> %s", ctx.protocol, results["top1"], results["top5"],
              out / "results.json")
     return results
 
 
+def protocol_name(cfg: EvalConfig) -> str:
+    """The protocol as results.json names it: the linear probe without augmentation is `linear-noaug`."""
+    if cfg.protocol == "linear" and not cfg.linear.augment:
+        return "linear-noaug"
+    return cfg.protocol
+
+
+def _accumulation(ctx: _Context, micro_batches: int) -> Accumulation:
+    cfg = ctx.cfg
+    acc = plan_accumulation(cfg.global_batch or DEFAULT_GLOBAL_BATCH[cfg.protocol], ctx.batch_size,
+                            dist.world_size(), micro_batches, cfg.accum_iter)
+    capped = cfg.accum_iter is not None and acc.accum_iter < cfg.accum_iter
+    if acc.global_batch < acc.requested_global_batch or capped:
+        get_logger().warning("%s: global batch %d asked for, %d used (batch %d x %d process(es) x accum_iter %d; "
+                             "an epoch has %d micro-batches)", ctx.protocol, acc.requested_global_batch,
+                             acc.global_batch, ctx.batch_size, dist.world_size(), acc.accum_iter, micro_batches)
+    return acc
+
+
 # --------------------------------------------------------------------------- protocols
-def _load(ctx: _Context, *, global_pool: bool = False, drop_path: float = 0.0):
+def _load(ctx: _Context, *, global_pool: bool = False, drop_path: float | Callable[[int], float] = 0.0):
     cfg = ctx.cfg
     encoder, spec = load_encoder(cfg.checkpoint, img_size=cfg.image_size, global_pool=global_pool,
                                  drop_path_rate=drop_path, num_heads=cfg.num_heads, timm_model=cfg.timm_model)
@@ -215,11 +249,12 @@ def _run_linear(ctx: _Context) -> dict[str, Any]:
         batches = EncoderBatches(encoder, data.train, ctx.batch_size, cfg.seed, ctx.device, workers=cfg.workers)
     torch.manual_seed(cfg.seed)  # same head init whichever path
     head = LinearProbeHead(encoder.num_features, len(data.classes)).to(ctx.device)
-    lr = lc.blr * ctx.batch_size * dist.world_size() / 256
+    acc = _accumulation(ctx, len(batches))
+    lr = lc.blr * acc.global_batch / 256
     optimizer = lars_for_head(head, lr, lc.weight_decay)
     trained = DistributedDataParallel(head) if dist.world_size() > 1 else head
-    train_linear_head(trained, batches, optimizer, epochs=ctx.epochs, base_lr=lr,
-                      warmup_epochs=lc.warmup_epochs, on_epoch=lambda e, loss: _log_epoch(ctx, e, loss))
+    train_linear_head(trained, batches, optimizer, epochs=ctx.epochs, base_lr=lr, warmup_epochs=lc.warmup_epochs,
+                      accum_iter=acc.accum_iter, on_epoch=lambda e, loss: _log_epoch(ctx, e, loss))
     head.eval()
     va = val.readable()
     with torch.no_grad():
@@ -228,7 +263,8 @@ def _run_linear(ctx: _Context) -> dict[str, Any]:
     n = max(va.labels.numel(), 1)
     train_bad = _bad(train) if use_cache else gather_ints(sorted(batches.unreadable))
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": ctx.epochs, "spec": spec,
-            "train_unreadable": train_bad, "val_unreadable": _bad(val), "cached_features": use_cache, "lr": lr}
+            "train_unreadable": train_bad, "val_unreadable": _bad(val), "cached_features": use_cache, "lr": lr,
+            "blr": lc.blr, "accumulation": acc}
 
 
 def _run_finetune(ctx: _Context) -> dict[str, Any]:
@@ -236,18 +272,20 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
 
     cfg, fc = ctx.cfg, ctx.cfg.finetune
     global_pool = True if cfg.global_pool is None else cfg.global_pool
-    model, spec = _load(ctx, global_pool=global_pool, drop_path=fc.drop_path)
+    model, spec = _load(ctx, global_pool=global_pool, drop_path=lambda width: _recipe(fc, width).drop_path)
+    recipe = _recipe(fc, spec.arch["embed_dim"])
+    ctx.epochs = cfg.epochs if cfg.epochs is not None else recipe.epochs
     data = _open_data(ctx, finetune_train_transform(ctx.image_size, cfg.mean, cfg.std, fc.auto_augment, fc.re_prob),
                       eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct))
     num_classes = len(data.classes)
     torch.manual_seed(cfg.seed)  # the same head on every rank (DDP would broadcast rank 0's anyway)
-    model.reset_classifier(num_classes)
-    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE's head init
+    init_finetune_head(model, num_classes)
     model.to(ctx.device)
     sampler, loader, generator = _finetune_loader(ctx, data.train)
-    lr = fc.blr * ctx.batch_size * dist.world_size() / 256
+    acc = _accumulation(ctx, len(loader))
+    lr = recipe.blr * acc.global_batch / 256
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=fc.weight_decay,
-                                    layer_decay=fc.layer_decay)
+                                    layer_decay=recipe.layer_decay)
     scaler = grad_scaler(ctx.device, ctx.precision)  # fp16 only
     mixup, criterion = _finetune_objective(fc, num_classes)
     start_epoch = _resume_finetune(ctx, model, optimizer, scaler)
@@ -262,7 +300,7 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
         loss, bad = finetune_one_epoch(trained, loader, optimizer, criterion, ctx.device, epoch=epoch,
                                        total_steps=ctx.epochs * steps, warmup_steps=fc.warmup_epochs * steps,
                                        base_lr=lr, min_lr=fc.min_lr, mixup=mixup, clip_grad=fc.clip_grad,
-                                       precision=ctx.precision, scaler=scaler)
+                                       precision=ctx.precision, scaler=scaler, accum_iter=acc.accum_iter)
         train_bad += bad
         _log_epoch(ctx, epoch, loss)
         if dist.is_main():
@@ -274,7 +312,13 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
                                                  workers=cfg.workers, precision=ctx.precision)
     return {"top1": top1, "top5": top5, "epochs": ctx.epochs, "spec": spec,
             "train_unreadable": sorted(set(gather_ints(train_bad))), "val_unreadable": val_bad,
-            "lr": lr, "resumed_from_epoch": start_epoch, "precision": ctx.precision, "compile": cfg.compile}
+            "lr": lr, "resumed_from_epoch": start_epoch, "precision": ctx.precision, "compile": cfg.compile,
+            "blr": recipe.blr, "accumulation": acc, "recipe": recipe.as_dict()}
+
+
+def _recipe(fc: FinetuneConfig, embed_dim: int) -> FinetuneRecipe:
+    """MAE's recipe for this width, with the config's non-None values put in."""
+    return resolve_recipe(embed_dim, layer_decay=fc.layer_decay, drop_path=fc.drop_path, blr=fc.blr)
 
 
 def _finetune_loader(ctx: _Context, train):
@@ -341,9 +385,9 @@ def _bad(feats: Features) -> list[int]:
 
 
 def _log_epoch(ctx: _Context, epoch: int, loss: float) -> None:
-    ctx.metrics.write(protocol=ctx.cfg.protocol, epoch=epoch, loss=loss)
+    ctx.metrics.write(protocol=ctx.protocol, epoch=epoch, loss=loss)
     if dist.is_main():
-        get_logger().info("%s epoch %d/%d: loss %.4f", ctx.cfg.protocol, epoch + 1, ctx.epochs, loss)
+        get_logger().info("%s epoch %d/%d: loss %.4f", ctx.protocol, epoch + 1, ctx.epochs, loss)
 
 
 def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -352,9 +396,11 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
     late = [data.train.name(i) for i in outcome["train_unreadable"]] + \
            [data.val.name(i) for i in outcome["val_unreadable"]]
     skipped = data.skipped + late
-    extra = {k: outcome[k] for k in ("cached_features", "lr", "resumed_from_epoch") if k in outcome}
+    extra = {k: outcome[k] for k in ("cached_features", "lr", "blr", "resumed_from_epoch", "recipe") if k in outcome}
+    if "accumulation" in outcome:  # batch_size, accum_iter, global_batch (used), requested_global_batch, steps
+        extra.update(batch_size=ctx.batch_size, **outcome["accumulation"].as_dict())
     return {
-        "protocol": ctx.cfg.protocol,
+        "protocol": ctx.protocol,
         "top1": round(float(outcome["top1"]), 4),
         "top5": round(float(outcome["top5"]), 4),
         "epochs": outcome["epochs"],
@@ -365,7 +411,7 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
                    "val": len(data.val) - len(outcome["val_unreadable"]),
                    "skipped": len(skipped), "skipped_files": skipped, "classes": len(data.classes)},
         "encoder": {"source": spec.source, **spec.arch, "pretrain_img_size": spec.pretrain_img_size,
-                    "eval_img_size": ctx.image_size},
+                    "eval_img_size": ctx.image_size, "dropped_keys": spec.dropped_keys},
         "config": config_to_dict(ctx.cfg),
         "world_size": dist.world_size(),
         # What the numbers were computed at: frozen features (knn, linear) are always fp32, eager.

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
@@ -96,6 +97,61 @@ def test_linear_unreadable_batch_leaves_head_and_batchnorm_stats_alone():
         assert torch.equal(v, before[k]), k
 
 
+def _rows(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, FEAT, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def _linear_head() -> nn.Module:
+    """A head without BatchNorm, so a micro-batch's gradient does not depend on the others in its group."""
+    torch.manual_seed(3)
+    return nn.Linear(FEAT, CLASSES)
+
+
+def _train_linear(batches, accum_iter: int) -> tuple[nn.Module, list[float]]:
+    head, losses = _linear_head(), []
+    train_linear_head(head, _ListBatches(batches), torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9),
+                      epochs=2, base_lr=0.5, warmup_epochs=0, accum_iter=accum_iter,
+                      on_epoch=lambda e, loss: losses.append(loss))
+    return head, losses
+
+
+def test_linear_accumulation_equals_one_big_batch_and_an_incomplete_group_is_not_run():
+    """Two micro-batches of 4 with accum_iter 2 step exactly as one batch of 8 (mean cross-entropy, SGD with
+    momentum, 2 epochs); a third micro-batch that cannot complete a group changes nothing."""
+    (x1, y1), (x2, y2), (x3, y3) = _rows(4, 1), _rows(4, 2), _rows(4, 3)
+    whole, whole_losses = _train_linear([(torch.cat([x1, x2]), torch.cat([y1, y2]))], accum_iter=1)
+    accum, accum_losses = _train_linear([(x1, y1), (x2, y2)], accum_iter=2)
+    tail, tail_losses = _train_linear([(x1, y1), (x2, y2), (x3, y3)], accum_iter=2)
+    one_by_one, _ = _train_linear([(x1, y1), (x2, y2)], accum_iter=1)
+    for got in (accum, tail):
+        torch.testing.assert_close(got.weight, whole.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.bias, whole.bias, rtol=1e-6, atol=1e-7)
+    assert (one_by_one.weight - whole.weight).abs().max() > 1e-3  # two steps are not one
+    np.testing.assert_allclose(accum_losses, whole_losses, rtol=1e-6)
+    np.testing.assert_allclose(tail_losses, whole_losses, rtol=1e-6)  # the unrun micro-batch is not in the mean
+
+
+def test_finetune_accumulation_equals_one_big_batch():
+    """The tiny ViT (LayerNorm only, no drop path): 2 x 4 images with accum_iter 2 == one batch of 8 under AdamW."""
+    imgs, labels, index, ok = (torch.cat(parts) for parts in zip(_batch(True, seed=1), _batch(True, seed=2)))
+    whole = _vit()
+    _finetune_accum(whole, [(imgs, labels, index, ok)], accum_iter=1)
+    accum = _vit()
+    _finetune_accum(accum, [(imgs[:4], labels[:4], index[:4], ok[:4]), (imgs[4:], labels[4:], index[4:], ok[4:])],
+                    accum_iter=2)
+    for (k, a), w in zip(accum.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(whole.head.weight, _vit().head.weight)
+
+
+def _finetune_accum(model, batches, accum_iter: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    return finetune_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), torch.device("cpu"), epoch=0,
+                              total_steps=len(batches), warmup_steps=0, base_lr=1e-3, min_lr=0.0,
+                              accum_iter=accum_iter)
+
+
 def _write_folder(root: Path) -> int:
     """A 2-class ImageFolder, 5 train + 2 val images per class, one train file corrupt; returns the file count."""
     from PIL import Image
@@ -140,8 +196,13 @@ def _ddp_worker(out: Path) -> None:
                       lr=0.5), epochs=1, base_lr=0.5, warmup_epochs=0,
                       on_epoch=lambda e, value: head_losses.append(value))
     probed = _open_folder_counting_probes(out / "folder")
+    accum_head = _linear_head()  # accumulation under DDP: no_sync on the first micro-batch, all-reduce on the second
+    ddp_accum = DistributedDataParallel(accum_head)
+    train_linear_head(ddp_accum, _ListBatches([_rows(4, 10 + 2 * rank), _rows(4, 11 + 2 * rank)]),
+                      torch.optim.SGD(ddp_accum.parameters(), lr=0.5), epochs=1, base_lr=0.5, warmup_epochs=0,
+                      accum_iter=2)
     torch.save({"vit": model.state_dict(), "loss": loss, "head": head.state_dict(), "head_loss": head_losses[0],
-                **probed}, out / f"rank{rank}.pt")
+                "accum_head": accum_head.state_dict(), **probed}, out / f"rank{rank}.pt")
     torch_dist.destroy_process_group()
 
 
@@ -171,6 +232,16 @@ def test_two_ranks_one_with_only_unreadable_images_step_together(tmp_path):
         for k in ("fc.weight", "fc.bias"):
             torch.testing.assert_close(got["head"][k], head.state_dict()[k], rtol=1e-5, atol=1e-6)
     assert not torch.equal(ranks[0]["vit"]["head.weight"], _vit().state_dict()["head.weight"])  # it did train
+
+    # 2 ranks x accum_iter 2 (one all-reduce per group) == one process summing the same 4 micro-batches
+    single = _linear_head()
+    train_linear_head(single, _ListBatches([_rows(4, seed) for seed in (10, 11, 12, 13)]),
+                      torch.optim.SGD(single.parameters(), lr=0.5), epochs=1, base_lr=0.5, warmup_epochs=0,
+                      accum_iter=4)
+    for got in ranks:
+        for k, v in single.state_dict().items():
+            torch.testing.assert_close(got["accum_head"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(ranks[0]["accum_head"]["weight"], _linear_head().weight)
 
     # check=header: each file probed by exactly one rank, and both ranks keep the same list
     probed = [set(got["probed"]) for got in ranks]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def mae_checkpoint(tmp_path_factory) -> Path:
 def _cfg(protocol, ckpt, data, out, **sets) -> EvalConfig:
     overrides = [f"{k}={v}" for k, v in sets.items()]
     return resolve_config(EvalConfig, None, overrides, protocol=protocol, checkpoint=str(ckpt), data=str(data),
-                          out=str(out), device="cpu", workers=0)
+                          out=str(out), device="cpu", workers=0, num_heads=1)  # width 32: not a standard ViT
 
 
 def test_knn_separable_far_above_chance_and_results_fields(colour_folder, mae_checkpoint, tmp_path):
@@ -86,8 +87,26 @@ def test_knn_separable_far_above_chance_and_results_fields(colour_folder, mae_ch
     assert saved["counts"]["skipped_files"][0].endswith("red/9999.png")
     assert saved["config"]["knn"] == {"k": 20, "temperature": 0.07}
     assert saved["encoder"]["source"] == "mae" and saved["salmae_version"] and saved["seconds"] > 0
+    assert saved["encoder"]["dropped_keys"] == ["mask_token", "decoder_embed.weight"]
+    assert saved["encoder"]["num_heads"] == 1 and saved["config"]["num_heads"] == 1
     for name in ("config.yaml", "run.log", "features-train.pt", "features-val.pt"):
         assert (tmp_path / "knn" / name).is_file(), name
+
+
+def test_files_damaged_after_opening_are_counted_unreadable_not_replaced(colour_folder, mae_checkpoint, tmp_path):
+    """check=none: two val files that fail to decode are left out of the score and listed, never replaced by a
+    neighbour (which would score a neighbour twice and report 24 readable val images)."""
+    root = tmp_path / "colours"
+    shutil.copytree(colour_folder, root)
+    (root / "train" / "red" / "9999.png").unlink()
+    for name in ("blue/0000.png", "green/0003.png"):
+        (root / "val" / name).write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    res = run(_cfg("knn", mae_checkpoint, root, tmp_path / "knn", batch_size=32, check="none"))
+    assert res["counts"]["val"] == 22 and res["counts"]["train"] == 48 and res["counts"]["skipped"] == 2
+    assert sorted(Path(p).relative_to(root / "val").as_posix() for p in res["counts"]["skipped_files"]) == \
+        ["blue/0000.png", "green/0003.png"]
+    feats = torch.load(tmp_path / "knn" / "features-val.pt", weights_only=True)
+    assert int((~feats["ok"]).sum()) == 2
 
 
 def test_random_encoder_on_hard_set_is_near_chance(noise_folder, mae_checkpoint, tmp_path):
@@ -96,8 +115,8 @@ def test_random_encoder_on_hard_set_is_near_chance(noise_folder, mae_checkpoint,
 
 
 def test_linear_probe_separable(colour_folder, mae_checkpoint, tmp_path):
-    res = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "lin", epochs=15, batch_size=16,
-                   **{"linear.blr": 1024, "linear.warmup_epochs": 2}))
+    res = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "lin", epochs=15, batch_size=16, global_batch=16,
+                   **{"linear.blr": 1024, "linear.warmup_epochs": 2, "linear.augment": False}))
     assert res["top1"] >= 90.0 and res["cached_features"] is True
     assert res["counts"]["skipped"] == 1 and res["epochs"] == 15
     losses = [m["loss"] for m in read_metrics(tmp_path / "lin" / "metrics.jsonl")]
@@ -105,7 +124,8 @@ def test_linear_probe_separable(colour_folder, mae_checkpoint, tmp_path):
 
 
 def test_cached_linear_equals_uncached(colour_folder, mae_checkpoint, tmp_path):
-    sets = {"epochs": 4, "batch_size": 16, "linear.blr": 1024, "linear.warmup_epochs": 1}
+    sets = {"epochs": 4, "batch_size": 16, "global_batch": 16, "linear.blr": 1024, "linear.warmup_epochs": 1,
+            "linear.augment": False}
     cached = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "cached", **sets))
     uncached = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "uncached",
                         **{**sets, "linear.cache": False}))
@@ -119,8 +139,8 @@ def test_cached_linear_equals_uncached(colour_folder, mae_checkpoint, tmp_path):
 
 
 def test_finetune_separable_and_resumes(colour_folder, mae_checkpoint, tmp_path):
-    sets = {"batch_size": 16, "finetune.blr": 5e-3, "finetune.warmup_epochs": 1, "finetune.drop_path": 0.0,
-            "finetune.re_prob": 0.0}
+    sets = {"batch_size": 16, "global_batch": 16, "finetune.blr": 5e-3, "finetune.warmup_epochs": 1,
+            "finetune.drop_path": 0.0, "finetune.re_prob": 0.0}
     out = tmp_path / "ft"
     first = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=2, **sets))
     assert (out / "checkpoint-latest.pth").is_file() and first["resumed_from_epoch"] == 0
@@ -128,7 +148,8 @@ def test_finetune_separable_and_resumes(colour_folder, mae_checkpoint, tmp_path)
     assert res["resumed_from_epoch"] == 2
     assert [m["epoch"] for m in read_metrics(out / "metrics.jsonl")] == list(range(15))
     assert res["top1"] >= 75.0, res  # chance 25 %; mixup/cutmix/RandAugment on, as by default
-    assert res["config"]["finetune"]["layer_decay"] == 0.75 and res["config"]["finetune"]["mixup"] == 0.8
+    assert res["config"]["finetune"]["mixup"] == 0.8
+    assert res["recipe"]["layer_decay"] == 0.65 and res["recipe"]["drop_path"] == 0.0  # given: 0.0, not B's 0.1
 
 
 def test_missing_data_folders_are_one_line_errors(colour_folder, mae_checkpoint, tmp_path):
@@ -153,7 +174,7 @@ def test_torchrun_two_processes_match_one(colour_folder, mae_checkpoint, tmp_pat
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "eval", "knn",
            "--checkpoint", str(mae_checkpoint), "--data", str(colour_folder), "--out", str(tmp_path / "two"),
-           "--batch-size", "8", "--device", "cpu", "--set", "workers=0"]
+           "--batch-size", "8", "--device", "cpu", "--set", "workers=0", "--set", "num_heads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -179,8 +200,8 @@ def test_knn_on_labelled_shards_equals_the_same_images_as_imagefolder(shapes_dir
     assert shards["top1"] == pytest.approx(folder["top1"]) and shards["top5"] == pytest.approx(folder["top5"])
 
 
-FT_SETS = {"batch_size": 16, "finetune.blr": 5e-3, "finetune.warmup_epochs": 1, "finetune.drop_path": 0.0,
-           "finetune.re_prob": 0.0}
+FT_SETS = {"batch_size": 16, "global_batch": 16, "finetune.blr": 5e-3, "finetune.warmup_epochs": 1,
+           "finetune.drop_path": 0.0, "finetune.re_prob": 0.0}
 
 
 def _losses(out: Path) -> list[float]:
@@ -272,9 +293,10 @@ def test_finetune_compiled_equals_eager(colour_folder, mae_checkpoint, tmp_path)
 
 def test_linear_probe_with_augmentation(colour_folder, mae_checkpoint, tmp_path):
     """Features re-encoded from random crops each epoch (no cache); slower to fit than the cached probe."""
-    res = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "aug", epochs=30, batch_size=16,
-                   **{"linear.blr": 256, "linear.warmup_epochs": 2, "linear.augment": True}))
+    res = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "aug", epochs=30, batch_size=16, global_batch=16,
+                   **{"linear.blr": 256, "linear.warmup_epochs": 2}))  # augment: the default
     assert res["cached_features"] is False and not (tmp_path / "aug" / "features-train.pt").exists()
+    assert res["protocol"] == "linear"
     assert res["top1"] >= 90.0  # colour survives crops and flips (10 epochs: 50-75 %)
     losses = _losses(tmp_path / "aug")
     assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
@@ -301,7 +323,7 @@ def _torchrun_finetune(ckpt: Path, data: Path, out: Path, epochs: int, *sets: st
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "eval", "finetune",
            "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--batch-size", "8",
-           "--epochs", str(epochs), "--device", "cpu", "--set", "workers=0",
+           "--epochs", str(epochs), "--device", "cpu", "--set", "workers=0", "--set", "num_heads=1",
            *[f"--set={k}={v}" for k, v in FT_SETS.items() if k != "batch_size"], *[f"--set={s}" for s in sets]]
     env = {**os.environ, "OMP_NUM_THREADS": "1",  # children import this worktree's pipeline
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -321,3 +343,63 @@ def test_torchrun_two_process_compiled_finetune_equals_eager(colour_folder, mae_
     assert compiled["compile"] is True and eager["compile"] is False and compiled["world_size"] == 2
     np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-4)
     assert (compiled["top1"], compiled["top5"]) == (eager["top1"], eager["top5"])
+
+
+def test_linear_defaults_are_maes_probe_with_accumulation(colour_folder, mae_checkpoint, tmp_path):
+    """Defaults: augmentation on (protocol `linear`), blr 0.1, warmup 10, global batch 16384 by accumulation.
+    48 train images in micro-batches of 16 hold one group of 3 per epoch, not 1024: the accumulation is capped
+    there, and results.json says what was asked for and what was used."""
+    assert (EvalConfig().linear.augment, EvalConfig().linear.blr, EvalConfig().linear.warmup_epochs) == (True, 0.1, 10)
+    res = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "lin", epochs=2, batch_size=16))
+    assert res["protocol"] == "linear" and res["cached_features"] is False
+    assert (res["requested_global_batch"], res["accum_iter"], res["global_batch"], res["steps_per_epoch"]) == \
+        (16384, 3, 48, 1)
+    assert res["batch_size"] == 16 and res["epochs"] == 2 and res["blr"] == 0.1
+    assert res["lr"] == pytest.approx(0.1 * 48 / 256)
+    assert [m["protocol"] for m in read_metrics(tmp_path / "lin" / "metrics.jsonl")] == ["linear", "linear"]
+
+
+def test_cli_no_aug_is_the_named_linear_noaug_variant(colour_folder, mae_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    out = tmp_path / "noaug"
+    result = CliRunner().invoke(cli, ["eval", "linear", "--no-aug", "--accum-iter", "2", "--checkpoint",
+                                      str(mae_checkpoint), "--data", str(colour_folder), "--out", str(out),
+                                      "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+                                      "--set", "workers=0", "--set", "num_heads=1"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"] == "linear-noaug" and res["cached_features"] is True
+    assert res["config"]["linear"]["augment"] is False and res["config"]["accum_iter"] == 2
+    # 48 images / 8 = 6 micro-batches, 2 per step
+    assert (res["accum_iter"], res["global_batch"], res["steps_per_epoch"]) == (2, 16, 3)
+    assert res["lr"] == pytest.approx(0.1 * 16 / 256)
+    assert {m["protocol"] for m in read_metrics(out / "metrics.jsonl")} == {"linear-noaug"}
+
+
+def test_finetune_defaults_follow_maes_recipe_for_the_width(colour_folder, mae_checkpoint, tmp_path, monkeypatch):
+    """Width 32 gets ViT-B's recipe (MAE has none smaller): layer decay 0.65, drop path 0.1, blr 5e-4, 100 epochs
+    (1 here), global batch 1024 by accumulation (capped at the 3 micro-batches of an epoch); the new head's bias
+    is 0 when training starts (nn.Linear's default init is not)."""
+    import stages.evaluate as evaluate
+
+    seen = []
+    real_epoch = evaluate.finetune_one_epoch
+
+    def record_head(model, *args, **kwargs):
+        seen.append(model.head.bias.detach().clone())
+        return real_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "finetune_one_epoch", record_head)
+    res = run(_cfg("finetune", mae_checkpoint, colour_folder, tmp_path / "ft", epochs=1, batch_size=16,
+                   **{"finetune.re_prob": 0.0}))
+    assert res["recipe"] == {"size": "base", "exact": False, "layer_decay": 0.65, "drop_path": 0.1, "blr": 5e-4,
+                             "epochs": 100}
+    assert res["config"]["finetune"]["layer_decay"] is None  # None in the config = "MAE's value for this size"
+    assert (res["requested_global_batch"], res["accum_iter"], res["global_batch"]) == (1024, 3, 48)
+    assert res["lr"] == pytest.approx(5e-4 * 48 / 256) and res["epochs"] == 1
+    assert len(seen) == 1 and seen[0].shape == (4,) and not seen[0].any()
+    groups = torch.load(tmp_path / "ft" / "checkpoint-latest.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({round(g["lr_scale"], 6) for g in groups}) == [round(0.65 ** 2, 6), 0.65, 1.0]  # embed, block, head

@@ -11,7 +11,8 @@ from torchvision.transforms import v2
 
 from pipeline.data.imagefolder import LabelledShards, load_imagefolder_splits
 from pipeline.data.shapes import SHAPES
-from pipeline.data.shards import iter_samples
+from pipeline.data.shards import DamagedSampleError, iter_samples
+from pipeline.eval.data import IndexedImages
 from pipeline.errors import SalmaeError
 
 TO_TENSOR = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -44,14 +45,27 @@ def test_unreadable_images_are_skipped_and_recorded(folder):
     assert split.counts()["skipped"] == 2
 
 
-def test_lazy_check_skips_at_read_time(folder):
+def test_lazy_check_marks_a_damaged_file_unreadable_never_a_neighbour(folder):
+    """check=none: a file that fails to decode raises and is recorded; no other image stands in for it."""
     star = folder / "val" / "star"
-    for path in star.glob("*.jpg"):
+    damaged = sorted(star.glob("*.jpg"))
+    for path in damaged:
         path.write_bytes(b"broken")
     train, val, split = load_imagefolder_splits(folder, check="none")
+    assert split.counts()["skipped"] == 0  # nothing probed up front
     broken = [i for i, (p, _) in enumerate(val.samples) if "/star/" in p]
-    image, label = val[broken[0]]  # the next readable image instead
-    assert image.mode == "RGB" and val.skipped and val.skipped[0][1] == "unreadable_image"
+    assert len(broken) == len(damaged) > 0
+    with pytest.raises(DamagedSampleError) as info:
+        val[broken[0]]
+    assert info.value.reason == "unreadable_image"
+    assert val.skipped == [(val.samples[broken[0]][0], "unreadable_image")]
+    readable = next(i for i in range(len(val)) if i not in broken)
+    image, label = val[readable]
+    assert image.mode == "RGB" and val.classes[label] != "star"
+
+    items = IndexedImages(val, image_size=32)  # the eval data path: marked, not substituted
+    image, label, index, ok = items[broken[0]]
+    assert (ok, index, val.classes[label]) == (False, broken[0], "star") and not image.any()
 
 
 def test_empty_class_folder_is_an_error(folder):

@@ -16,8 +16,11 @@ a full decode only when that is inconclusive). Under torchrun the probe is share
 probes files r, r + W, …, and the unreadable ones are all-gathered, so every rank keeps the
 same file list and each file is opened once in all (opening a split is then a collective:
 every rank must do it). On ImageNet that is still a pass over 1.33M files: pass
-`check="none"` to skip it; an unreadable file met later is then skipped in `__getitem__`
-(the next image is returned) and recorded in that process's `dataset.skipped`.
+`check="none"` to skip it. An unreadable file met later (with `check="none"`, or a file
+damaged after the probe) raises `DamagedSampleError` from `__getitem__` and is recorded in that
+process's `dataset.skipped`; it is never replaced by another image (that would count a
+neighbour twice and hide the damage). The eval data path (`pipeline.eval.data`) turns the
+error into an `ok=False` item, which the protocols leave out and count as unreadable.
 
 `LabelledShards(spec, transform, split=None)` is the same for img2dataset shards whose KEY.json
 carries an integer `label` (the generated shapes): a small in-memory map-style dataset.
@@ -98,13 +101,12 @@ class ImageFolderDataset(ImageFolder):
         self.skipped += [(path, reason) for _, path, reason in bad]
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
-            i = (index + offset) % len(self.samples)
-            try:
-                return super().__getitem__(i)
-            except DamagedSampleError as e:
-                self.skipped.append((self.samples[i][0], e.reason))
-        raise SalmaeError(f"no readable image in {self.root}; check the files")
+        """`(transform(image), class_index)`; an unreadable file is recorded and re-raised, never substituted."""
+        try:
+            return super().__getitem__(index)
+        except DamagedSampleError as e:
+            self.skipped.append((self.samples[index][0], e.reason))
+            raise
 
 
 def _has_image_suffix(path: str) -> bool:

@@ -1,6 +1,7 @@
-"""Fine-tuning loop (MAE's `engine_finetune`): Mixup/CutMix, soft-target loss, per-step cosine lr
-with layer-wise decay, autocast at the run's precision (fp16 with a loss scaler); plus a
-distributed top-k evaluation of a classifier."""
+"""Fine-tuning loop (MAE's `engine_finetune`): Mixup/CutMix, soft-target loss, per-micro-batch
+cosine lr with layer-wise decay, gradient accumulation to MAE's global batch
+(`pipeline.eval.accumulation`), autocast at the run's precision (fp16 with a loss scaler); plus
+MAE's head initialisation and a distributed top-k evaluation of a classifier."""
 
 from __future__ import annotations
 
@@ -11,18 +12,32 @@ from tqdm import tqdm
 
 from pipeline import dist
 from pipeline.device import autocast, pin_memory
+from pipeline.eval.accumulation import gradient_sync
 from pipeline.eval.empty_batch import zero_loss
 from pipeline.eval.metrics import mean_over_ranks, topk_hits
 from pipeline.eval.schedule import cosine_lr, set_lr
+
+
+def init_finetune_head(model: nn.Module, num_classes: int) -> None:
+    """A fresh classifier as MAE's fine-tune makes it: weight trunc-normal (std 2e-5), bias 0.
+
+    model: a timm VisionTransformer; its `head` becomes Linear(num_features, num_classes).
+    """
+    model.reset_classifier(num_classes)
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)  # nn.Linear's default is uniform(±1/sqrt(D)); MAE's timm init gives 0
 
 
 def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                        criterion: nn.Module, device: torch.device, *, epoch: int, total_steps: int,
                        warmup_steps: int, base_lr: float, min_lr: float, mixup=None,
                        clip_grad: float | None = None, precision: str = "auto",
-                       scaler: torch.amp.GradScaler | None = None) -> tuple[float, list[int]]:
+                       scaler: torch.amp.GradScaler | None = None, accum_iter: int = 1) -> tuple[float, list[int]]:
     """One epoch over `loader` (items `(img, label, index, ok)`).
 
+    `total_steps` and `warmup_steps` count micro-batches (MAE's per-iteration schedule); the lr is
+    set at the first micro-batch of each group of `accum_iter`, the optimiser steps after its last,
+    and an incomplete group at the end of the epoch is not run.
     `model` may be the DDP and/or compiled wrapper. Autocast runs at `precision`; `scaler` (fp16)
     scales the loss. A batch with no readable image (after Mixup's even-size trim) still steps,
     with a zero loss and zero gradients (`pipeline.eval.empty_batch`), so DDP ranks stay in step.
@@ -32,41 +47,51 @@ def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.op
     seen by this rank).
     """
     model.train()
-    steps_per_epoch = len(loader)
+    micro_per_epoch = len(loader)
+    usable = (micro_per_epoch // accum_iter) * accum_iter
     loss_sum, rows, unreadable = torch.zeros((), dtype=torch.float64, device=device), 0, []
     for i, (imgs, labels, index, ok) in enumerate(
             tqdm(loader, desc=f"finetune {epoch}", disable=not dist.is_main(), leave=False)):
+        if i >= usable:
+            break
         unreadable += index[~ok].tolist()
         imgs, labels = imgs[ok], labels[ok]
         if mixup is not None and imgs.shape[0] % 2:  # Mixup flips the batch onto itself: needs even size
             imgs, labels = imgs[:-1], labels[:-1]
         n = imgs.shape[0]  # `ok` is a host tensor: known without a device sync
-        set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + i, total_steps, warmup_steps, base_lr, min_lr))
-        with autocast(device, precision):
-            if n == 0:
-                loss = zero_loss(model, torch.zeros(1, *imgs.shape[1:], device=device))  # [1, 3, H, W]
-            else:
-                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if mixup is not None:
-                    imgs, labels = mixup(imgs, labels)  # labels -> soft targets [B, C]
-                loss = criterion(model(imgs), labels)
-        optimizer.zero_grad(set_to_none=True)
-        _backward_step(loss, model, optimizer, scaler, clip_grad)
+        ends_group = (i + 1) % accum_iter == 0
+        if i % accum_iter == 0:
+            set_lr(optimizer, cosine_lr(epoch * micro_per_epoch + i, total_steps, warmup_steps, base_lr, min_lr))
+            optimizer.zero_grad(set_to_none=True)  # a new group
+        with gradient_sync(model, ends_group):
+            with autocast(device, precision):
+                if n == 0:
+                    loss = zero_loss(model, torch.zeros(1, *imgs.shape[1:], device=device))  # [1, 3, H, W]
+                else:
+                    imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    if mixup is not None:
+                        imgs, labels = mixup(imgs, labels)  # labels -> soft targets [B, C]
+                    loss = criterion(model(imgs), labels)
+            _backward(loss / accum_iter, scaler)
+        if ends_group:
+            _step(model, optimizer, scaler, clip_grad)
         loss_sum += loss.detach().double() * n
         rows += n
     return mean_over_ranks(loss_sum, rows), unreadable
 
 
-def _backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None, clip_grad: float | None) -> None:
-    """backward + optional clipping + step, through the fp16 loss scaler when there is one."""
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+          clip_grad: float | None) -> None:
+    """Optional clipping + step on the accumulated gradients, through the fp16 loss scaler when there is one."""
     if scaler is None:
-        loss.backward()
         if clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         return
-    scaler.scale(loss).backward()
     if clip_grad:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)

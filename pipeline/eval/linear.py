@@ -2,7 +2,9 @@
 
 The loop takes its batches from a `FeatureBatches` source, so training on cached features and
 training by re-running the frozen encoder each epoch share every line that matters: same batch
-order (seeded per epoch, split over ranks), same head, same optimiser steps.
+order (seeded per epoch, split over ranks), same head, same optimiser steps. MAE's global batch
+of 16384 is reached by gradient accumulation (`pipeline.eval.accumulation`); the head's
+BatchNorm normalises each micro-batch, as each GPU's batch of 512 in MAE's runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline import dist
 from pipeline.device import pin_memory
+from pipeline.eval.accumulation import gradient_sync
 from pipeline.eval.empty_batch import zero_loss
 from pipeline.eval.features import encode
 from pipeline.eval.metrics import mean_over_ranks
@@ -120,30 +123,38 @@ class EncoderBatches:
 
 
 def train_linear_head(head: nn.Module, batches: FeatureBatches, optimizer: torch.optim.Optimizer, *,
-                      epochs: int, base_lr: float, warmup_epochs: int, start_epoch: int = 0,
+                      epochs: int, base_lr: float, warmup_epochs: int, start_epoch: int = 0, accum_iter: int = 1,
                       on_epoch: Callable[[int, float], None] | None = None) -> None:
-    """The probe's epoch loop: cross-entropy on (features, label) batches, per-step cosine lr.
+    """The probe's epoch loop: cross-entropy on (features, label) micro-batches, per-micro-batch cosine lr,
+    one optimiser step per `accum_iter` micro-batches (an incomplete group at the epoch's end is not run).
 
     A batch with no readable row still steps (zero loss, zero gradients; see
     `pipeline.eval.empty_batch`), so DDP ranks stay in step. `on_epoch(epoch, loss)` gets the
     mean loss over every readable row of every rank: the only host sync of an epoch.
     """
-    steps_per_epoch = len(batches)
-    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    micro_per_epoch = len(batches)
+    usable = (micro_per_epoch // accum_iter) * accum_iter
+    total, warmup = epochs * micro_per_epoch, warmup_epochs * micro_per_epoch
     device = next(head.parameters()).device
     for epoch in tqdm(range(start_epoch, epochs), desc="linear", disable=not dist.is_main(), leave=False):
         head.train()
         loss_sum, rows = torch.zeros((), dtype=torch.float64, device=device), 0  # sum of loss * rows; rows
         for i, (feats, labels) in enumerate(batches.epoch(epoch)):
-            set_lr(optimizer, cosine_lr(epoch * steps_per_epoch + i, total, warmup, base_lr))
+            if i >= usable:
+                break
+            ends_group = (i + 1) % accum_iter == 0
+            if i % accum_iter == 0:
+                set_lr(optimizer, cosine_lr(epoch * micro_per_epoch + i, total, warmup, base_lr))
+                optimizer.zero_grad(set_to_none=True)  # a new group
             n = labels.shape[0]
-            if n == 0:  # every image of this batch unreadable
-                loss = zero_loss(head, feats.new_zeros(1, feats.shape[1]))
-            else:
-                loss = F.cross_entropy(head(feats), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with gradient_sync(head, ends_group):
+                if n == 0:  # every image of this batch unreadable
+                    loss = zero_loss(head, feats.new_zeros(1, feats.shape[1]))
+                else:
+                    loss = F.cross_entropy(head(feats), labels)
+                (loss / accum_iter).backward()
+            if ends_group:
+                optimizer.step()
             loss_sum += loss.detach().double() * n
             rows += n
         if on_epoch is not None:

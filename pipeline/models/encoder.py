@@ -3,12 +3,20 @@
 Three layouts are understood:
 - our stage-2 checkpoints: a dict with `model` (MAE state dict) and `config.model_args`, the
   kwargs that rebuilt the MAE; the encoder architecture is read from them;
-- official MAE checkpoints (`mae_pretrain_vit_base.pth`): a dict with `model` holding the encoder
-  keys (timm's names) plus `mask_token` / `decoder_*`; the architecture is inferred from shapes;
+- official MAE checkpoints (`mae_pretrain_vit_base.pth`, or what `main_pretrain.py` writes: the
+  same plus `optimizer`, `epoch` and an `argparse.Namespace` under `args`): a dict with `model`
+  holding the encoder keys (timm's names) plus `mask_token` / `decoder_*`; the architecture is
+  inferred from shapes;
 - timm ViT weights: a plain state dict (or one under `state_dict`), architecture inferred from
   shapes, or built by name (`timm_model=`) with `timm.create_model(name, pretrained=False)`.
 
-The MAE decoder, the mask token and any classifier head are dropped. Position embeddings are
+Keys saved from a DDP-wrapped model (`module.` on every key) are read without the prefix.
+Shapes do not hold the number of attention heads: it comes from `model_args`, from `num_heads=`,
+or from the table of the standard widths (`HEADS_BY_WIDTH`: ViT-Ti/S/B/L/H); any other width
+without `num_heads` is an error (a wrong head count loads without complaint and gives wrong
+features: ViT-H's 1280 // 64 would be 20 heads, not 16).
+
+The MAE decoder, the mask token and any classifier head are dropped (listed in `dropped_keys`). Position embeddings are
 resampled (bicubic, timm's `resample_abs_pos_embed`) when the eval image size differs from the
 pretraining one. A checkpoint that does not fit raises one `SalmaeError` line naming the first
 missing / unexpected / mis-shaped keys and the architecture that was expected.
@@ -20,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -35,6 +43,10 @@ _PRETRAIN_ONLY = re.compile(r"^(mask_token|decoder_.*|head\..*)$")
 _VIT_ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                   "mlp_ratio", "qkv_bias", "class_token")
 _SHOW_KEYS = 4  # how many offending keys the error message lists
+# Attention heads of the standard ViT widths (timm / MAE: Ti, S, B, L, H). ViT-H's 1280 has 16 heads
+# of 80 dims, so `width // 64` is not a rule.
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+_DDP_PREFIX = "module."
 
 
 @dataclass
@@ -45,6 +57,7 @@ class EncoderSpec:
     arch: dict[str, Any]            # VisionTransformer kwargs of the loaded encoder
     pretrain_img_size: int          # image side the position embeddings were trained at
     dropped_keys: list[str] = field(default_factory=list)  # decoder / head keys left out
+    drop_path_rate: float = 0.0     # stochastic depth the encoder was built with
 
 
 def load_encoder(
@@ -53,7 +66,7 @@ def load_encoder(
     img_size: int | None = None,
     global_pool: bool = False,
     num_classes: int = 0,
-    drop_path_rate: float = 0.0,
+    drop_path_rate: float | Callable[[int], float] = 0.0,
     num_heads: int | None = None,
     timm_model: str | None = None,
 ) -> tuple[VisionTransformer, EncoderSpec]:
@@ -65,28 +78,39 @@ def load_encoder(
         global_pool: average the patch tokens (MAE's fine-tune / `--global-pool`) instead of the
             class token. Then a fresh `fc_norm` replaces the final `norm`, as in MAE.
         num_classes: size of a new classifier head (0 = features only, `head` is Identity).
-        drop_path_rate: stochastic depth for fine-tuning.
-        num_heads: override the head count for inferred architectures (shapes do not hold it;
-            the default assumes MAE/timm's 64-dim heads).
+        drop_path_rate: stochastic depth for fine-tuning, or a function of the encoder's width
+            giving it (fine-tuning recipes differ by model size).
+        num_heads: the head count for inferred architectures (shapes do not hold it); None reads
+            it from `HEADS_BY_WIDTH` and refuses other widths.
         timm_model: build this timm model by name and load the weights into it.
     """
     ckpt = load_checkpoint(path)
     state, model_args, source = split_checkpoint(ckpt)
     if timm_model is not None:
+        proj = state.get("patch_embed.proj.weight")  # [D, C, p, p]; absent: loading fails below anyway
         return _load_timm_named(path, state, timm_model, img_size=img_size, global_pool=global_pool,
-                                num_classes=num_classes, drop_path_rate=drop_path_rate)
-    arch = vit_args_from_model_args(model_args) if model_args else infer_vit_args(state, path)
+                                num_classes=num_classes,
+                                drop_path_rate=_rate(drop_path_rate, proj.shape[0] if proj is not None else 0))
+    if model_args:
+        arch = vit_args_from_model_args(model_args)
+    else:
+        arch = infer_vit_args(state, path, num_heads=num_heads)
     if num_heads is not None:
         arch["num_heads"] = num_heads
     pretrain_img_size = arch["img_size"]
     if img_size is not None:
         arch["img_size"] = img_size
+    rate = _rate(drop_path_rate, arch["embed_dim"])
     model = VisionTransformer(**arch, num_classes=num_classes,
                               global_pool="avg" if global_pool else "token",
-                              drop_path_rate=drop_path_rate)
+                              drop_path_rate=rate)
     dropped = load_encoder_state(model, state, path, arch)
     return model, EncoderSpec(source=source, arch=arch, pretrain_img_size=pretrain_img_size,
-                              dropped_keys=dropped)
+                              dropped_keys=dropped, drop_path_rate=rate)
+
+
+def _rate(drop_path_rate: float | Callable[[int], float], embed_dim: int) -> float:
+    return float(drop_path_rate(int(embed_dim)) if callable(drop_path_rate) else drop_path_rate)
 
 
 def split_checkpoint(ckpt: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None, str]:
@@ -94,12 +118,27 @@ def split_checkpoint(ckpt: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], 
     config = ckpt.get("config")
     if isinstance(ckpt.get("model"), Mapping):
         model_args = config.get("model_args") if isinstance(config, Mapping) else None
-        return dict(ckpt["model"]), (dict(model_args) if model_args else None), \
+        return strip_ddp_prefix(ckpt["model"]), (dict(model_args) if model_args else None), \
             "salmae" if model_args else "mae"
     if isinstance(ckpt.get("state_dict"), Mapping):
-        return dict(ckpt["state_dict"]), None, "timm"
-    return {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}, None, "timm"
+        return strip_ddp_prefix(ckpt["state_dict"]), None, "timm"
+    return strip_ddp_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}), None, "timm"
 
+
+def strip_ddp_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """`state` without the `module.` that DDP puts before every key (unchanged unless every key has it)."""
+    if state and all(k.startswith(_DDP_PREFIX) for k in state):
+        return {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def heads_for_width(embed_dim: int, path: str | Path = "?") -> int:
+    """Attention heads of a standard ViT width (`HEADS_BY_WIDTH`); other widths are a SalmaeError."""
+    if embed_dim not in HEADS_BY_WIDTH:
+        known = ", ".join(f"{w}->{h}" for w, h in HEADS_BY_WIDTH.items())
+        raise SalmaeError(f"checkpoint {path}: embed_dim {embed_dim} is not a standard ViT width ({known}), so its "
+                          "number of attention heads is unknown; pass it with --set num_heads=N")
+    return HEADS_BY_WIDTH[embed_dim]
 
 def vit_args_from_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
     """The encoder's VisionTransformer kwargs out of a stage-2 `model_args` dict."""
@@ -110,12 +149,13 @@ def vit_args_from_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
     return arch
 
 
-def infer_vit_args(state: Mapping[str, torch.Tensor], path: str | Path = "?") -> dict[str, Any]:
+def infer_vit_args(state: Mapping[str, torch.Tensor], path: str | Path = "?",
+                   num_heads: int | None = None) -> dict[str, Any]:
     """Infer ViT kwargs from tensor shapes (official MAE / timm layouts).
 
     patch_embed.proj.weight [D, C, p, p] -> embed_dim, in_chans, patch_size;
     pos_embed [1, 1 + L, D] -> img_size = sqrt(L) * p; blocks.N.* -> depth;
-    blocks.0.mlp.fc1.weight [hidden, D] -> mlp_ratio. Heads default to D // 64 (min 1).
+    blocks.0.mlp.fc1.weight [hidden, D] -> mlp_ratio. Heads: `num_heads`, else `heads_for_width(D)`.
     """
     proj = state.get("patch_embed.proj.weight")
     pos = state.get("pos_embed")
@@ -135,7 +175,7 @@ def infer_vit_args(state: Mapping[str, torch.Tensor], path: str | Path = "?") ->
     mlp_ratio = fc1.shape[0] / embed_dim if fc1 is not None else 4.0
     return {
         "img_size": grid * patch, "patch_size": patch, "in_chans": in_chans, "embed_dim": embed_dim,
-        "depth": depth, "num_heads": max(1, embed_dim // 64), "mlp_ratio": mlp_ratio,
+        "depth": depth, "num_heads": num_heads or heads_for_width(int(embed_dim), path), "mlp_ratio": mlp_ratio,
         "qkv_bias": "blocks.0.attn.qkv.bias" in state, "class_token": class_token,
     }
 
@@ -214,4 +254,4 @@ def _load_timm_named(path, state, name, *, img_size, global_pool, num_classes, d
     pretrain = (math.isqrt(pos.shape[1] - prefix) * arch["patch_size"]) if pos is not None else arch["img_size"]
     dropped = load_encoder_state(model, state, path, arch)
     return model, EncoderSpec(source=f"timm:{name}", arch=arch, pretrain_img_size=pretrain,
-                              dropped_keys=dropped)
+                              dropped_keys=dropped, drop_path_rate=drop_path_rate)

@@ -32,9 +32,10 @@ def bench_eval(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
     def linear(cache: bool):
         def go():
             out = ws.root / "eval-runs" / f"{next(counter):04d}"   # fresh folder: no cache carried over
-            cfg = resolve_config(EvalConfig, None, [f"linear.cache={cache}"], protocol="linear", checkpoint=str(ckpt),
-                                 data=str(data / "imagefolder"), out=str(out), epochs=s.eval_epochs,
-                                 batch_size=s.eval_batch, device=device.type, workers=0)
+            cfg = resolve_config(EvalConfig, None, [f"linear.cache={cache}", "linear.augment=false"],  # linear-noaug
+                                 protocol="linear", checkpoint=str(ckpt), data=str(data / "imagefolder"),
+                                 out=str(out), epochs=s.eval_epochs, batch_size=s.eval_batch,
+                                 global_batch=s.eval_batch, device=device.type, workers=0)
             with _quiet():
                 results[cache] = run(cfg)
         return go
