@@ -1,16 +1,20 @@
-"""Atomic file writes and content hashes.
+"""Atomic file writes, fsync, full-disk errors and content hashes.
 
 Every output a stage writes goes through `atomic_path`: the data lands in a temporary file in
 the same directory and is renamed over the target only once complete, so a killed job never
-leaves a half-written file where a finished one is expected.
+leaves a half-written file where a finished one is expected. `fsync_paths` makes data durable
+before a completion marker names it (a power cut must not leave a marker over lost bytes), and
+`disk_full_as_error` turns ENOSPC / EDQUOT into one line naming the path and the free space.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,13 +33,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> None:
+    """Write `text` to `path` atomically; `fsync=True` also flushes it to disk before the rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+        if fsync:
+            fsync_paths([tmp])
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, fsync: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", fsync=fsync)
+
+
+def fsync_paths(paths) -> None:
+    """fsync each existing file of `paths`, then each distinct folder holding them (new names are durable)."""
+    folders: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders[path.parent] = None
+    for folder in folders:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:                    # e.g. a platform without directory fds
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a full disk or quota (ENOSPC, EDQUOT) inside the block into one SalmaeError line naming the
+    file being written (the OSError's own filename if it has one, else `path`) and the free space."""
+    from pipeline.errors import SalmaeError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        target = e.filename or path
+        free = free_bytes(target)
+        room = f"{free / 2**20:.1f} MiB free there" if free is not None else "free space unknown"
+        raise SalmaeError(f"disk full writing {target} ({room}){'; ' + what if what else ''}; "
+                          "free space (or choose another --out) and run the same command again") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

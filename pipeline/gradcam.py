@@ -16,6 +16,13 @@ The target for sample i is the cosine similarity of image i's embedding to the e
 The default layer is the input norm `ln_1` of the last visual block: the block *output* gets
 zero gradient for the class-token pooled embedding (only the class token reaches the head
 after the last block), while `ln_1` feeds the last attention, which mixes patch tokens into it.
+`check_layer` refuses, before any map is computed, a layer whose output is not the token
+sequence `[N, 1 + gh*gw, C]` (`ln_post`, `attn`) or whose patch tokens get no gradient.
+
+ScoreCAM and AblationCAM are perturbation methods: they run the model again on a batch of
+masked (or ablated) copies of *one* image. The target compares each output with one caption
+per image, so they run one image at a time (`PERTURBATION_METHODS`), and AblationCAM ablates
+a ViT's token channels with the library's `AblationLayerVit`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,59 @@ LIBRARY_METHODS = {
     "ablationcam": "AblationCAM",
 }
 CAM_METHODS = ("gradcam", "hirescam", *LIBRARY_METHODS)
+PERTURBATION_METHODS = ("scorecam", "ablationcam")      # run one image at a time (see the module docstring)
+GRADIENT_FREE_METHODS = ("eigencam", *PERTURBATION_METHODS)   # use activations only: no gradient check
+
+
+@torch.no_grad()
+def _probe_inputs(model: nn.Module, size: tuple[int, int], n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """n seeded random images [n, 3, H, W] and caption embeddings [n, D] (the global RNG is untouched)."""
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, *size, generator=gen).to(param.device)
+    dim = model.encode_image(images[:1]).shape[-1]
+    text = F.normalize(torch.randn(n, dim, generator=gen), dim=-1).to(param.device)
+    return images, text
+
+
+def check_layer(model: nn.Module, layer: nn.Module, layer_path: str, grid: tuple[int, int],
+                input_size: tuple[int, int], method: str = "gradcam") -> None:
+    """Refuse a CAM layer that cannot give a map: its output must be ViT tokens [N, 1 + gh*gw, C] and, for
+    gradient methods, the own-caption similarity must reach its patch tokens (a non-zero gradient).
+
+    Runs once on two seeded random images before stage 1 starts; raises SalmaeError naming the layer.
+    """
+    images, text = _probe_inputs(model, input_size)
+    seen: dict[str, object] = {}
+
+    def capture(_module, _inputs, output):
+        seen["out"] = output
+        if isinstance(output, torch.Tensor):
+            leaf = output.detach().requires_grad_(True)
+            seen["leaf"] = leaf
+            return leaf
+        return None
+
+    use = f"use a block's input norm such as {DEFAULT_LAYER}"
+    handle = layer.register_forward_hook(capture)
+    try:
+        with torch.enable_grad():
+            image_emb = model.encode_image(images)
+            target = F.cosine_similarity(image_emb, text.to(image_emb.dtype), dim=-1).sum()
+            out = seen.get("out")
+            expected = (len(images), 1 + grid[0] * grid[1])
+            if not isinstance(out, torch.Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != expected:
+                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise SalmaeError(f"CAM layer {layer_path!r} outputs {got}, not the ViT tokens "
+                                  f"[N, 1 + {grid[0]}*{grid[1]}, C] a map is made of; {use}")
+            if method in GRADIENT_FREE_METHODS:
+                return
+            (grad,) = torch.autograd.grad(target, seen["leaf"], allow_unused=True)
+    finally:
+        handle.remove()
+    if grad is None or not bool(grad[:, 1:].abs().sum() > 0):
+        raise SalmaeError(f"CAM layer {layer_path!r} gets zero gradient at every patch token (after the last "
+                          f"block only the class token reaches the embedding), so every map would be 0; {use}")
 
 
 def resolve_layer(model: nn.Module, layer: str = DEFAULT_LAYER) -> tuple[nn.Module, str]:
@@ -262,12 +322,17 @@ def library_cam(method: str, model: nn.Module, images: torch.Tensor, text_emb: t
 
     if method not in LIBRARY_METHODS:
         raise SalmaeError(f"unknown --cam {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    if method in PERTURBATION_METHODS and len(images) > 1:    # one caption per image: one image at a time
+        return torch.cat([library_cam(method, model, images[i:i + 1], text_emb[i:i + 1], layer, grid)
+                          for i in range(len(images))])
     base = getattr(pytorch_grad_cam, LIBRARY_METHODS[method])
     cam_cls = type(f"Grid{base.__name__}", (base,), {"get_target_width_height": lambda self, x: (grid[1], grid[0])})
     wrapper = OwnCaptionSimilarity(model, text_emb)
     images = images.detach().clone().requires_grad_(True)   # parameters are frozen: let the graph start at the input
     # float32 grids: the library hands activations and gradients to numpy, which has no bfloat16 (autocast)
-    cam = cam_cls(model=wrapper, target_layers=[layer], reshape_transform=lambda t: tokens_to_grid(t, grid).float())
+    kwargs = {"ablation_layer": pytorch_grad_cam.ablation_layer.AblationLayerVit()} if method == "ablationcam" else {}
+    cam = cam_cls(model=wrapper, target_layers=[layer], reshape_transform=lambda t: tokens_to_grid(t, grid).float(),
+                  **kwargs)
     try:
         out = cam(input_tensor=images, targets=[SimilarityTarget() for _ in range(len(images))])
     finally:

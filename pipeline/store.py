@@ -8,11 +8,18 @@ Layout of `STORE.zarr` (rows in manifest order, N rows):
     frame       float32 [N, 4]       x0, y0, x1, y1 of the image region the map covers (pixels)
     image_size  int32   [N, 2]       W, H of the original image
     _done/NNNNN.json                 completion marker of Zarr shard NNNNN (written last, atomically)
-    manifest.parquet, config.yaml, run.log   written by stage 1 beside the arrays
+    _locks/HOST-PID.json             the writers at work now (pipeline/store_lock.py); kept by `create_store`
+    manifest.parquet, config.yaml, run.log, saliency_report.json   written by stage 1 beside the arrays
+
+Status codes (`STATUS_CODES`, also in the attrs): 0 pending, 1 ok; 2-7 the data layer's damage
+reasons (unreadable_image, missing_image, missing_caption, empty_caption, bad_json,
+truncated_tar); 8 nonfinite_map, 9 damaged (any other data-layer reason), 10 zero_map (a finite
+map that is zero everywhere), 11 too_large (more pixels than stage 1's `max_pixels`: not decoded).
 
 Every array is sharded along rows with the same `rows_per_shard`, so Zarr shard i of every
 array holds rows [i*R, (i+1)*R): one writer owns a whole shard, and a shard is complete exactly
-when its marker exists.
+when its marker exists. A shard's files are fsynced before its marker is written, so a marker
+never names bytes that a power cut could still take.
 
 Why a scale: raw Grad-CAM values of a cosine target are tiny (~1e-4 with ViT-B-16 on photos),
 and float16 keeps full precision only above 6.1e-5, so raw maps stored as float16 were largely
@@ -34,11 +41,13 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json
+from pipeline.files import atomic_write_json, fsync_paths
+from pipeline.store_lock import LOCK_DIR
 
 FORMAT = "salmae-saliency-store/2"
 READABLE_FORMATS = ("salmae-saliency-store/1", FORMAT)   # 1: maps stored raw, no `scale` array
 DONE_DIR = "_done"
+CREATING = "creating"      # attr: True while `create_store` (and its caller) are still making the store
 ARRAYS = ("saliency", "status", "key", "frame", "image_size")   # in every format; `scale` from format 2
 
 STATUS_PENDING, STATUS_OK = 0, 1
@@ -55,6 +64,7 @@ STATUS_CODES: dict[int, str] = {
     8: "nonfinite_map",
     9: "damaged",          # any other damage reason the data layer reports
     10: "zero_map",        # a finite map that is zero everywhere: no patch is salient (stage 2 masks at random)
+    11: "too_large",       # more pixels than stage 1's max_pixels: never decoded (decompression-bomb guard)
 }
 CODE_OF: dict[str, int] = {reason: code for code, reason in STATUS_CODES.items()}
 
@@ -83,18 +93,29 @@ def _chunk_rows(rows_per_shard: int, target: int = 64) -> int:
 
 
 def create_store(path: str | Path, *, keys: Sequence[str], image_sizes: np.ndarray, frames: np.ndarray,
-                 grid: tuple[int, int], rows_per_shard: int, attrs: dict[str, Any]) -> None:
+                 grid: tuple[int, int], rows_per_shard: int, attrs: dict[str, Any], finished: bool = True) -> None:
     """Create (replacing any existing) store at `path` with per-row keys/geometry and empty maps.
 
-    image_sizes: [N, 2] int (W, H); frames: [N, 4] float (x0, y0, x1, y1).
+    image_sizes: [N, 2] int (W, H); frames: [N, 4] float (x0, y0, x1, y1). Everything already in
+    `path` goes except the writers' locks (`_locks/`): the caller holds one while it creates.
+    The group is marked `creating` from its first byte until the end (or, with `finished=False`,
+    until `finish_store`, after the caller has put its own files in): a store killed half-way
+    is never opened as a finished one (`SaliencyStore.open` refuses it, stage 1 recreates it).
     """
     path = Path(path)
     if path.exists():
-        shutil.rmtree(path)
+        for child in path.iterdir():
+            if child.name == LOCK_DIR:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     n, (gh, gw) = len(keys), grid
     c = _chunk_rows(rows_per_shard)
     compressor = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = zarr.create_group(str(path), zarr_format=3,      # not mode="w": that would delete `_locks/`
+                              attributes={"format": FORMAT, CREATING: True})
 
     def array(name, shape, dtype, chunks, fill):
         return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
@@ -110,9 +131,24 @@ def create_store(path: str | Path, *, keys: Sequence[str], image_sizes: np.ndarr
         keys_arr[:] = np.asarray(list(keys), dtype=str)
         frame_arr[:] = np.asarray(frames, dtype=np.float32)
         size_arr[:] = np.asarray(image_sizes, dtype=np.int32)
-    group.attrs.update({"format": FORMAT, "rows_per_shard": rows_per_shard, "n_rows": n, "grid": [gh, gw],
-                        "status_codes": {str(k): v for k, v in STATUS_CODES.items()}, **attrs})
     (path / DONE_DIR).mkdir()
+    group.attrs.update({"format": FORMAT, "rows_per_shard": rows_per_shard, "n_rows": n, "grid": [gh, gw],
+                        "status_codes": {str(k): v for k, v in STATUS_CODES.items()}, **attrs,
+                        CREATING: not finished})
+
+
+def finish_store(path: str | Path, attrs: dict[str, Any] | None = None) -> None:
+    """Add `attrs` and clear the `creating` mark of a store made with `create_store(..., finished=False)`."""
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    group.attrs.update({**(attrs or {}), CREATING: False})
+
+
+def read_attrs(path: str | Path) -> dict[str, Any] | None:
+    """A store's attrs straight from its `zarr.json` (no array opened); None if there is none or it is unreadable."""
+    try:
+        return dict(json.loads((Path(path) / "zarr.json").read_text()).get("attributes") or {})
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class SaliencyStore:
@@ -141,6 +177,9 @@ class SaliencyStore:
         except Exception as e:
             raise SalmaeError(f"{path} is not a readable Zarr v3 group ({e.__class__.__name__}); "
                               "recreate it with `salmae saliency --overwrite`") from e
+        if group.attrs.get(CREATING):
+            raise SalmaeError(f"store {path} is unfinished (stage 1 stopped while creating it); run the same "
+                              "`salmae saliency` command again to recreate it")
         if group.attrs.get("format") not in READABLE_FORMATS or any(name not in group for name in ARRAYS):
             raise SalmaeError(f"{path} is not a salmae saliency store; point to the --out of `salmae saliency`")
         if mode != "r" and group.attrs.get("format") != FORMAT:
@@ -223,7 +262,8 @@ class SaliencyStore:
 
         saliency: [rows, gh, gw] maps in their own units (float32, kept until `scale_to_max`);
         status: [rows] uint8. The marker is written atomically after the data, so a killed writer
-        leaves the shard unmarked and a rerun rewrites it from scratch.
+        leaves the shard unmarked and a rerun rewrites it from scratch. The shard's files are
+        fsynced before the marker, and the marker itself before this returns.
         """
         rows = self.shard_rows(shard)
         self._clear_shard(shard)
@@ -231,14 +271,24 @@ class SaliencyStore:
         self._saliency[rows.start:rows.stop] = scaled
         self._scale[rows.start:rows.stop] = scale
         self._status[rows.start:rows.stop] = np.asarray(status, dtype=np.uint8)
-        atomic_write_json(self.marker_path(shard), {"shard": shard, "rows": [rows.start, rows.stop], **marker})
+        fsync_paths(self.shard_files(shard))
+        atomic_write_json(self.marker_path(shard), {"shard": shard, "rows": [rows.start, rows.stop], **marker},
+                          fsync=True)
+        fsync_paths([self.marker_path(shard)])           # the marker's folder entry too
 
-    def _clear_shard(self, shard: int) -> None:
-        """Delete shard files a killed writer may have left half-written (Zarr would read-modify-write them)."""
+    def shard_files(self, shard: int) -> list[Path]:
+        """The files of Zarr shard `shard` that stage 1 writes (saliency, scale, status)."""
+        files = []
         for name, arr in (("saliency", self._saliency), ("scale", self._scale), ("status", self._status)):
             path = self.path / name / "c" / str(shard)
             for _ in range(arr.ndim - 1):
                 path = path / "0"
+            files.append(path)
+        return files
+
+    def _clear_shard(self, shard: int) -> None:
+        """Delete shard files a killed writer may have left half-written (Zarr would read-modify-write them)."""
+        for path in self.shard_files(shard):
             if path.is_file():
                 path.unlink()
 

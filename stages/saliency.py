@@ -8,13 +8,25 @@ of the same command skips finished shards and ends with the same bytes as an uni
 The device never waits for the host: loader workers decode, resize and tokenize, images cross as
 uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host, and
 each batch's maps are copied back while the next batch runs (`_MapsToHost`).
+
+Safety (issue 12). Rank 0 holds a writer lock on the store for the job's shard range
+(`pipeline/store_lock.py`: disjoint `--set shards=LO:HI` jobs share a store, overlapping ones
+are refused; creating or `--overwrite`-replacing a store needs it to itself). A store is created
+in steps (arrays, then its manifest and config moved in, then its fingerprint), so a run killed
+in between leaves a store marked `creating` that the next run recreates, never accepts. A full
+disk ends in one line naming the file and the free space; finished shards stay. Images with more
+than `max_pixels` pixels (by their header) are never decoded: status `too_large`. JPEGs are
+decoded at the smallest scale that still covers CLIP's input (PIL `draft`). The report,
+`saliency_report.json`, is written inside the store and names the shard of every failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -29,23 +41,29 @@ from pipeline.config import save_config
 from pipeline.data.transforms import normalise
 from pipeline.device import autocast, pick_device, pin_memory, resolve_precision
 from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json
-from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, compile_around_layer, compute_cam,
-                              encode_captions, resolve_layer, trim_caption_padding)
+from pipeline.files import atomic_path, atomic_write_json, disk_full_as_error, fsync_paths
+from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, check_layer, compile_around_layer,
+                              compute_cam, encode_captions, resolve_layer, trim_caption_padding)
 from pipeline.logging import get_logger, setup_logging
 from pipeline.models.clip import load_clip
+from pipeline.store import CREATING, DONE_DIR, READABLE_FORMATS
 from pipeline.store import FORMAT as STORE_FORMAT
-from pipeline.store import STATUS_CODES, STATUS_OK, CODE_OF, SaliencyStore, create_store, status_code
+from pipeline.store import (STATUS_CODES, STATUS_OK, CODE_OF, SaliencyStore, create_store, finish_store, read_attrs,
+                            status_code)
+from pipeline.store_lock import ShardRange, StoreLock
 
 MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "saliency_report.json"
 FRAME_CONVENTION = "whole image resized (squashed, aspect not kept) to input_size; frame = [0, 0, W, H]"
+DEFAULT_MAX_PIXELS = 64_000_000
+# fingerprint keys added after stores existed: a store without one was made with this value
+FINGERPRINT_DEFAULTS = {"max_pixels": DEFAULT_MAX_PIXELS}
 
 
 @dataclasses.dataclass
 class SaliencyConfig:
     data: str | None = None           # caption shards: brace pattern, paths or pipe: URLs (optional on a rerun)
-    out: Path = Path("runs/saliency/store.zarr")  # the Zarr store; saliency_report.json goes beside it
+    out: Path = Path("runs/saliency/store.zarr")  # the Zarr store; saliency_report.json goes inside it
     manifest: Path | None = None      # use this manifest instead of building one from `data`
     clip_model: str = "ViT-B-16"      # open_clip config name (salmae-tiny for the offline CLIP)
     clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE, or 'none'
@@ -61,28 +79,43 @@ class SaliencyConfig:
     seed: int = 0                     # seeds torch (only library CAMs with randomness use it)
     shards: str = ""                  # LO:HI = compute only Zarr shards LO..HI-1 (split one store across jobs)
     allow_mixed: bool = False         # resume a store begun on another device/precision/batch/seed/library (recorded)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels (by header) are not decoded: status too_large
 
 
 def run(cfg: SaliencyConfig) -> dict[str, Any]:
-    """Compute (or finish) the store at `cfg.out`; returns the summary also written to saliency_report.json."""
+    """Compute (or finish) the store at `cfg.out`; returns the summary also written to `cfg.out`/saliency_report.json."""
     if cfg.cam not in CAM_METHODS:
         raise SalmaeError(f"unknown --cam {cfg.cam!r}; choose one of {', '.join(CAM_METHODS)}")
     if cfg.rows_per_shard < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):
         raise SalmaeError("rows_per_shard and batch_size must be positive; fix --set rows_per_shard / --batch-size")
+    if cfg.max_pixels < 1:
+        raise SalmaeError(f"--set max_pixels={cfg.max_pixels} must be positive (default {DEFAULT_MAX_PIXELS:,})")
     out = Path(cfg.out)
     setup_logging(None)
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or default_batch_size(device),
                               precision=resolve_precision(cfg.precision, device))
     dist.init(device)
+    lock = StoreLock(out, parse_shards(cfg.shards))       # one writer per shard range: rank 0 holds it for the job
+    if dist.is_main():
+        lock.acquire()
+    try:
+        return _run_locked(cfg, out, device, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: StoreLock) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, info, tokenizer, record = load_clip(cfg.clip_model, cfg.clip_pretrained, device)
     layer, layer_path = resolve_layer(model, cfg.layer)
+    check_layer(model, layer, layer_path, info.grid, info.input_size, cfg.cam)   # its own RNG: seeding unchanged
     if cfg.compile:
         compile_around_layer(model, layer)
     provenance = run_provenance(cfg, device)
     if dist.is_main():
-        _prepare_store(cfg, out, record, layer_path, info, provenance)
+        with disk_full_as_error(out, "the store is unchanged or still marked unfinished"):
+            _prepare_store(cfg, out, record, layer_path, info, provenance, lock)
     dist.barrier(f"rank 0 to create or check the store {out} (and build its manifest)")
     log = setup_logging(out)
     store = SaliencyStore.open(out, mode="r+")
@@ -97,23 +130,31 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
              ", compiled" if cfg.compile else "")
     n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id, provenance)
     dist.barrier()
-    summary = _summarise(store, out, started, run_id, n_images, provenance) if dist.is_main() else {}
+    summary = _summarise(store, manifest, out, started, run_id, n_images, provenance) if dist.is_main() else {}
     dist.barrier()
     return summary
 
 
-def job_shards(spec: str, n_shards: int) -> range:
-    """The Zarr shards this job computes: all, or `LO:HI` (HI may be omitted; clipped to the store)."""
+def parse_shards(spec: str, n_shards: int | None = None) -> ShardRange:
+    """`--set shards=LO:HI` -> ShardRange (HI None when omitted); SalmaeError naming the spec if malformed."""
+    of = f"; the store has {n_shards} shards" if n_shards is not None else ""
     if not spec:
-        return range(n_shards)
+        return ShardRange()
     try:
         lo_text, hi_text = spec.split(":")
-        lo, hi = int(lo_text or 0), int(hi_text) if hi_text else n_shards
+        lo, hi = int(lo_text or 0), int(hi_text) if hi_text else None
     except ValueError:
-        raise SalmaeError(f"--set shards={spec!r} is not LO:HI (e.g. 0:160); the store has {n_shards} shards") from None
-    if not 0 <= lo <= hi:
-        raise SalmaeError(f"--set shards={spec!r} needs 0 <= LO <= HI; the store has {n_shards} shards")
-    return range(min(lo, n_shards), min(hi, n_shards))
+        raise SalmaeError(f"--set shards={spec!r} is not LO:HI (e.g. 0:160){of}") from None
+    if not 0 <= lo <= (hi if hi is not None else lo):
+        raise SalmaeError(f"--set shards={spec!r} needs 0 <= LO <= HI{of}")
+    return ShardRange(lo, hi)
+
+
+def job_shards(spec: str, n_shards: int) -> range:
+    """The Zarr shards this job computes: all, or `LO:HI` (HI may be omitted; clipped to the store)."""
+    shards = parse_shards(spec, n_shards)
+    hi = n_shards if shards.hi is None else shards.hi
+    return range(min(shards.lo, n_shards), min(hi, n_shards))
 
 
 def rank_shards(shards: range, world: int, rank: int) -> range:
@@ -145,30 +186,90 @@ def run_provenance(cfg: SaliencyConfig, device: torch.device) -> dict[str, Any]:
     except PackageNotFoundError:
         grad_cam = None
     return {"device": device.type, "precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile,
-            "seed": cfg.seed, "torch": torch.__version__, "open_clip": open_clip.__version__, "grad_cam": grad_cam}
+            "seed": cfg.seed, "torch": torch.__version__, "open_clip": open_clip.__version__, "grad_cam": grad_cam,
+            "jpeg_draft": True}     # JPEGs decoded at a reduced scale (PIL draft): changes the pixels CLIP sees
 
 
 # ---------------------------------------------------------------------------- store set-up (rank 0)
-def _prepare_store(cfg: SaliencyConfig, out: Path, record: dict, layer_path: str, info, provenance: dict) -> None:
+def _prepare_store(cfg: SaliencyConfig, out: Path, record: dict, layer_path: str, info, provenance: dict,
+                   lock: StoreLock) -> None:
     """Create the store, or check that an existing one was made by the same config, data and provenance."""
+    _remove_dead_staging(out)
+    state = _store_state(out)
+    if state != "ready":
+        lock.require_sole_holder("creating it")
+    if state == "unfinished":
+        get_logger().warning("store %s was left unfinished by a stopped run: recreating it", out)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)        # may be empty or half-written
     manifest, manifest_file = _resolve_manifest(cfg, out)
     try:
-        _create_or_check(cfg, out, record, layer_path, info, manifest, manifest_file, provenance)
+        _create_or_check(cfg, out, record, layer_path, info, manifest, manifest_file, provenance, state, lock)
     finally:
-        staging = out.with_name(f".{out.name}.build.parquet")
-        if staging.exists():
-            staging.unlink()
+        for staging in (_staging_path(out, "build"), _staging_path(out, "manifest")):
+            staging.unlink(missing_ok=True)
+
+
+def _store_state(out: Path) -> str:
+    """'absent', 'unfinished' (a run stopped while creating it: safe to recreate) or 'ready'.
+
+    Unfinished: marked `creating`, or (stores made before that mark) without a usable manifest and with
+    no finished shard. A store with finished shards but no manifest is the user's to mend.
+    """
+    if not (out / "zarr.json").is_file():
+        return "absent"
+    attrs = read_attrs(out)
+    if attrs is None or attrs.get("format") not in READABLE_FORMATS:
+        attrs = SaliencyStore.open(out).attrs               # raises the reader's one-line explanation
+    if attrs.get(CREATING):
+        return "unfinished"
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file() and manifest.stat().st_size > 0:
+        return "ready"
+    done = list((out / DONE_DIR).glob("*.json"))
+    if not done:
+        return "unfinished"
+    raise SalmaeError(f"store {out} has {len(done)} finished shards but no usable {MANIFEST_NAME}; rebuild it with "
+                      f"`salmae manifest build 'SHARDS' -o {out / MANIFEST_NAME}` or pass --overwrite")
+
+
+def _staging_path(out: Path, what: str) -> Path:
+    """This process's staging file beside the store (named by host and PID: jobs never share one)."""
+    return out.with_name(f".{out.name}.{what}-{socket.gethostname()}-{os.getpid()}.parquet")
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Delete staging files left beside the store by killed runs on this host (and by older versions,
+    whose names carry no PID): a half-written one must never be read, nor pile up."""
+    host = socket.gethostname()
+    for path in out.parent.glob(f".{out.name}.*.parquet"):
+        stem = path.name[len(f".{out.name}."):-len(".parquet")]          # build | manifest | build-HOST-PID
+        what, _, owner = stem.partition("-")
+        if what not in ("build", "manifest"):
+            continue
+        owner_host, _, pid = owner.rpartition("-")
+        if not owner or (owner_host == host and pid.isdigit() and not _pid_alive(int(pid))):
+            path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manifest, manifest_file,
-                     provenance: dict) -> None:
+                     provenance: dict, state: str, lock: StoreLock) -> None:
     fingerprint = {"clip_model": record["clip_model"], "clip_pretrained": record["clip_pretrained"],
                    "pretrained_sha256": record["pretrained_sha256"], "cam": cfg.cam, "layer": layer_path,
                    "input_size": record["input_size"], "manifest_hash": manifest.hash,
-                   "rows_per_shard": cfg.rows_per_shard}
-    if (out / "zarr.json").exists():
+                   "rows_per_shard": cfg.rows_per_shard, "max_pixels": cfg.max_pixels}
+    if state == "ready":
         attrs = SaliencyStore.open(out).attrs
-        existing = attrs.get("fingerprint", {})
+        existing = {**FINGERPRINT_DEFAULTS, **attrs.get("fingerprint", {})}
         if attrs.get("format") != STORE_FORMAT and not cfg.overwrite:
             raise SalmaeError(f"store {out} has the older format {attrs.get('format')} (maps without a scale); "
                               "pass --overwrite to recompute it, or choose another --out")
@@ -180,23 +281,28 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
             what = ", ".join(f"{k}: {existing.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
             raise SalmaeError(f"store {out} was made with another config or data ({what}); "
                               "pass --overwrite to recompute it, or choose another --out")
+        lock.require_sole_holder("replacing it (--overwrite)")
     if manifest_file is None or not Path(manifest_file).is_file():
         raise SalmaeError(f"no manifest for store {out}; pass --data SHARDS (or --manifest FILE)")
     widths = np.asarray(manifest.column("width"), dtype=np.int32)
     heights = np.asarray(manifest.column("height"), dtype=np.int32)
     sizes = np.stack([widths, heights], axis=1)                        # [N, 2] (W, H)
     frames = np.concatenate([np.zeros_like(sizes), sizes], 1).astype(np.float32)  # [N, 4] whole image
-    attrs = {"fingerprint": fingerprint, **record, "cam": cfg.cam, "layer": layer_path,
+    attrs = {**record, "cam": cfg.cam, "layer": layer_path,
              "input_size": record["input_size"], "frame": FRAME_CONVENTION, "manifest_hash": manifest.hash,
              "salmae_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "normalisation": cam_normalisation(cfg.cam), "provenance": provenance,
+             "normalisation": cam_normalisation(cfg.cam), "provenance": provenance, "max_pixels": cfg.max_pixels,
              "target": "cosine similarity of the image embedding to its own caption's text embedding"}
-    staged = out.with_name(f".{out.name}.{MANIFEST_NAME}")
-    shutil.copyfile(manifest_file, staged)                             # survive create_store's rmtree of `out`
+    staged = _staging_path(out, "manifest")
+    with atomic_path(staged) as tmp:                                   # survives create_store's clearing of `out`
+        shutil.copyfile(manifest_file, tmp)
+        fsync_paths([tmp])
     create_store(out, keys=manifest.keys, image_sizes=sizes, frames=frames, grid=info.grid,
-                 rows_per_shard=cfg.rows_per_shard, attrs=attrs)
+                 rows_per_shard=cfg.rows_per_shard, attrs=attrs, finished=False)
     staged.replace(out / MANIFEST_NAME)
     save_config(cfg, out / "config.yaml")
+    fsync_paths([out / MANIFEST_NAME, out / "config.yaml"])
+    finish_store(out, {"fingerprint": fingerprint})                    # last: only now is the store accepted
 
 
 def _check_provenance(cfg: SaliencyConfig, out: Path, begun: dict, now: dict) -> None:
@@ -239,7 +345,7 @@ def _resolve_manifest(cfg: SaliencyConfig, out: Path):
         if stale_reason(manifest, cfg.data) is None:     # a restart: trust the store's own manifest
             return manifest, stored
     if cfg.data:
-        staging = out.with_name(f".{out.name}.build.parquet")
+        staging = _staging_path(out, "build")
         manifest = build_manifest(cfg.data, staging)
         if stored.is_file() and load_manifest(stored).hash != manifest.hash and not cfg.overwrite:
             staging.unlink()
@@ -268,9 +374,10 @@ class _RowImages(Dataset):
     read whole once per worker and cached by key.
     """
 
-    def __init__(self, rows: dict[int, tuple[str, str, int, int, str]], info, tokenizer):
+    def __init__(self, rows: dict[int, tuple[str, str, int, int, str]], info, tokenizer, max_pixels: int):
         self.rows = rows                      # row -> (key, shard url, image offset, image bytes, caption)
         self.size_wh = (info.input_size[1], info.input_size[0])
+        self.max_pixels = max_pixels          # refuse (too_large) before decoding, whatever the manifest said
         self.tokenizer = tokenizer            # open_clip's tokenizers are plain picklable objects
         self._cached_url: str | None = None
         self._cache: dict[str, bytes | None] = {}
@@ -283,7 +390,8 @@ class _RowImages(Dataset):
 
         key, url, offset, nbytes, caption = self.rows[row]
         try:
-            image = decode_image(self._image_bytes(key, url, offset, nbytes), key)
+            image = decode_image(self._image_bytes(key, url, offset, nbytes), key, max_pixels=self.max_pixels,
+                                 draft_size=self.size_wh)
         except DamagedSampleError as e:
             return row, None, None, e.reason
         image = image.resize(self.size_wh, Image.BICUBIC)    # squash the whole image into the CLIP input
@@ -381,6 +489,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
     urls = _shard_urls(cfg, manifest)
     keys, shards, captions = manifest.keys, manifest.column("shard"), manifest.column("caption")
     offsets, nbytes, statuses = manifest.column("image_offset"), manifest.column("image_nbytes"), manifest.status
+    pixels = manifest.column("width").astype(np.int64) * manifest.column("height").astype(np.int64)   # [N]
     plans: dict[int, dict[str, Any]] = {}
     batches, batch_shard, rows_info = [], [], {}
     for s in todo:
@@ -389,6 +498,8 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
         for i, r in enumerate(rows):
             if status[i] == STATUS_OK and not (captions[r] or "").strip():
                 status[i] = CODE_OF["empty_caption"]
+            if status[i] == STATUS_OK and pixels[r] > cfg.max_pixels:     # by the header: never read nor decoded
+                status[i] = CODE_OF["too_large"]
         ok_rows = [r for i, r in enumerate(rows) if status[i] == STATUS_OK]
         missing = sorted({shards[r] for r in ok_rows} - set(urls))
         if missing:
@@ -411,7 +522,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
     if cfg.workers > 1 and not all(_is_local_tar(u) for u in urls.values()):
         order = deal_tars_to_workers([shards[b[0]] for b in batches], cfg.workers)
         batches, batch_shard = [batches[i] for i in order], [batch_shard[i] for i in order]
-    loader = DataLoader(_RowImages(rows_info, info, tokenizer), batch_sampler=batches, num_workers=cfg.workers,
+    loader = DataLoader(_RowImages(rows_info, info, tokenizer, cfg.max_pixels), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
                         persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
     cam_fn = compute_cam(cfg.cam)
@@ -464,16 +575,17 @@ def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, pro
     marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
               "images": int(np.isin(status, [STATUS_OK, CODE_OF["nonfinite_map"], CODE_OF["zero_map"]]).sum()),
               **{k: provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
-    store.write_shard(shard, plan["saliency"], status, marker)
+    with disk_full_as_error(store.shard_files(shard)[0], f"shard {shard} is not marked done, finished shards are kept"):
+        store.write_shard(shard, plan["saliency"], status, marker)
 
 
 # ---------------------------------------------------------------------------- report (rank 0)
-def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_images_rank0: int,
+def _summarise(store: SaliencyStore, manifest, out: Path, started: float, run_id: str, n_images_rank0: int,
                provenance: dict) -> dict[str, Any]:
     status = store.status
     keys = store.keys
     counts = {STATUS_CODES[int(c)]: int(n) for c, n in zip(*np.unique(status, return_counts=True))}
-    failures = [{"key": str(keys[i]), "reason": STATUS_CODES[int(status[i])]} for i in np.flatnonzero(status >= 2)]
+    failures = _failures(store, manifest, status, keys)
     markers = store.done_markers()
     seconds = time.time() - started
     this_run = sum(m.get("images", 0) for m in markers.values() if m.get("run_id") == run_id)
@@ -487,10 +599,44 @@ def _summarise(store: SaliencyStore, out: Path, started: float, run_id: str, n_i
         "bytes_per_image": round(nbytes / max(len(store), 1), 2), "saliency_bytes": nbytes,
         "manifest_hash": store.attrs.get("manifest_hash"), "clip_model": store.attrs.get("clip_model"),
         "clip_pretrained": store.attrs.get("clip_pretrained"), "cam": store.attrs.get("cam"),
+        "max_pixels": store.attrs.get("max_pixels"),
         "this_run": provenance, "allow_mixed": bool(store.attrs.get("allow_mixed", False)),
     }
-    atomic_write_json(out.parent / REPORT_NAME, summary)
-    get_logger().info("stage 1 done: %d rows, %s; %.1f img/s this run, %.0f bytes/image; report %s",
-                      len(store), counts, summary["images_per_s"] or 0, summary["bytes_per_image"],
-                      out.parent / REPORT_NAME)
+    report = out / REPORT_NAME           # inside the store: two stores in one folder keep their own reports
+    with disk_full_as_error(report, "the store itself is complete; only its report is missing"):
+        atomic_write_json(report, summary)
+    log = get_logger()
+    _log_damaged_shards(log, failures)
+    log.info("stage 1 done: %d rows, %s; %.1f img/s this run, %.0f bytes/image; report %s",
+             len(store), counts, summary["images_per_s"] or 0, summary["bytes_per_image"], report)
     return summary
+
+
+def _failures(store: SaliencyStore, manifest, status: np.ndarray, keys: np.ndarray) -> list[dict[str, Any]]:
+    """One entry per damaged row: key ('' when a garbage tar has none), shard file, reason (+ detail)."""
+    rows = np.flatnonzero(status >= 2)
+    shard_of = manifest.column("shard").take(rows) if len(manifest) == len(store) else [None] * len(rows)
+    sizes = store.image_sizes(rows) if len(rows) else np.zeros((0, 2), np.int32)
+    out = []
+    for r, shard, (w, h) in zip(rows.tolist(), shard_of, sizes.tolist()):
+        entry = {"key": str(keys[r]), "shard": shard, "reason": STATUS_CODES[int(status[r])]}
+        if entry["reason"] == "too_large":
+            limit = store.attrs.get("max_pixels")
+            entry["detail"] = f"{w}x{h} = {w * h / 1e6:.1f} MP > max_pixels {limit / 1e6:g} MP" if limit else f"{w}x{h}"
+        elif entry["reason"] == "truncated_tar" and not entry["key"]:
+            entry["detail"] = "no sample of this tar could be read (not a tar, or cut before its first member)"
+        out.append(entry)
+    return out
+
+
+def _log_damaged_shards(log, failures: list[dict[str, Any]], limit: int = 20) -> None:
+    """One warning line per shard with damaged rows (the first `limit` shards), naming the shard file."""
+    by_shard: dict[str, list[dict]] = {}
+    for f in failures:
+        by_shard.setdefault(str(f["shard"]), []).append(f)
+    for shard, items in list(by_shard.items())[:limit]:
+        reasons = sorted({f["reason"] for f in items})
+        keys = ", ".join(repr(f["key"]) for f in items[:3]) + (" ..." if len(items) > 3 else "")
+        log.warning("shard %s: %d damaged rows (%s; keys %s)", shard, len(items), ", ".join(reasons), keys)
+    if len(by_shard) > limit:
+        log.warning("... and %d more shards with damaged rows (all listed in %s)", len(by_shard) - limit, REPORT_NAME)

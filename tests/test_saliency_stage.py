@@ -176,7 +176,7 @@ def test_damaged_samples_get_status_and_report(shapes_dir, tmp_path):
     assert reasons["0000003"] == "unreadable_image" and reasons["0000005"] == "empty_caption"
     assert "truncated_tar" in reasons.values()
     assert st.status[st.row_of("0000003")] == 2 and (st.status == 1).sum() == len(st) - len(reasons)
-    report = json.loads((tmp_path / "saliency_report.json").read_text())
+    report = json.loads((out / "saliency_report.json").read_text())
     assert report["damaged"] == len(reasons) >= 3
 
 

@@ -36,7 +36,8 @@ DAMAGE_REASONS: dict[str, str] = {
     "missing_caption": "no .txt caption member for this key",
     "empty_caption": "the .txt caption is empty",
     "bad_json": "the .json metadata does not parse as a JSON object",
-    "truncated_tar": "the tar shard ends in the middle of this sample",
+    "truncated_tar": "the tar shard ends in the middle of this sample (key '' when no member could be read)",
+    "too_large": "the image has more pixels than the reader's limit (stage 1: --set max_pixels)",
 }
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -129,14 +130,25 @@ def shard_name(url: str) -> str:
 
 
 # --------------------------------------------------------------------------- images
-def decode_image(data: bytes, key: str = "?") -> Image.Image:
+def decode_image(data: bytes, key: str = "?", max_pixels: int | None = None,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode image bytes to an RGB PIL image; raises DamagedSampleError("unreadable_image").
 
     Any PIL mode is converted: alpha (RGBA, LA, P with transparency) is composited on black,
     16-bit and float greyscale are rescaled to 8 bits, CMYK/L/P/1 go through PIL's convert.
+    `max_pixels`: an image whose header declares more pixels is refused before any decoding
+    (DamagedSampleError("too_large")): a 140 KB PNG can hold 12,000 x 12,000 pixels (+400 MB).
+    `draft_size` (W, H): a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that still
+    covers it in both dimensions (PIL's `draft`), for callers that shrink the image anyway.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise DamagedSampleError("too_large", key, f"{width}x{height} = {width * height / 1e6:.1f} MP, "
+                                         f"limit {max_pixels / 1e6:g} MP")
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", draft_size)
             im.load()
             return _to_rgb(im)
     except DamagedSampleError:

@@ -14,6 +14,11 @@ goes into the saliency store's attrs so a map can always be traced to the exact 
   (e.g. `ViT-B-16-quickgelu` for OpenAI weights saved as a plain state dict);
 - `none`: random weights, only when asked for explicitly; recorded as such.
 
+Only open_clip's own `VisionTransformer` image towers are supported (every `ViT-*` config and
+ours): Grad-CAM is taken over its patch-token grid. ResNet towers (`RN50`, ...) and timm towers
+(configs with `timm_model_name`, e.g. `convnext_base`) are refused in one line, from the config
+before any weights are fetched and again on the built model (`check_vision_tower`).
+
 Our configs in `configs/` are registered with open_clip on import: `salmae-tiny` (64 px, the
 offline CLIP that `salmae clip-train` trains) and `salmae-micro` (32 px, for tests and smoke runs).
 `salmae-tiny`'s vision tower has 2 blocks: with 4, its maps at the last block pointed at the
@@ -66,6 +71,7 @@ def load_clip(
     if name not in open_clip.list_models():
         raise SalmaeError(f"unknown --clip-model {name!r}; use an open_clip config name "
                           f"(e.g. ViT-B-16, {TINY_MODEL}; `python -c 'import open_clip; print(open_clip.list_models())'`)")
+    _check_vision_config(name, open_clip.get_model_config(name) or {})
     kwargs: dict[str, Any] = {}
     record: dict[str, Any] = {"clip_model": name, "clip_pretrained": "none", "pretrained_sha256": None}
     if is_random(pretrained):
@@ -104,6 +110,7 @@ def load_clip(
         raise SalmaeError(f"could not load CLIP checkpoint {weights} into {name} ({str(e)[:160]}); "
                           "check that --clip-model matches the checkpoint") from e
     model.eval().requires_grad_(False)
+    check_vision_tower(model, name)
     visual = model.visual
     pp = visual.preprocess_cfg
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
@@ -113,6 +120,31 @@ def load_clip(
     record.update(quick_gelu=bool(kwargs.get("force_quick_gelu", False)), mean=list(info.mean), std=list(info.std),
                   input_size=list(info.input_size), grid=list(info.grid))
     return model, info, tokenizer, record
+
+
+SUPPORTED_TOWERS = "open_clip VisionTransformer towers (ViT-* configs such as ViT-B-16, or salmae-tiny)"
+
+
+def _check_vision_config(name: str, config: dict[str, Any]) -> None:
+    """Refuse a ResNet or timm vision tower from its open_clip config (before weights are fetched)."""
+    vision = config.get("vision_cfg") or {}
+    if vision.get("timm_model_name"):
+        kind = f"a timm {vision['timm_model_name']} vision tower"
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        kind = "a ResNet vision tower"
+    else:
+        return
+    raise SalmaeError(f"--clip-model {name} has {kind}; stage 1 supports only {SUPPORTED_TOWERS}")
+
+
+def check_vision_tower(model: torch.nn.Module, name: str) -> None:
+    """Refuse a built model whose image tower is not open_clip's VisionTransformer."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise SalmaeError(f"--clip-model {name} has a {type(visual).__name__} vision tower; "
+                          f"stage 1 supports only {SUPPORTED_TOWERS}")
 
 
 def checkpoint_extras(model_name: str, mean, std, quick_gelu: bool = False) -> dict[str, Any]:
