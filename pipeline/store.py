@@ -213,14 +213,14 @@ class SaliencyStore:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.zeros((0, *self.grid), dtype=np.float32)
-        maps = np.asarray(self._saliency.get_orthogonal_selection((rows,)), dtype=np.float32)
+        maps = np.asarray(_take(self._saliency, rows), dtype=np.float32)
         if self._scale is None:
             return maps
-        return maps * np.asarray(self._scale.get_orthogonal_selection((rows,)), dtype=np.float32)[:, None, None]
+        return maps * np.asarray(_take(self._scale, rows), dtype=np.float32)[:, None, None]
 
     def frames(self, rows: Sequence[int]) -> np.ndarray:
         """[n, 4] float32 (x0, y0, x1, y1) in image pixels."""
-        return np.asarray(self._group["frame"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+        return np.asarray(_take(self._group["frame"], np.asarray(rows, dtype=np.int64)))
 
     def image_sizes(self, rows: Sequence[int]) -> np.ndarray:
         """[n, 2] int32 (W, H)."""
@@ -301,3 +301,11 @@ class SaliencyStore:
         """Add or replace top-level attrs (stage 1's rank 0, e.g. to record a mixed resume)."""
         self._group.attrs.update(attrs)
         self.attrs.update(attrs)
+
+
+def _take(array, rows: np.ndarray) -> np.ndarray:
+    """array[rows] along the first axis: a slice when the rows are contiguous (the usual case, a
+    store read in its own order), which zarr reads chunk by chunk without index bookkeeping."""
+    if len(rows) > 1 and rows[-1] - rows[0] + 1 == len(rows) and bool(np.all(np.diff(rows) == 1)):
+        return array[int(rows[0]):int(rows[-1]) + 1]
+    return array.get_orthogonal_selection((rows,))

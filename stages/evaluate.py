@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import __version__, dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import config_to_dict, save_config
+from pipeline.config import config_to_dict, require, resume_differences, save_config
 from pipeline.device import (grad_scaler, loader_generator, pick_device, pin_memory, resolve_precision,
                              seed_everything, seed_worker)
 from pipeline.errors import SalmaeError
@@ -141,14 +141,17 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     for name in ("checkpoint", "data", "out"):
         if not getattr(cfg, name):
             raise SalmaeError(f"eval needs --{name.replace('_', '-')}; pass it on the command line or with --set {name}=…")
+    validate(cfg)
     start = time.time()
     out = Path(cfg.out)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # a bad name fails before any work
+    resumed = _check_resume(cfg, out)                     # a resume that would change the run: refused here
     dist.init(device)
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out)
     if dist.is_main():
+        _settle_eval_folder(out, resumed)
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed + dist.rank())
     ckpt_sha = sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
@@ -165,6 +168,70 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     log.info("eval %s: top-1 %.2f%%, top-5 %.2f%% -> %s", ctx.protocol, results["top1"], results["top5"],
              out / "results.json")
     return results
+
+
+# What a fine-tune resume may change: nothing that alters what it computes (precision and compile
+# alter rounding only); everything else must match the checkpoint's config.
+RESUME_MAY_CHANGE = ("epochs", "out", "resume", "device", "workers", "check", "precision", "compile")
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Every numeric option in range (one line naming the key, exit 2), before anything is created."""
+    for key in ("epochs", "batch_size", "global_batch", "accum_iter", "image_size", "num_heads"):
+        value = getattr(cfg, key)
+        require(value is None or value >= 1, key, value, "at least 1 (or unset for the protocol's default)")
+    require(cfg.workers >= 0, "workers", cfg.workers, ">= 0")
+    require(0 < cfg.crop_pct <= 1, "crop_pct", cfg.crop_pct, "in (0, 1]")
+    require(cfg.knn.k >= 1, "knn.k", cfg.knn.k, "at least 1")
+    require(cfg.knn.temperature > 0, "knn.temperature", cfg.knn.temperature, "above 0")
+    lc, fc = cfg.linear, cfg.finetune
+    require(lc.blr > 0, "linear.blr", lc.blr, "above 0")
+    require(lc.warmup_epochs >= 0, "linear.warmup_epochs", lc.warmup_epochs, ">= 0")
+    require(lc.weight_decay >= 0, "linear.weight_decay", lc.weight_decay, ">= 0")
+    require(fc.blr is None or fc.blr > 0, "finetune.blr", fc.blr, "above 0 (or unset for the recipe's)")
+    require(fc.min_lr >= 0, "finetune.min_lr", fc.min_lr, ">= 0")
+    require(fc.warmup_epochs >= 0, "finetune.warmup_epochs", fc.warmup_epochs, ">= 0")
+    require(fc.weight_decay >= 0, "finetune.weight_decay", fc.weight_decay, ">= 0")
+    require(fc.layer_decay is None or 0 < fc.layer_decay <= 1, "finetune.layer_decay", fc.layer_decay, "in (0, 1]")
+    require(fc.drop_path is None or 0 <= fc.drop_path < 1, "finetune.drop_path", fc.drop_path, "in [0, 1)")
+    require(fc.mixup >= 0 and fc.cutmix >= 0, "finetune.mixup/cutmix", (fc.mixup, fc.cutmix), ">= 0")
+    require(0 <= fc.label_smoothing < 1, "finetune.label_smoothing", fc.label_smoothing, "in [0, 1)")
+    require(0 <= fc.re_prob <= 1, "finetune.re_prob", fc.re_prob, "in [0, 1]")
+    require(fc.clip_grad is None or fc.clip_grad > 0, "finetune.clip_grad", fc.clip_grad, "above 0 (or unset)")
+
+
+def _resume_checkpoint_path(cfg: EvalConfig, out: Path) -> Path | None:
+    if cfg.protocol != "finetune" or not cfg.resume:
+        return None
+    path = out / "checkpoint-latest.pth" if cfg.resume == "latest" else Path(cfg.resume)
+    return path if path.is_file() or cfg.resume != "latest" else None
+
+
+def _check_resume(cfg: EvalConfig, out: Path) -> dict | None:
+    """The fine-tune checkpoint being resumed (None for a fresh run), after refusing in one line a
+    resume whose config would change the run."""
+    path = _resume_checkpoint_path(cfg, out)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    if "optimizer" not in state or "epoch" not in state:
+        raise SalmaeError(f"resume checkpoint {path} is not a fine-tune checkpoint (no optimizer/epoch); "
+                          "pass DIR/checkpoint-latest.pth of an earlier `salmae eval finetune`")
+    changed = resume_differences(state.get("config") or {}, config_to_dict(cfg), RESUME_MAY_CHANGE)
+    if changed:
+        raise SalmaeError(f"--set resume would change the fine-tune in {out} ({'; '.join(changed)}); resume with "
+                          "the saved settings (config.yaml) or start a new --out")
+    return state
+
+
+def _settle_eval_folder(out: Path, resumed: dict | None) -> None:
+    """Remove temp files a killed save left behind; drop metrics a killed run wrote after its last
+    checkpoint (a fresh run starts its metrics anew)."""
+    from pipeline.checkpoint import remove_stale_temp_files
+    from pipeline.logging import truncate_metrics
+
+    remove_stale_temp_files(out)
+    truncate_metrics(out / "metrics.jsonl", keep_epochs_below=int(resumed["epoch"]) + 1 if resumed else 0)
 
 
 def protocol_name(cfg: EvalConfig) -> str:

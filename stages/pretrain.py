@@ -96,6 +96,7 @@ class PretrainConfig:
     seed: int = 0                          # model init, data order, augmentation and masks
     workers: int | None = None             # DataLoader workers per process (None: from the CPUs per process, <= 10)
     data_mode: Literal["indexed", "stream"] = "indexed"  # random access (local tars) or webdataset stream
+    max_pixels: int = 64_000_000           # skip images whose header declares more pixels (as stage 1's too_large)
     shuffle_buffer: int = 1000             # stream mode shuffle buffer
     save_every: int = 5                    # also keep checkpoint-EEEE.pth every N epochs
     log_every: int = 20                    # step records (and the only host sync / all-reduce) every N iterations
@@ -194,7 +195,8 @@ def run(cfg: PretrainConfig) -> dict:
                 _write_png(out / "png" / f"epoch-{epoch:04d}.png", model, viz, plan, device)
         dist.barrier("rank 0 to write the checkpoint")
     if dataset.n_skipped:
-        log.info("%d samples without ok saliency were skipped", dataset.n_skipped)
+        log.info("%d samples were skipped (without ok saliency under skip_missing, or over max_pixels)",
+                 dataset.n_skipped)
     dist.barrier()
     return {"run": str(out), "epochs": cfg.epochs, "loss": stats.get("loss"),
             "checkpoint": str(out / "checkpoint-latest.pth")}
@@ -229,6 +231,7 @@ def validate(cfg: PretrainConfig) -> None:
     require(cfg.save_every >= 0, "save_every", cfg.save_every, ">= 0 (0 = only checkpoint-latest.pth)")
     require(cfg.viz_samples >= 0, "viz_samples", cfg.viz_samples, ">= 0")
     require(cfg.shuffle_buffer >= 1, "shuffle_buffer", cfg.shuffle_buffer, "at least 1")
+    require(cfg.max_pixels >= 1, "max_pixels", cfg.max_pixels, "at least 1")
     ratio = RatioSpec.parse(m.ratio, m.ratio_per)
     require(ratio.low > 0, "masking.ratio", m.ratio, "above 0 (with nothing masked the loss is 0)")
     require(0 <= m.cap <= 1, "masking.cap", m.cap, "between 0 and 1 (a fraction of the patches)")
@@ -315,7 +318,7 @@ def _dataset(cfg: PretrainConfig, model):
                           cfg.saliency, int(table.ok.sum()), len(table.ok), table.n_failed, table.n_zero,
                           "being skipped" if cfg.masking.skip_missing else "random masks")
     common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
-                  skip_missing=cfg.masking.skip_missing, seed=cfg.seed)
+                  skip_missing=cfg.masking.skip_missing, seed=cfg.seed, max_pixels=cfg.max_pixels)
     if cfg.data_mode == "stream":
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                                      world=dist.world_size(), **common), store

@@ -352,3 +352,14 @@ def test_stream_mode_delivers_every_batch_with_two_workers(tmp_path, shapes_patt
     epoch = [r for r in records if r["kind"] == "epoch"][0]
     assert [r["step"] for r in steps] == [0, 1, 2, 3, 4] and epoch["images"] == 60
     assert epoch["loss"] == pytest.approx(sum(r["loss"] for r in steps) / 5, rel=1e-9)
+
+
+def test_images_over_the_pixel_limit_are_skipped_not_decoded(shapes_pattern):
+    from pipeline.data.pretrain_data import IndexedPretrainDataset
+    from pipeline.data.shards import expand_shards
+    from pipeline.manifest import build_manifest
+
+    manifest = build_manifest(shapes_pattern)               # 64 images of 32 x 32 = 1024 pixels
+    kept = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1024)
+    over = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1023)
+    assert (len(kept), kept.n_skipped) == (64, 0) and (len(over), over.n_skipped) == (0, 64)

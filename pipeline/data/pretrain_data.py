@@ -184,12 +184,18 @@ def collate(items: list[dict], grid: tuple[int, int]) -> dict:
 
 
 # --------------------------------------------------------------------------- indexed mode
-def _usable_rows(manifest, saliency: SaliencyTable | None, skip_missing: bool) -> tuple[np.ndarray, int]:
-    """Manifest rows with status ok (less those without ok saliency if `skip_missing`), and how many were skipped."""
+def _usable_rows(manifest, saliency: SaliencyTable | None, skip_missing: bool,
+                 max_pixels: int | None = None) -> tuple[np.ndarray, int]:
+    """Manifest rows with status ok, less those without ok saliency if `skip_missing` and those whose
+    header declares more than `max_pixels` (decoding them every epoch costs hundreds of MB per worker);
+    and how many were skipped."""
     ok = manifest.status.equals("ok")
+    if max_pixels is not None:
+        pixels = manifest.column("width").astype(np.int64) * manifest.column("height").astype(np.int64)
+        ok &= pixels <= max_pixels
     usable = ok & saliency.ok if (skip_missing and saliency is not None) else ok
     rows = np.nonzero(usable)[0].astype(np.int64)
-    return rows, int(ok.sum()) - len(rows)
+    return rows, int(manifest.status.equals("ok").sum()) - len(rows)
 
 
 class IndexedPretrainDataset(Dataset):
@@ -203,7 +209,7 @@ class IndexedPretrainDataset(Dataset):
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
-                 augment: bool = True):
+                 augment: bool = True, max_pixels: int | None = None):
         by_name = {shard_name(u): u for u in shard_urls}
         encoded = manifest.table.column("shard").combine_chunks().dictionary_encode()
         names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
@@ -212,7 +218,7 @@ class IndexedPretrainDataset(Dataset):
         if absent:
             raise SalmaeError(f"manifest lists shards not in --data: {', '.join(absent[:5])}; "
                               "pass the shards the manifest was built from")
-        self.rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing)
+        self.rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing, max_pixels)
         self.urls = [by_name[s] for s in names]                        # one per shard
         self.shard_of = shard_index.astype(np.int32)                   # [N] row -> shard
         self.offsets = np.asarray(manifest.column("image_offset"), dtype=np.int64)
@@ -282,12 +288,12 @@ class StreamPretrainDataset(IterableDataset):
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
-                 shuffle_buffer: int = 1000, batch_size: int = 1, world: int = 1):
+                 shuffle_buffer: int = 1000, batch_size: int = 1, world: int = 1, max_pixels: int | None = None):
         self.manifest, self.urls, self.img_size, self.grid = manifest, shard_urls, img_size, grid
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
-        rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing)
+        rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing, max_pixels)
         keys = manifest.keys.to_bytes()[rows]
         order = np.argsort(keys)
         self._keys, self._rows = keys[order], rows[order]     # sorted keys -> manifest row (no dict per row)
