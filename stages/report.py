@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import flat_items
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_text, sha256_file
 from pipeline.logging import read_metrics
@@ -162,7 +163,7 @@ def load_run(path: str | Path) -> Run:
     cfg_file = path / "config.yaml"
     if not cfg_file.is_file():
         raise SalmaeError(f"run folder {path} has no config.yaml; pass folders written by `salmae pretrain`")
-    config = flatten(yaml.safe_load(cfg_file.read_text()) or {})
+    config = flat_items(yaml.safe_load(cfg_file.read_text()) or {})
     run = Run(path=path, config=config, losses=epoch_losses(read_metrics(path / "metrics.jsonl")))
     for results in sorted(path.glob("eval-*/results.json")):
         ev = Eval(dir=results.parent, results=json.loads(results.read_text()))
@@ -171,17 +172,6 @@ def load_run(path: str | Path) -> Run:
                               f"and {ev.dir.name}; keep one per protocol in a run folder (move the other out)")
         run.evals[ev.protocol] = ev
     return run
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"masking": {"cap": 0.25}} -> {"masking.cap": 0.25}."""
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v
-    return flat
 
 
 def epoch_losses(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -229,7 +219,7 @@ def group_by_setting(runs: list[Run]) -> list[list[Run]]:
 def eval_setting(ev: Eval) -> dict[str, Any]:
     """What defines an eval's result: its config minus seed and execution details, with the
     values resolved at run time (epochs, precision, compile, lr, the checkpoint's epoch)."""
-    setting = {k: v for k, v in flatten(ev.results.get("config", {})).items()
+    setting = {k: v for k, v in flat_items(ev.results.get("config", {})).items()
                if k != "seed" and k not in EVAL_IGNORED}
     setting.update({k: ev.results.get(k) for k in EVAL_RESOLVED})
     setting["protocol"] = ev.protocol

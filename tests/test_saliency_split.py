@@ -3,24 +3,11 @@ loader worker, and one store's work split across separate jobs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pipeline.errors import SalmaeError
-from stages.saliency import SaliencyConfig, deal_tars_to_workers, job_shards, rank_shards, run
-
-
-def _cfg(data, out, **kw):
-    base = dict(data=data, out=Path(out), clip_model="salmae-micro", clip_pretrained="none",
-                rows_per_shard=16, batch_size=8, workers=0, device="cpu")
-    return SaliencyConfig(**{**base, **kw})
-
-
-def _array_bytes(store: Path) -> dict[str, bytes]:
-    return {p.relative_to(store).as_posix(): p.read_bytes()
-            for name in ("saliency", "status", "key", "frame", "image_size")
-            for p in sorted((store / name).rglob("*")) if p.is_file()}
+from stages.saliency import deal_tars_to_workers, job_shards, rank_shards, run
+from test_saliency_stage import _array_bytes, _cfg
 
 
 def test_ranks_get_contiguous_blocks_that_cover_every_shard_once():
@@ -52,7 +39,7 @@ def test_pipe_shards_with_two_workers_read_each_tar_once(shapes_dir, tmp_path):
 
     build_manifest(urls, tmp_path / "m.parquet", workers=1)
     log.unlink()
-    summary = run(_cfg(urls, tmp_path / "store.zarr", manifest=tmp_path / "m.parquet", workers=2))
+    summary = run(_cfg("::".join(urls), tmp_path / "store.zarr", manifest=tmp_path / "m.parquet", workers=2))
     assert summary["counts"]["ok"] == 64
     assert sorted(log.read_text().split()) == ["00000.tar", "00001.tar"]   # round-robin dealing read 4
 
