@@ -44,6 +44,7 @@ SCHEMA = pa.schema([
     ("image_offset", pa.int64()), ("image_nbytes", pa.int64()), ("image_ext", pa.string()),
 ])
 _HASHED = [name for name in SCHEMA.names if name != "row"]  # row is implied by the order
+HASH_CHUNK = 65_536  # string values hashed per block
 
 
 class StringColumn:
@@ -302,7 +303,8 @@ def manifest_hash(table: pa.Table) -> str:
         col = table.column(name)
         h.update(name.encode() + b"\n")
         if pa.types.is_string(col.type):
-            h.update(_length_prefixed(col))
+            for lo in range(0, len(col), HASH_CHUNK):   # bounded memory: ~30 bytes per string byte at once
+                h.update(_length_prefixed(col.slice(lo, HASH_CHUNK)))
         else:
             h.update(np.asarray(col.to_numpy(), dtype="<i8").tobytes())
     return h.hexdigest()
