@@ -63,8 +63,8 @@ eval:  ## Stage 3 PROTOCOL (knn|linear|finetune) of RUN's checkpoint on EVAL_DAT
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli eval $(PROTOCOL) \
 	  --checkpoint $(RUN)/checkpoint-latest.pth --data $(EVAL_DATA) --out $(RUN)/eval-$(PROTOCOL)
 
-bench:  ## Run the benchmarks and rewrite BENCHMARKS.md
-	$(BIN)/salmae bench all --out BENCHMARKS.md
+bench:  ## Run the benchmarks and rewrite BENCHMARKS.md (and BENCHMARKS.json)
+	$(BIN)/salmae bench all --out BENCHMARKS.md --json BENCHMARKS.json
 
 gpu-check:  ## Measure images/s of stages 1-3 on this machine's GPU into GPU_CHECK_OUT/gpu-check.json
 	@if [ -f $(WHEELS)/requirements.txt ]; then \

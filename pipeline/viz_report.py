@@ -122,7 +122,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")  # long row labels would be cut at the figure edge
     plt.close(fig)
     tmp.replace(path)
     return path
