@@ -23,7 +23,14 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                # leave the process group before the interpreter exits: gloo's threads may otherwise
+                # abort the process at exit ("terminate called without an active exception")
+                from pipeline import dist
+
+                dist.shutdown()
         except SalmaeError as e:
             click.echo(f"salmae: error: {e}", err=True)
             ctx.exit(SalmaeError.exit_code)

@@ -155,6 +155,8 @@ def test_two_processes_call_collectives_only_on_logging_steps(tmp_path, shapes_p
                     epochs=2, batch_size=8, viz_samples=0, log_every=100))
         with open({str(tmp_path)!r} + f"/calls-{{os.environ['RANK']}}.json", "w") as f:
             json.dump(calls, f)
+        from pipeline import dist
+        dist.shutdown()   # as the CLI does: gloo's threads may abort a process that exits inside its group
     """))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     root = str(Path(__file__).resolve().parents[1])
