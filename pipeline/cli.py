@@ -69,7 +69,7 @@ def cli() -> None:
 
     Stages: `saliency` (CLIP + Grad-CAM into a Zarr store), `pretrain` (MAE with
     saliency-capped masks), `eval` (linear / kNN / fine-tune). Data tools: `shapes`,
-    `manifest`, `inspect`, `clip-train`. Whole pipeline: `demo`, `report`, `bench`.
+    `manifest`, `inspect`, `clip-train`. Whole pipeline: `demo`, `report`, `bench`, `gpu-check`.
     """
 
 
