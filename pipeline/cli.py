@@ -83,12 +83,15 @@ def cli() -> None:
 @click.option("--imagefolder", is_flag=True, help="Also write a train/ + val/ ImageFolder split by shape class.")
 @click.option("--same-colour", type=float, default=0.0, show_default=True,
               help="Share of images whose distractor has the named object's colour (then only the shape word tells them apart).")
-def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float) -> None:
+@click.option("--task", type=click.Choice(["named", "main-object"]), default="named", show_default=True,
+              help="named: a named object and a distractor; main-object: one large labelled object among small clutter.")
+def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float,
+           task: str) -> None:
     """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
     from pipeline.data.shapes import write_shapes
 
     summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
-                           imagefolder=imagefolder, same_colour_frac=same_colour)
+                           imagefolder=imagefolder, same_colour_frac=same_colour, task=task)
     click.echo(summary)
 
 

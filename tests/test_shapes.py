@@ -99,3 +99,34 @@ def test_speed_at_64px(tmp_path):
     start = time.perf_counter()
     write_shapes(tmp_path, n=2000, image_size=64, seed=0, shard_size=1000)
     assert 2000 / (time.perf_counter() - start) >= 500
+
+
+def test_main_object_task_one_large_labelled_object_among_small_clutter(tmp_path):
+    """Issue 14's proxy task: the label is the one large object; 2-3 small objects of other classes."""
+    import json
+    import tarfile
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.data.shapes import SHAPES
+
+    res = CliRunner().invoke(cli, ["shapes", str(tmp_path), "--n", "32", "--image-size", "64", "--shard-size", "16",
+                                   "--task", "main-object", "--imagefolder"])
+    assert res.exit_code == 0, res.output
+    with tarfile.open(tmp_path / "00000.tar") as tf:
+        metas = [json.load(tf.extractfile(m)) for m in tf.getmembers() if m.name.endswith(".json")]
+    assert len(metas) == 16
+    for meta in metas:
+        main_side = max(meta["bbox"][2] - meta["bbox"][0], meta["bbox"][3] - meta["bbox"][1])
+        assert 2 <= len(meta["clutter"]) <= 3 and "distractor" not in meta
+        assert all(c["shape"] != meta["shape"] for c in meta["clutter"])
+        assert all(max(c["bbox"][2] - c["bbox"][0], c["bbox"][3] - c["bbox"][1]) < main_side for c in meta["clutter"])
+        assert meta["shape"] == SHAPES[meta["label"]] and meta["shape"] in meta["caption"]
+        assert main_side >= 0.3 * 64
+    labels = sorted(m["label"] for m in metas)
+    assert labels == sorted(list(range(8)) * 2)              # balanced: each class once per 8 images
+    again = tmp_path / "again"
+    CliRunner().invoke(cli, ["shapes", str(again), "--n", "32", "--image-size", "64", "--shard-size", "16",
+                             "--task", "main-object"])
+    assert (again / "00001.tar").read_bytes() == (tmp_path / "00001.tar").read_bytes()   # deterministic

@@ -14,6 +14,12 @@ shard number followed by the zero-padded index in the shard (`000000012`). `KEY.
 `bbox` [x0, y0, x1, y1] (pixels) of the named object, `label` (index into `SHAPES`), `shape`,
 `colour`, `split` (train/val) and the `distractor`'s shape, colour and bbox.
 
+`task="main-object"` makes images that behave more like ImageNet photos, for probes that pixels
+can decide: one large *main* object (the label, radius 0.22–0.36 of the image, any position and
+colour) and 2–3 small *clutter* objects of other classes (radius 0.07–0.12) on the same textured
+background; the caption names the main object, and `KEY.json` lists the clutter instead of a
+distractor.
+
 Everything is a pure function of (seed, global index): same seed -> identical bytes (fixed tar
 headers, deterministic JPEG, parquet without timestamps).
 """
@@ -68,8 +74,11 @@ PARQUET_SCHEMA = pa.schema([
 ])
 
 
+TASKS = ("named", "main-object")
+
+
 def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int = 0, shard_size: int = 256,
-                 imagefolder: bool = False, same_colour_frac: float = 0.0) -> str:
+                 imagefolder: bool = False, same_colour_frac: float = 0.0, task: str = "named") -> str:
     """Write `n` captioned shape images into `out` in img2dataset's webdataset layout.
 
     Args:
@@ -81,10 +90,13 @@ def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int
         imagefolder: also write `out/imagefolder/{train,val}/<shape>/KEY.jpg`, split by the
             named object's shape (one in `VAL_EVERY` images of each class goes to val).
         same_colour_frac: probability that the distractor shares the named object's colour.
+        task: "named" (a named object and a distractor) or "main-object" (see the module doc).
 
     Returns a one-paragraph summary. A shard whose `_stats.json` records the same parameters
     is skipped, so an interrupted run resumes.
     """
+    if task not in TASKS:
+        raise SalmaeError(f"unknown shapes task {task!r}; use one of {', '.join(TASKS)}")
     if n < 1 or shard_size < 1 or image_size < 16:
         raise SalmaeError(f"shapes needs --n >= 1, --shard-size >= 1 and --image-size >= 16 "
                           f"(got n={n}, shard_size={shard_size}, image_size={image_size})")
@@ -95,6 +107,9 @@ def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int
     index_digits = max(1, math.ceil(math.log10(shard_size))) if shard_size > 1 else 1
     params = {"n": n, "image_size": image_size, "seed": seed, "shard_size": shard_size,
               "imagefolder": imagefolder, "same_colour_frac": same_colour_frac}
+    if task != "named":   # older stats files (no task) still match the default task
+        params["task"] = task
+    make = _make_sample if task == "named" else _make_main_object_sample
     written = 0
     for shard in range(n_shards):
         name = f"{shard:0{shard_digits}d}"
@@ -103,7 +118,7 @@ def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int
             continue
         indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
         keys = [f"{shard:0{shard_digits}d}{i - shard * shard_size:0{index_digits}d}" for i in indices]
-        samples = [_make_sample(seed, i, key, image_size, same_colour_frac) for i, key in zip(indices, keys)]
+        samples = [make(seed, i, key, image_size, same_colour_frac) for i, key in zip(indices, keys)]
         _write_tar(out / f"{name}.tar", samples)
         _write_parquet(out / f"{name}.parquet", samples)
         if imagefolder:
@@ -141,28 +156,47 @@ def _make_sample(seed: int, index: int, key: str, size: int, same_colour_frac: f
     image = _add_noise(rng, image)
 
     caption = _caption(rng, SHAPES[label], colour, radius / size, centre, size)
+    sample = _encode(seed, index, key, size, image, caption, bbox, label, colour)
+    sample["meta"]["distractor"] = {"shape": other_shape, "colour": other_colour, "bbox": other_bbox}
+    return sample
+
+
+def _make_main_object_sample(seed: int, index: int, key: str, size: int, same_colour_frac: float = 0.0) -> dict:
+    """One large main object (the label, named by the caption) and 2-3 small clutter objects."""
+    rng = np.random.default_rng([seed, index, 1])
+    label = _balanced_label(seed, index)
+    colour = _pick(rng, list(COLOURS))
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    radius, centre = _place(rng, size, taken=None, radius_range=(0.22, 0.36))
+    clutter = []
+    for _ in range(int(rng.integers(2, 4))):
+        shape = _pick(rng, [s for s in SHAPES if s != SHAPES[label]])
+        c_colour = _pick(rng, list(COLOURS))
+        c_radius, c_centre = _place(rng, size, taken=(centre, radius), radius_range=(0.07, 0.12))
+        clutter.append({"shape": shape, "colour": c_colour,
+                        "bbox": _draw_shape(draw, rng, shape, c_colour, c_centre, c_radius, size)})
+    bbox = _draw_shape(draw, rng, SHAPES[label], colour, centre, radius, size)   # on top of any overlap
+    image = _add_noise(rng, image)
+    sample = _encode(seed, index, key, size, image, _caption(rng, SHAPES[label], colour, radius / size, centre, size),
+                     bbox, label, colour)
+    sample["meta"]["clutter"] = clutter
+    return sample
+
+
+def _encode(seed: int, index: int, key: str, size: int, image: Image.Image, caption: str, bbox: list[int],
+            label: int, colour: str) -> dict:
+    """JPEG bytes and img2dataset's metadata (plus bbox, label, shape, colour, split) of one image."""
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=JPEG_QUALITY)
     jpg = buf.getvalue()
     block = index // len(SHAPES)
     meta = {
-        "url": f"salmae-shapes://seed{seed}/{index}.jpg",
-        "caption": caption,
-        "key": key,
-        "status": "success",
-        "error_message": None,
-        "width": size,
-        "height": size,
-        "original_width": size,
-        "original_height": size,
-        "exif": "{}",
-        "sha256": hashlib.sha256(jpg).hexdigest(),
-        "bbox": bbox,
-        "label": label,
-        "shape": SHAPES[label],
-        "colour": colour,
+        "url": f"salmae-shapes://seed{seed}/{index}.jpg", "caption": caption, "key": key, "status": "success",
+        "error_message": None, "width": size, "height": size, "original_width": size, "original_height": size,
+        "exif": "{}", "sha256": hashlib.sha256(jpg).hexdigest(), "bbox": bbox, "label": label,
+        "shape": SHAPES[label], "colour": colour,
         "split": "val" if (block + label) % VAL_EVERY == VAL_EVERY - 1 else "train",
-        "distractor": {"shape": other_shape, "colour": other_colour, "bbox": other_bbox},
     }
     return {"key": key, "jpg": jpg, "caption": caption, "meta": meta}
 
@@ -190,9 +224,11 @@ def _add_noise(rng: np.random.Generator, image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def _place(rng: np.random.Generator, size: int, taken: tuple[tuple[float, float], float] | None):
-    """A radius and centre inside the image, overlapping the taken object's circle by little."""
-    radius = float(rng.uniform(0.12, 0.22)) * size
+def _place(rng: np.random.Generator, size: int, taken: tuple[tuple[float, float], float] | None,
+           radius_range: tuple[float, float] = (0.12, 0.22)):
+    """A radius (a fraction of the image in `radius_range`) and a centre inside the image,
+    overlapping the taken object's circle by little."""
+    radius = float(rng.uniform(*radius_range)) * size
     for _ in range(30):
         centre = (float(rng.uniform(radius, size - radius)), float(rng.uniform(radius, size - radius)))
         if taken is None or math.dist(centre, taken[0]) > 0.9 * (radius + taken[1]):
