@@ -45,14 +45,47 @@ def get_logger() -> logging.Logger:
 
 
 class MetricsWriter:
-    """Append one JSON object per call to `metrics.jsonl` (main process only)."""
+    """Append one JSON object per call to `metrics.jsonl` (main process only).
 
-    def __init__(self, path: str | Path):
+    When the `tensorboard` extra is installed, the numeric fields also go to TensorBoard event
+    files in `tb/` beside it (tag `KIND/FIELD`, step = the record's `step`, else its `epoch`), as
+    MAE's official code writes its curves; `metrics.jsonl` stays the source of truth.
+    """
+
+    SKIP = ("time", "step", "epoch", "steps")   # bookkeeping, not curves
+
+    def __init__(self, path: str | Path, tensorboard: bool = True):
         self.path = Path(path)
+        self._tb = None
+        self._tb_wanted = tensorboard
+
+    def _board(self):
+        """The SummaryWriter (made on first use), or None without tensorboard."""
+        if self._tb is None and self._tb_wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:                # the optional extra is not installed
+                self._tb_wanted = False
+                return None
+            self._tb = SummaryWriter(log_dir=str(self.path.parent / "tb"))
+        return self._tb
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def write(self, **metrics: Any) -> None:
         if not dist.is_main():
             return
+        board = self._board()
+        if board is not None:
+            step = int(metrics.get("step", metrics.get("epoch", 0)) or 0)
+            kind = str(metrics.get("kind") or metrics.get("protocol") or "metrics")
+            for key, value in metrics.items():
+                if key not in self.SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    board.add_scalar(f"{kind}/{key}", value, step)
+            board.flush()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time(), 3), **metrics}
         with open(self.path, "a+b") as f:

@@ -365,3 +365,19 @@ def test_images_over_the_pixel_limit_are_skipped_not_decoded(shapes_pattern):
     kept = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1024)
     over = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1023)
     assert (len(kept), kept.n_skipped) == (64, 0) and (len(over), over.n_skipped) == (0, 64)
+
+
+def test_tensorboard_curves_mirror_metrics_jsonl(tmp_path, shapes_pattern, store_path):
+    """With the tensorboard extra installed (dev installs it), the run folder also holds event files
+    whose scalars equal metrics.jsonl's records (MAE users read curves in TensorBoard)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(tmp_path / "tb", shapes_pattern, store_path, epochs=2, log_every=3)
+    records = read_metrics(tmp_path / "tb" / "metrics.jsonl")
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    acc.Reload()
+    steps = {e.step: e.value for e in acc.Scalars("step/loss")}
+    want = {r["step"]: r["loss"] for r in records if r["kind"] == "step"}
+    assert set(steps) == set(want) and all(abs(steps[s] - want[s]) < 1e-6 for s in want)
+    epochs = [e.value for e in acc.Scalars("epoch/fallback")]
+    assert epochs == [2.0, 2.0] and "epoch/lr" in acc.Tags()["scalars"]
