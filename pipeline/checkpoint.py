@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, free_bytes, pid_alive
 
 FORMAT_VERSION = 1
 # Classes a checkpoint may hold beyond weights_only's tensors and containers: MAE's `args`.
@@ -41,14 +41,10 @@ def save_checkpoint(path: str | Path, **state: Any) -> None:
 def write_failure(path: str | Path, error: BaseException) -> str:
     """Why writing `path` failed, for a one-line message: 'disk full (N MB free on DIR)' when it is."""
     import errno
-    import shutil
 
     folder = Path(path).parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20)
+    free = free_bytes(folder)
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 * 2**20)
     where = f"{free / 2**20:.0f} MB free on {folder}" if free is not None else f"free space of {folder} unknown"
     if full:
         return f"disk full ({where}); free some space or write elsewhere"
@@ -85,13 +81,8 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         pid = int(match.group(1))
         if pid == os.getpid():
             continue
-        try:
-            os.kill(pid, 0)
+        if pid_alive(pid):
             continue                      # still running: its save is in progress
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue                      # someone else's live process
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

@@ -70,6 +70,17 @@ def fsync_paths(paths) -> None:
             os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (one owned by another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_bytes(path: str | os.PathLike) -> int | None:
     """Free bytes on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
     path = Path(path).absolute()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SalmaeError
+from pipeline.files import pid_alive
 
 LOCK_DIR = "_locks"
 STALE_AFTER_S = 7 * 24 * 3600     # a foreign host's lock counts as live for this long
@@ -64,20 +65,10 @@ class ShardRange:
         return f"{self.lo}:{'' if self.hi is None else self.hi}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:        # exists, owned by another user
-        return True
-    return True
-
-
 def is_stale(holder: dict[str, Any], now: float | None = None) -> bool:
     """A lock is stale when its process is gone (same host) or it is older than STALE_AFTER_S (other host)."""
     if holder.get("host") == socket.gethostname():
-        return not _alive(int(holder.get("pid", -1)))
+        return not pid_alive(int(holder.get("pid", -1)))
     return (now or time.time()) - float(holder.get("started", 0)) > STALE_AFTER_S
 
 

@@ -1,8 +1,9 @@
 """Stage 1: CLIP + Grad-CAM saliency for every sample of caption shards, into a Zarr store.
 
-Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun rank r computes
-shards i with i % world == r; batches are formed inside a shard in row order, so the numbers do
-not depend on the world size. A shard's completion marker is written after its rows, so a rerun
+Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun each rank computes a
+contiguous block of shards (`rank_shards`: a contiguous run of tars), and `--set shards=LO:HI`
+splits a store across separate jobs; batches are formed inside a shard in row order and never
+span two tars, so the numbers do not depend on the world size. A shard's completion marker is written after its rows, so a rerun
 of the same command skips finished shards and ends with the same bytes as an uninterrupted run.
 
 The device never waits for the host: loader workers decode, resize and tokenize, images cross as
@@ -41,7 +42,7 @@ from pipeline.config import save_config
 from pipeline.data.transforms import normalise
 from pipeline.device import autocast, pick_device, pin_memory, resolve_precision
 from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path, atomic_write_json, disk_full_as_error, fsync_paths
+from pipeline.files import atomic_path, atomic_write_json, disk_full_as_error, fsync_paths, pid_alive
 from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, check_layer, compile_around_layer,
                               compute_cam, encode_captions, resolve_layer, trim_caption_padding)
 from pipeline.logging import get_logger, setup_logging
@@ -247,18 +248,8 @@ def _remove_dead_staging(out: Path) -> None:
         if what not in ("build", "manifest"):
             continue
         owner_host, _, pid = owner.rpartition("-")
-        if not owner or (owner_host == host and pid.isdigit() and not _pid_alive(int(pid))):
+        if not owner or (owner_host == host and pid.isdigit() and not pid_alive(int(pid))):
             path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manifest, manifest_file,
@@ -489,7 +480,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
     urls = _shard_urls(cfg, manifest)
     keys, shards, captions = manifest.keys, manifest.column("shard"), manifest.column("caption")
     offsets, nbytes, statuses = manifest.column("image_offset"), manifest.column("image_nbytes"), manifest.status
-    pixels = manifest.column("width").astype(np.int64) * manifest.column("height").astype(np.int64)   # [N]
+    image_pixels = manifest.column("width").astype(np.int64) * manifest.column("height").astype(np.int64)  # [N]
     plans: dict[int, dict[str, Any]] = {}
     batches, batch_shard, rows_info = [], [], {}
     for s in todo:
@@ -498,7 +489,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
         for i, r in enumerate(rows):
             if status[i] == STATUS_OK and not (captions[r] or "").strip():
                 status[i] = CODE_OF["empty_caption"]
-            if status[i] == STATUS_OK and pixels[r] > cfg.max_pixels:     # by the header: never read nor decoded
+            if status[i] == STATUS_OK and image_pixels[r] > cfg.max_pixels:     # by the header: never read nor decoded
                 status[i] = CODE_OF["too_large"]
         ok_rows = [r for i, r in enumerate(rows) if status[i] == STATUS_OK]
         missing = sorted({shards[r] for r in ok_rows} - set(urls))
