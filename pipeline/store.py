@@ -218,6 +218,18 @@ class SaliencyStore:
             return maps
         return maps * np.asarray(_take(self._scale, rows), dtype=np.float32)[:, None, None]
 
+    def read_unit(self, rows: Sequence[int]) -> np.ndarray:
+        """Maps of `rows` scaled to their own maximum |value| (zero maps stay zero): [n, gh, gw] float16.
+
+        What stage 2 keeps in memory (it uses a map's order and proportions, never its scale). A
+        format-2 store holds exactly this, so it is read as is; a format-1 store is scaled here.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, *self.grid), dtype=np.float16)
+        stored = np.asarray(_take(self._saliency, rows))
+        return stored.astype(np.float16, copy=False) if self._scale is not None else scale_to_max(stored)[0]
+
     def frames(self, rows: Sequence[int]) -> np.ndarray:
         """[n, 4] float32 (x0, y0, x1, y1) in image pixels."""
         return np.asarray(_take(self._group["frame"], np.asarray(rows, dtype=np.int64)))

@@ -76,6 +76,9 @@ def test_format_1_stores_are_read_with_scale_1(tmp_path):
     old = SaliencyStore.open(tmp_path / "s.zarr")
     np.testing.assert_array_equal(old.load_all(), raw.astype(np.float32))
     np.testing.assert_array_equal(old.read([2, 1]), raw[[2, 1]].astype(np.float32))
+    unit = old.read_unit([2, 0])                     # stage 2's view: each map over its own maximum
+    assert unit.dtype == np.float16 and unit[0].max() == 1 and unit[1].max() == 1
+    np.testing.assert_allclose(unit[0], raw[2].astype(np.float32) / float(raw[2].max()), rtol=1e-3)
     with pytest.raises(SalmaeError, match="older format.*--overwrite"):
         SaliencyStore.open(tmp_path / "s.zarr", mode="r+")
     assert st.attrs["format"] == "salmae-saliency-store/2"
@@ -105,3 +108,14 @@ def test_open_errors(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3)
     with pytest.raises(SalmaeError, match="not a salmae saliency store"):
         SaliencyStore.open(tmp_path / "other.zarr")
+
+
+def test_read_unit_of_a_format_2_store_is_the_stored_array(tmp_path):
+    st = _make(tmp_path / "s.zarr", n=4, rows_per_shard=4)
+    maps = np.random.default_rng(0).random((4, 2, 3)).astype(np.float32) * 1e-4
+    maps[1] = 0
+    st.write_shard(0, maps, np.ones(4, np.uint8), {})
+    unit = st.read_unit([0, 1, 3])
+    np.testing.assert_array_equal(unit, np.asarray(st._saliency[:])[[0, 1, 3]])   # no arithmetic on read
+    assert unit[0].max() == 1 and not unit[1].any()
+    np.testing.assert_allclose(unit[2].astype(np.float32), maps[3] / maps[3].max(), rtol=1e-3)

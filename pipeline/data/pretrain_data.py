@@ -111,8 +111,8 @@ def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536
 
     Maps are held as float16 scaled to their own maximum (1.0): stage 2 only ever uses a map's
     order and proportions (top-k, sampling, SBAM's max-normalised threshold, area pooling), so the
-    scale is dropped, and float16 keeps full precision on [0, 1]. The store is read in chunks of
-    `chunk_rows`, so the float32 copy of the whole array never exists at once.
+    scale is dropped, and float16 keeps full precision on [0, 1]. That is how a format-2 store holds
+    them (`SaliencyStore.read_unit`), read in chunks of `chunk_rows`.
     """
     store_rows = check_store_covers(manifest, store)
     found = store_rows >= 0
@@ -122,11 +122,9 @@ def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536
     take = np.nonzero(found)[0]
     for lo in range(0, len(take), chunk_rows):
         rows = take[lo:lo + chunk_rows]
-        chunk = store.read(store_rows[rows])                                     # [n, gh, gw] float32
+        chunk = store.read_unit(store_rows[rows])                                # [n, gh, gw] float16
         finite[rows] = np.isfinite(chunk).all(axis=(1, 2))
-        chunk = np.where(np.isfinite(chunk), chunk, 0)
-        peak = chunk.max(axis=(1, 2), keepdims=True)
-        maps[rows] = np.divide(chunk, peak, out=np.zeros_like(chunk), where=peak > 0)
+        maps[rows] = np.where(finite[rows, None, None], chunk, 0)
     frames = np.zeros((len(manifest), 4), np.float32)
     frames[found] = store.frames(store_rows[found])
     status = store.status[np.maximum(store_rows, 0)]
