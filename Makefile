@@ -19,6 +19,10 @@ EPOCHS  ?= 10
 EVAL_DATA ?= runs/demo/data/imagefolder
 PROTOCOL ?= knn
 NPROC   ?= 1
+# `make study`: a preset (smoke | cpu | cpu-full), or a GPU recipe in STUDY_CONFIG (e.g. configs/cc3m-vitb.yaml)
+PRESET  ?= cpu
+STUDY_CONFIG ?=
+STUDY_OUT ?= $(if $(STUDY_CONFIG),,runs/study/$(PRESET))
 # gpu-check runs on a GPU box that has torch, timm, numpy and pyarrow but maybe no .venv.
 PYTHON  ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_CHECK_OUT ?= runs/gpu-check
@@ -31,7 +35,7 @@ WHEEL_PKGS ?= open_clip_torch ftfy wcwidth regex grad-cam ttach zarr numcodecs d
 # grad-cam's own imports (only `--cam gradcam++` etc. load it; the fast path never does); add these where missing.
 WHEEL_EXTRAS ?=
 
-.PHONY: help setup test test-all demo saliency pretrain eval bench gpu-check wheelhouse clean
+.PHONY: help setup test test-all demo study saliency pretrain eval bench gpu-check wheelhouse clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +54,10 @@ test-all:  ## Run every test, slow ones included
 
 demo:  ## Whole pipeline on generated data with tiny models; prints the report path
 	$(BIN)/salmae demo --out runs/demo --seeds $(SEEDS)
+
+study:  ## Settings x seeds, paired: PRESET=smoke|cpu|cpu-full or STUDY_CONFIG=configs/….yaml (NPROC) -> study.md
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli study \
+	  $(if $(STUDY_CONFIG),--config $(STUDY_CONFIG),--preset $(PRESET)) $(if $(STUDY_OUT),--out $(STUDY_OUT))
 
 saliency:  ## Stage 1 on DATA into STORE (CLIP_MODEL, CLIP_PRETRAINED, CAM=gradcam|hirescam|..., NPROC)
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli saliency --data '$(DATA)' --out $(STORE) \

@@ -69,7 +69,7 @@ def cli() -> None:
 
     Stages: `saliency` (CLIP + Grad-CAM into a Zarr store), `pretrain` (MAE with
     saliency-capped masks), `eval` (linear / kNN / fine-tune). Data tools: `shapes`,
-    `manifest`, `inspect`, `clip-train`. Whole pipeline: `demo`, `report`, `bench`, `gpu-check`.
+    `manifest`, `inspect`, `clip-train`. Whole pipeline: `demo`, `study`, `report`, `bench`, `gpu-check`.
     """
 
 
@@ -259,6 +259,29 @@ def report(runs, out, baseline) -> None:
 def demo(config_path, overrides, out, seeds) -> None:
     """Run the whole pipeline on generated data with tiny models and write report.md."""
     _run_stage("stages.demo", "DemoConfig", config_path, overrides, out=out, seeds=seeds)
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "cpu-full"]), default=None,
+              help="Budget: smoke (minutes, every code path), cpu (< 2 h on 2 cores: random vs cap 0.25 and 0.75, "
+                   "8 seeds), cpu-full (the whole cap sweep). Default cpu; a --config is layered over it.")
+@click.option("--out", default=None, help="Study folder (resumable) [default: runs/study/PRESET].")
+@click.option("--seeds", type=int, default=None, help="Seeds 0..K-1 for every setting (default: the preset's).")
+@_config_options
+def study(config_path, overrides, preset, out, seeds) -> None:
+    """Does saliency masking help, and at which cap? Settings x seeds, paired, into study.md/json."""
+    from pathlib import Path
+
+    from pipeline.config import resolve_config
+    from stages import study as study_stage
+
+    name = preset or "cpu"
+    base = study_stage.preset_values(name)
+    if config_path and not preset:
+        base["preset"] = Path(config_path).stem
+    cfg = resolve_config(study_stage.StudyConfig, config_path, overrides, base=base,
+                         out=out or (None if config_path else f"runs/study/{name}"), seeds=seeds)
+    study_stage.run(cfg)
 
 
 @cli.command()

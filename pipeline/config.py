@@ -7,6 +7,7 @@ suggestion; `save_config` writes the result as `config.yaml` into the stage's ou
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -26,14 +27,17 @@ def resolve_config(
     cls: type[T],
     yaml_path: str | Path | None = None,
     overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
     **named: Any,
 ) -> T:
-    """Build a `cls` instance from defaults, a YAML file, named options and `key=value` strings.
+    """Build a `cls` instance from defaults, `base` values (e.g. a preset), a YAML file, named
+    options and `key=value` strings, each layer over the one before.
 
     Named options whose value is None are treated as "not given". Dotted keys (`optim.lr=1e-3`)
     reach into nested dataclasses.
     """
     values: dict[str, Any] = {}
+    _merge(values, copy.deepcopy(dict(base or {})))
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():

@@ -90,6 +90,55 @@ def accuracy_figure(panels: Mapping[str, Sequence[SeedPoints]]) -> Figure:
     return fig
 
 
+def cap_figure(curves: Mapping[str, Mapping[str, tuple[float, Mapping[int, float]]]],
+               lines: Mapping[str, Mapping[str, Mapping[int, float]]], chance: float | None = None) -> Figure:
+    """Accuracy against the saliency cap, one panel per protocol (`salmae study`).
+
+    curves: protocol -> setting -> (cap, {seed: top1}); cap 0 is `random`. Each seed a hollow
+        point, the mean a black line through diamonds with 95% t-intervals.
+    lines: protocol -> setting -> {seed: top1}, drawn as dashed horizontal means (settings without
+        a cap, the untrained floor). chance: a dotted line, if given.
+    """
+    from pipeline.stats import mean_ci
+
+    n = max(len(curves), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), dpi=100, squeeze=False)
+    for ax, (protocol, points) in zip(axes.flat, curves.items()):
+        shown: list[float] = []
+        xs, means, halves = [], [], []
+        for cap, values in sorted(points.values(), key=lambda p: p[0]):
+            vals = list(values.values())
+            if not vals:
+                continue
+            ax.scatter([cap] * len(vals), vals, s=14, facecolors="none", edgecolors="tab:blue", zorder=3)
+            mean, half = mean_ci(vals)
+            xs.append(cap), means.append(mean), halves.append(half or 0.0)
+            shown += vals + [mean - (half or 0.0), mean + (half or 0.0)]
+        if xs:
+            ax.errorbar(xs, means, yerr=halves, fmt="-D", color="black", markersize=4, capsize=4,
+                        label="mean ± 95% CI", zorder=4)
+        for i, (name, values) in enumerate((lines.get(protocol) or {}).items()):
+            if values:
+                mean = mean_ci(list(values.values()))[0]
+                ax.axhline(mean, linestyle="--", linewidth=1, color=f"C{(i + 1) % 10}", label=name)
+                shown.append(mean)
+        if chance is not None:
+            ax.axhline(chance, linestyle=":", color="grey", linewidth=1, label="chance")
+        ax.set_ylim(*fitted_ylim(shown, bounds=(0.0, 100.0)))
+        ax.set_xlabel("saliency cap (0 = random)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(protocol, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("accuracy against the saliency cap (ratio fixed)", fontsize=9)
+    return fig
+
+
+def plot_accuracy_vs_cap(curves, lines, path: str | Path, chance: float | None = None) -> Path:
+    """Write `cap_figure(curves, lines, chance)` to `path` (PNG)."""
+    return _save(cap_figure(curves, lines, chance), path)
+
+
 def fitted_ylim(values: Sequence[float], pad_frac: float = 0.1, min_pad: float = 0.5,
                 bounds: tuple[float, float] | None = None) -> tuple[float, float]:
     """An axis range around `values`: their span plus `pad_frac` of it (at least `min_pad`) each

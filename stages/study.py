@@ -1,0 +1,340 @@
+"""`salmae study` / `make study`: does saliency masking help MAE, and at which cap?
+
+Every setting (a mask strategy and its cap) is pretrained and evaluated with identical data,
+epochs, batch, model and probes; seed s gives every setting the same data order, initialisation
+and eval split, so settings can be compared seed by seed (a paired difference). Steps, each
+skipped when its marker `OUT/.done/STEP.json` exists (a killed study continues where it stopped):
+
+1. `data`, `eval-data`  pretraining shards and a separate labelled ImageFolder (`main-object`
+                        shapes, unless `data` / `eval_data` name the user's)        -> OUT/data, OUT/eval-data
+2. `clip-data`, `clip`  the tiny CLIP, trained on separate captions of the same kind
+                        (skipped when `clip_pretrained` names a tag or a file)     -> OUT/clip/clip.pt
+3. `saliency`, `inspect` stage 1 into a Zarr store; pointing game on the labelled boxes -> OUT/saliency/
+4. `floor-*`            probes of an untrained encoder (seed s's initialisation)   -> OUT/floor/sS/
+5. `pretrain-*`, `eval-*` each setting and seed                                    -> OUT/runs/SETTING-sS/
+6. `study.md`, `study.json`, `accuracy_vs_cap.png`: per-seed values, mean with 95% interval,
+   paired difference to `random` with its 95% interval, the sensitivity checks, reconstructions.
+
+Presets (`PRESETS`) fix the budget: `smoke` exercises every code path in minutes, `cpu` answers
+the question on a 2-core CPU in under two hours (few settings, many seeds), `cpu-full` runs the
+whole cap sweep. A YAML `--config` (e.g. `configs/cc3m-vitb.yaml`) describes a GPU study instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import dist
+from pipeline.config import require, save_config
+from pipeline.errors import SalmaeError
+from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.logging import get_logger, setup_logging
+from pipeline.stats import mean_ci, paired_diff
+from stages.pretrain import ArchConfig
+
+BASELINE = "random"
+STRATEGIES = ("random", "block", "grid", "adaptive")   # settings without a cap
+CAPPED = ("saliency", "inverse")                       # settings named KIND-CAP, e.g. saliency-0.25
+PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")
+SWEEP = ["random", "saliency-0.1", "saliency-0.25", "saliency-0.5", "saliency-0.75", "inverse-0.25",
+         "block", "adaptive"]
+
+
+def _micro_arch() -> ArchConfig:
+    # the prototype of ../DESIGN.md: 32-px input, 4-px patches (8x8 tokens), 128 x 4 encoder, 64 x 1 decoder
+    return ArchConfig(img_size=32, patch_size=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+
+
+@dataclass
+class StudyConfig:
+    """One study: settings x seeds, all else equal. Defaults are the `cpu` preset."""
+
+    out: Path = Path("runs/study")     # study folder; everything the study writes lives here
+    preset: str = "cpu"                # the preset these values started from (recorded; `custom` for a --config)
+    seeds: int = 6                     # seeds 0..seeds-1 for every setting (paired by seed)
+    settings: list[str] = field(default_factory=lambda: ["random", "saliency-0.25", "saliency-0.75"])
+                                       # random | block | grid | adaptive | saliency-CAP | inverse-CAP
+    # data: generated main-object shapes unless the user's are named
+    data: str = ""                     # pretraining + stage-1 caption shards ("" = generate)
+    eval_data: str = ""                # labelled ImageFolder root with train/ and val/ ("" = generate, own seed)
+    n_images: int = 8192               # generated pretraining images
+    eval_images: int = 12288           # generated labelled images (1 in 5 to val)
+    image_size: int = 64               # generated image side in pixels
+    shard_size: int = 1024             # generated samples per tar shard
+    # stage 1
+    clip_model: str = "salmae-tiny"    # open_clip config name
+    clip_pretrained: str = ""          # open_clip tag or checkpoint file ("" = train the tiny CLIP here)
+    clip_images: int = 32768           # generated captioned images for the tiny CLIP (their own seed)
+    clip_steps: int = 500              # tiny-CLIP optimisation steps
+    clip_seconds: float = 900.0        # wall-clock cap on those steps
+    cam: str = "hirescam"              # stage-1 CAM
+    saliency_batch: int = 64           # stage-1 batch per process
+    # stage 2 (the same for every setting)
+    model: str = "tiny"                # MAE preset
+    arch: ArchConfig = field(default_factory=_micro_arch)  # overrides of the preset
+    epochs: int = 18                   # pretraining epochs
+    batch_size: int = 128              # pretraining batch per process
+    blr: float = 1.5e-3                # base lr (10x MAE's: a short run at a small batch)
+    ratio: str = "0.75"                # mask ratio of every setting
+    pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
+    # stage 3 (the same for every setting, the floor included)
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])
+    linear_epochs: int | None = 30     # linear-probe epochs (None: MAE's 90)
+    linear_blr: float | None = 50.0    # LARS base lr (None: MAE's 0.1, which assumes batch 16384)
+    linear_global_batch: int | None = 256  # linear probe images per step (None: MAE's 16384)
+    eval_batch: int | None = 256       # eval batch per process (None: each protocol's default)
+    global_pool: bool = True           # kNN and linear probes read the mean of the patch tokens (MAE's linear
+                                       # probe reads the class token: false). On the CPU preset's data, 13 epochs
+                                       # in, the mean probed 35.0% and the class token 25.1%. Fine-tuning
+                                       # always pools, as MAE's does
+    eval_set: list[str] = field(default_factory=lambda: ["crop_pct=1.0"])  # extra `--set` items for every eval
+                                       # (crop_pct 1.0: the generated objects reach the image's border)
+    floor: bool = True                 # probe an untrained encoder too (the floor a pretraining must beat)
+    viz_seed: int = 0                  # the seed whose reconstructions study.md shows
+    workers: int | None = 0            # DataLoader workers in every stage (None: from the CPUs); 0 on 2 cores:
+                                       # the tiny MAE is compute-bound (13.6 s/epoch with 0 workers, 14.5 with 2)
+    device: str = "auto"               # auto | cpu | cuda
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(seeds=1, settings=["random", "saliency-0.25", "inverse-0.25", "adaptive"],
+                  n_images=512, eval_images=640, shard_size=256, clip_images=1024, clip_steps=20,
+                  epochs=2, batch_size=64, linear_epochs=4, eval_batch=128),
+    "cpu": {},
+    "cpu-full": dict(settings=list(SWEEP)),
+}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The config values of preset `name` (over StudyConfig's defaults); unknown names are an error."""
+    if name not in PRESETS:
+        raise SalmaeError(f"unknown study preset {name!r}; use one of {', '.join(PRESETS)}")
+    return {"preset": name, **PRESETS[name]}
+
+
+def parse_setting(name: str) -> dict[str, Any]:
+    """'random' -> {mask: random, cap: None, inverse: False}; 'saliency-0.25' / 'inverse-0.25' -> capped."""
+    if name in STRATEGIES:
+        return {"mask": name, "cap": None, "inverse": False}
+    kind, _, cap = name.partition("-")
+    try:
+        value = float(cap)
+    except ValueError:
+        value = math.nan
+    if kind not in CAPPED or not 0 < value <= 1:
+        raise SalmaeError(f"unknown study setting {name!r}; use {', '.join(STRATEGIES)}, saliency-CAP or "
+                          "inverse-CAP with 0 < CAP <= 1 (e.g. saliency-0.25)")
+    return {"mask": "saliency", "cap": value, "inverse": kind == "inverse"}
+
+
+def validate(cfg: StudyConfig) -> None:
+    """One-line errors for values no study can run with (before anything is written)."""
+    require(cfg.seeds >= 1, "seeds", cfg.seeds, "must be >= 1")
+    require(len(cfg.settings) >= 1 and len(set(cfg.settings)) == len(cfg.settings), "settings", cfg.settings,
+            "must name at least one setting, each once")
+    for name in cfg.settings:
+        parse_setting(name)
+    for p in cfg.protocols:
+        require(p in PROTOCOLS, "protocols", cfg.protocols, f"must be among {', '.join(PROTOCOLS)}")
+    require(len(cfg.protocols) >= 1, "protocols", cfg.protocols, "must name at least one protocol")
+    require(0 <= cfg.viz_seed < cfg.seeds, "viz_seed", cfg.viz_seed, "must be one of the study's seeds")
+    if not cfg.data:
+        require(cfg.n_images >= 8 and cfg.eval_images >= 40, "n_images/eval_images",
+                (cfg.n_images, cfg.eval_images), "must be >= 8 and >= 40 (every class in val)")
+    if not cfg.clip_pretrained and cfg.data:
+        raise SalmaeError("study: with your own `data`, name the CLIP for stage 1 in `clip_pretrained` "
+                          "(an open_clip tag such as openai, or a checkpoint file)")
+
+
+def run(cfg: StudyConfig) -> dict[str, Any]:
+    """Run every study step that has not finished yet; write study.md and study.json; return their paths."""
+    from pipeline.device import pick_device
+
+    validate(cfg)
+    dist.init(pick_device(cfg.device))   # under torchrun, so that rank 0's steps (data, CLIP) are waited for
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out)
+    if dist.is_main():
+        save_config(cfg, out / "config.yaml")
+    log = get_logger()
+    start = time.time()
+    paths = _paths(cfg, out)
+
+    def step(name: str, fn: Callable[[], Any], main_only: bool = False) -> Any:
+        marker = out / ".done" / f"{name}.json"
+        if marker.exists():
+            log.info("study: %s already done, skipping", name)
+            return json.loads(marker.read_text()).get("result")
+        log.info("study: %s ...", name)
+        t0 = time.time()
+        result = fn() if (dist.is_main() or not main_only) else None
+        dist.barrier(waiting_for=f"study step {name}" if main_only else None)
+        if dist.is_main():
+            atomic_write_json(marker, {"seconds": round(time.time() - t0, 1), "result": _jsonable(result)})
+        return result
+
+    from pipeline.data.shapes import write_shapes
+
+    if not cfg.data:
+        step("data", lambda: write_shapes(out / "data", n=cfg.n_images, image_size=cfg.image_size, seed=0,
+                                          shard_size=cfg.shard_size, task="main-object"), main_only=True)
+    if not cfg.eval_data:
+        step("eval-data", lambda: write_shapes(out / "eval-data", n=cfg.eval_images, image_size=cfg.image_size,
+                                               seed=2, shard_size=cfg.shard_size, imagefolder=True,
+                                               task="main-object"), main_only=True)
+    if not cfg.clip_pretrained:
+        clip_shards = _pattern(out / "clip" / "data", cfg.clip_images, 512)
+        step("clip-data", lambda: write_shapes(out / "clip" / "data", n=cfg.clip_images, image_size=cfg.image_size,
+                                               seed=1, shard_size=512, task="main-object"), main_only=True)
+        step("clip", lambda: _clip_train(cfg, clip_shards, paths["clip"]), main_only=True)
+    step("saliency", lambda: _saliency(cfg, paths))
+    inspect = step("inspect", lambda: _inspect(paths, out / "saliency" / "png",
+                                               labelled=not cfg.data), main_only=True)
+
+    for seed in range(cfg.seeds):
+        if cfg.floor:
+            floor_dir = out / "floor" / f"s{seed}"
+            step(f"floor-init-s{seed}", lambda: _untrained_checkpoint(cfg, seed, floor_dir), main_only=True)
+            for protocol in cfg.protocols:
+                step(f"eval-{protocol}-floor-s{seed}", lambda: _evaluate(cfg, protocol, floor_dir, paths, seed))
+        for setting in cfg.settings:
+            run_dir = out / "runs" / f"{setting}-s{seed}"
+            step(f"pretrain-{setting}-s{seed}", lambda: _pretrain(cfg, paths, setting, seed, run_dir))
+            for protocol in cfg.protocols:
+                step(f"eval-{protocol}-{setting}-s{seed}", lambda: _evaluate(cfg, protocol, run_dir, paths, seed))
+
+    summary = None
+    if dist.is_main():
+        from stages.study_report import write_study
+
+        summary = write_study(cfg, out, inspect, wall_seconds=round(time.time() - start, 1))
+        log.info("study finished: %s", summary["study_md"])
+        print(f"study: {summary['study_md']}")
+    return summary or {}
+
+
+def _pattern(folder: Path, n: int, shard_size: int) -> str:
+    return str(folder / f"{{00000..{(n - 1) // shard_size:05d}}}.tar")
+
+
+def _paths(cfg: StudyConfig, out: Path) -> dict[str, Any]:
+    return {
+        "data": cfg.data or _pattern(out / "data", cfg.n_images, cfg.shard_size),
+        "eval": Path(cfg.eval_data) if cfg.eval_data else out / "eval-data" / "imagefolder",
+        "store": out / "saliency" / "store.zarr",
+        "clip": Path(cfg.clip_pretrained) if cfg.clip_pretrained else out / "clip" / "clip.pt",
+    }
+
+
+def _clip_train(cfg: StudyConfig, shards: str, clip_ckpt: Path) -> dict:
+    from stages import clip_train
+
+    return clip_train.run(clip_train.ClipTrainConfig(data=shards, out=clip_ckpt, clip_model=cfg.clip_model,
+                                                     steps=cfg.clip_steps, seconds=cfg.clip_seconds, threads=2,
+                                                     device=cfg.device))
+
+
+def _saliency(cfg: StudyConfig, paths: dict[str, Any]) -> dict:
+    from stages import saliency
+
+    return saliency.run(saliency.SaliencyConfig(
+        data=paths["data"], out=paths["store"], clip_model=cfg.clip_model, clip_pretrained=str(paths["clip"]),
+        cam=cfg.cam, batch_size=cfg.saliency_batch, workers=cfg.workers, device=cfg.device))
+
+
+def _inspect(paths: dict[str, Any], png_dir: Path, labelled: bool) -> dict:
+    from stages.inspect import inspect_store
+
+    summary = inspect_store(paths["store"], data=paths["data"] if labelled else None, png_dir=png_dir,
+                            n_random=6, strategy="saliency")
+    return {"localisation": summary.get("localisation"), "png": summary.get("png", [])}
+
+
+def pretrain_config(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, run_dir: Path):
+    """The stage-2 config of one (setting, seed): only the mask differs between settings."""
+    from pipeline.config import resolve_config
+    from stages import pretrain
+
+    spec = parse_setting(setting)
+    items = [f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}", f"masking.inverse={spec['inverse']}"]
+    if spec["cap"] is not None:
+        items.append(f"masking.cap={spec['cap']}")
+    pcfg = resolve_config(pretrain.PretrainConfig, None, items + list(cfg.pretrain_set),
+                          data=paths["data"], out=run_dir, saliency=str(paths["store"]), mask=spec["mask"],
+                          model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, resume="latest",
+                          seed=seed, workers=cfg.workers, device=cfg.device)
+    return replace(pcfg, arch=replace(cfg.arch, norm_pix_loss=pcfg.arch.norm_pix_loss))
+
+
+def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, run_dir: Path) -> dict:
+    from stages import pretrain
+
+    result = pretrain.run(pretrain_config(cfg, paths, setting, seed, run_dir))
+    return {k: result.get(k) for k in ("epochs", "loss")} if isinstance(result, dict) else result
+
+
+def _untrained_checkpoint(cfg: StudyConfig, seed: int, folder: Path) -> dict:
+    """Seed s's initial MAE weights (what every setting's pretraining starts from), as a checkpoint."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.device import seed_everything
+    from pipeline.models.mae import build_mae
+
+    seed_everything(seed)
+    arch = {k: v for k, v in asdict(cfg.arch).items() if v is not None}
+    model = build_mae(cfg.model, **arch)
+    save_checkpoint(folder / "checkpoint-latest.pth", model=model.state_dict(), epoch=-1,
+                    config={"model_args": dict(model.model_args), "seed": seed, "mask": "untrained"})
+    return {"checkpoint": str(folder / "checkpoint-latest.pth")}
+
+
+def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int):
+    """The stage-3 config of one probe: the same for every setting and the floor."""
+    from pipeline.config import resolve_config
+    from stages import evaluate
+
+    name = "linear" if protocol == "linear-noaug" else protocol
+    items = ([f"global_pool={cfg.global_pool}"] if protocol != "finetune" else []) + list(cfg.eval_set)
+    if name == "linear":
+        items.append(f"linear.augment={protocol != 'linear-noaug'}")
+        if cfg.linear_blr is not None:
+            items.append(f"linear.blr={cfg.linear_blr}")
+        if cfg.linear_global_batch is not None:
+            items.append(f"global_batch={cfg.linear_global_batch}")
+    return resolve_config(evaluate.EvalConfig, None, items, protocol=name,
+                          checkpoint=str(run_dir / "checkpoint-latest.pth"), data=str(paths["eval"]),
+                          out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
+                          epochs=cfg.linear_epochs if name == "linear" else None, batch_size=cfg.eval_batch,
+                          workers=cfg.workers, seed=seed)
+
+
+def _evaluate(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int) -> dict:
+    from stages import evaluate
+
+    result = evaluate.run(eval_config(cfg, protocol, run_dir, paths, seed))
+    return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result
+
+
+def machine() -> dict[str, Any]:
+    """Where the study ran (recorded in study.json/md)."""
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "gpu": gpu, "processes": dist.world_size()}
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return json.loads(json.dumps(obj, default=str))

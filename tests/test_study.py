@@ -1,0 +1,179 @@
+"""`salmae study`: settings and presets, that settings differ only in their masks, the statistics
+of study.md/json, the cc3m recipes, and the `smoke` preset end to end through the CLI (resumed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import config_to_dict, resolve_config
+from pipeline.errors import SalmaeError
+from pipeline.stats import t_quantile_975
+from stages import study
+from stages.study_report import checks, load_results, summarise
+
+
+def test_settings_parse_into_masks_and_caps():
+    assert study.parse_setting("random") == {"mask": "random", "cap": None, "inverse": False}
+    assert study.parse_setting("saliency-0.25") == {"mask": "saliency", "cap": 0.25, "inverse": False}
+    assert study.parse_setting("inverse-0.5") == {"mask": "saliency", "cap": 0.5, "inverse": True}
+    for bad in ("saliency", "saliency-0", "saliency-1.5", "sal-0.25", "saliency-x", "unknown"):
+        with pytest.raises(SalmaeError, match="unknown study setting"):
+            study.parse_setting(bad)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(seeds=0), "seeds"), (dict(settings=["random", "random"]), "settings"),
+    (dict(protocols=["probe"]), "protocols"), (dict(seeds=2, viz_seed=2), "viz_seed"),
+    (dict(data="x/{0..1}.tar"), "clip_pretrained"),
+])
+def test_validate_refuses_in_one_line(change, match):
+    with pytest.raises(SalmaeError, match=match):
+        study.validate(study.StudyConfig(**change))
+
+
+def test_presets_layer_under_config_file_and_set(tmp_path):
+    with pytest.raises(SalmaeError, match="unknown study preset"):
+        study.preset_values("gpu")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"seeds": 3, "epochs": 5}))
+    cfg = resolve_config(study.StudyConfig, path, ["epochs=7"], base=study.preset_values("smoke"))
+    assert (cfg.preset, cfg.seeds, cfg.epochs, cfg.n_images) == ("smoke", 3, 7, 512)  # preset < file < --set
+    assert study.StudyConfig().preset == "cpu" and study.preset_values("cpu") == {"preset": "cpu"}
+    assert study.preset_values("cpu-full")["settings"] == study.SWEEP
+
+
+def _configs(cfg, setting_a, setting_b, seed_a=0, seed_b=0, tmp_path=None):
+    paths = study._paths(cfg, tmp_path)
+    a = config_to_dict(study.pretrain_config(cfg, paths, setting_a, seed_a, tmp_path / "a"))
+    b = config_to_dict(study.pretrain_config(cfg, paths, setting_b, seed_b, tmp_path / "b"))
+    return a, b
+
+
+def test_settings_differ_only_in_their_masks_and_seeds_only_in_the_seed(tmp_path):
+    cfg = study.StudyConfig(out=tmp_path)
+    a, b = _configs(cfg, "random", "saliency-0.5", tmp_path=tmp_path)
+    assert {k for k in a if a[k] != b[k]} == {"out", "mask", "masking"}
+    assert (a["mask"], b["mask"], b["masking"]["cap"], b["masking"]["inverse"]) == ("random", "saliency", 0.5, False)
+    assert {k for k in a["masking"] if a["masking"][k] != b["masking"][k]} == {"cap"}
+    assert a["arch"]["img_size"] == 32 and a["arch"]["patch_size"] == 4 and a["epochs"] == cfg.epochs
+    _, inv = _configs(cfg, "saliency-0.25", "inverse-0.25", tmp_path=tmp_path)
+    assert inv["masking"]["inverse"] is True and inv["masking"]["cap"] == 0.25
+    s0, s1 = _configs(cfg, "random", "random", 0, 1, tmp_path=tmp_path)
+    assert {k for k in s0 if s0[k] != s1[k]} == {"out", "seed"}
+
+
+def test_probes_are_the_same_for_every_setting_and_the_floor(tmp_path):
+    cfg = study.StudyConfig(out=tmp_path)
+    paths = study._paths(cfg, tmp_path)
+    run = config_to_dict(study.eval_config(cfg, "linear-noaug", tmp_path / "runs" / "random-s0", paths, 0))
+    floor = config_to_dict(study.eval_config(cfg, "linear-noaug", tmp_path / "floor" / "s0", paths, 0))
+    assert {k for k in run if run[k] != floor[k]} == {"checkpoint", "out"}
+    assert run["linear"]["augment"] is False and run["global_pool"] is True and run["global_batch"] == 256
+    assert run["epochs"] == 30 and run["crop_pct"] == 1.0 and run["data"].endswith("eval-data/imagefolder")
+    knn = config_to_dict(study.eval_config(cfg, "knn", tmp_path / "r", paths, 3))
+    assert knn["protocol"] == "knn" and knn["epochs"] is None and knn["seed"] == 3
+
+
+@pytest.mark.parametrize("name", ["configs/cc3m-vitb.yaml", "configs/cc3m-vitb-sweep.yaml"])
+def test_cc3m_recipes_resolve_to_mae_settings(name, tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = resolve_config(study.StudyConfig, root / name, [], base=study.preset_values("cpu"))
+    study.validate(cfg)
+    assert {"random", "saliency-0.25"} <= set(cfg.settings) and "linear" in cfg.protocols
+    paths = study._paths(cfg, tmp_path)
+    pre = study.pretrain_config(cfg, paths, "saliency-0.25", 0, tmp_path / "r")
+    assert (pre.model, pre.epochs, pre.optim.blr, pre.optim.accum_iter, pre.optim.warmup_epochs) == ("base", 100, 1.5e-4, 8, 40)
+    assert pre.masking.cap == 0.25 and pre.masking.ratio == "0.75" and pre.arch.img_size is None
+    lin = study.eval_config(cfg, "linear", tmp_path / "r", paths, 0)
+    assert (lin.epochs, lin.global_batch, lin.linear.blr, lin.global_pool, lin.crop_pct) == (None, None, 0.1, False, 0.875)
+    assert lin.linear.augment is True and lin.data == "imagenet"
+    if "finetune" in cfg.protocols:
+        assert study.eval_config(cfg, "finetune", tmp_path / "r", paths, 0).global_pool is None  # the recipe pools
+
+
+def test_summary_means_intervals_and_paired_differences():
+    table = {"random": {"linear-noaug": {0: 40.0, 1: 42.0, 2: 41.0}},
+             "saliency-0.25": {"linear-noaug": {0: 41.0, 1: 44.0, 2: 41.5}},
+             "saliency-0.75": {"linear-noaug": {0: 30.0, 1: 36.0}},
+             "floor": {"linear-noaug": {0: 20.0, 1: 21.0, 2: 19.0}}}
+    rows = summarise(table)
+    r = rows["random"]["linear-noaug"]
+    assert r["mean"] == pytest.approx(41.0) and r["ci95"] == pytest.approx(t_quantile_975(2) * 1.0 / math.sqrt(3))
+    assert "diff_to_baseline" not in r and r["values"] == {"0": 40.0, "1": 42.0, "2": 41.0}
+    d = rows["saliency-0.25"]["linear-noaug"]["diff_to_baseline"]
+    sd = math.sqrt(sum((x - 7 / 6) ** 2 for x in (1.0, 2.0, 0.5)) / 2)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(7 / 6) and d["ci95"] == pytest.approx(t_quantile_975(2) * sd / math.sqrt(3))
+    d75 = rows["saliency-0.75"]["linear-noaug"]["diff_to_baseline"]
+    assert d75["n"] == 2 and d75["mean"] == pytest.approx(((30 - 40) + (36 - 42)) / 2)  # matched seeds only
+
+    verdicts = {(c["name"], c["protocol"]): (c["verdict"], c["value"]) for c in checks(rows, ["linear-noaug"], classes=8)}
+    assert verdicts[("random >= 3x chance", "linear-noaug")] == ("PASS", 41.0)
+    assert verdicts[("random - floor >= 10 points", "linear-noaug")] == ("PASS", pytest.approx(21.0))
+    assert verdicts[("saliency-0.25 - random: 95% half width <= 2", "linear-noaug")][0] == "PASS"   # 1.90
+    assert verdicts[("saliency-0.75 - random: 95% half width <= 2", "linear-noaug")][0] == "MISS"   # 12.7 * 2 / sqrt 2
+    assert checks(rows, ["linear-noaug"], classes=3)[0]["verdict"] == "MISS"   # 41 < 3 x 33.3
+    assert checks(rows, ["knn"], classes=8) == []                               # targets are on linear probes
+
+
+def test_load_results_reads_runs_and_floor(tmp_path):
+    for folder, top1 in (("runs/random-s0", 30.0), ("runs/random-s1", 32.5), ("floor/s0", 20.0)):
+        path = tmp_path / folder / "eval-knn" / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"protocol": "knn", "top1": top1}))
+    table = load_results(tmp_path, ["random", "block"], ["knn"], seeds=2, floor=True)
+    assert table == {"random": {"knn": {0: 30.0, 1: 32.5}}, "block": {"knn": {}}, "floor": {"knn": {0: 20.0}}}
+
+
+def test_cap_figure_draws_means_against_caps():
+    from pipeline.viz_report import cap_figure
+
+    fig = cap_figure({"knn": {"random": (0.0, {0: 30.0, 1: 32.0}), "saliency-0.25": (0.25, {0: 33.0, 1: 35.0})}},
+                     {"knn": {"floor": {0: 20.0, 1: 21.0}}}, chance=12.5)
+    ax = fig.axes[0]
+    mean_line = [ln for ln in ax.lines if list(ln.get_xdata()) == [0.0, 0.25]][0]
+    assert list(mean_line.get_ydata()) == [31.0, 34.0]
+    assert any(list(ln.get_ydata()) == [20.5, 20.5] for ln in ax.lines)       # the floor's mean, dashed
+    assert ax.get_xlabel() == "saliency cap (0 = random)"
+
+
+def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "smoke"
+    result = CliRunner().invoke(cli, ["study", "--preset", "smoke", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    settings = study.PRESETS["smoke"]["settings"]
+    data = json.loads((out / "study.json").read_text())
+    assert data["preset"] == "smoke" and list(data["rows"]) == settings + ["floor"]
+    for row in data["rows"].values():
+        for protocol in ("knn", "linear-noaug"):
+            (seed, top1), = row[protocol]["values"].items()
+            assert seed == "0" and 0 <= top1 <= 100 and row[protocol]["ci95"] is None   # one seed: no interval
+    assert data["rows"]["saliency-0.25"]["knn"]["diff_to_baseline"]["n"] == 1
+    assert data["classes"] == 8 and data["chance"] == 12.5
+    assert {c["name"] for c in data["checks"]} >= {"random >= 3x chance", "random - floor >= 10 points"}
+    assert data["stage1"]["n"] == 512 and 0 <= data["stage1"]["pointing_game"] <= 1
+    md = (out / "study.md").read_text()
+    assert md.index("## Hypothesis") < md.index("top-1 (%)") and "Pointing game" in md
+    assert (out / "accuracy_vs_cap.png").stat().st_size > 0
+    masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
+    assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "adaptive"]
+    assert masks["inverse-0.25"]["masking"]["inverse"] is True and masks["saliency-0.25"]["masking"]["cap"] == 0.25
+
+    # a killed study: one probe and the report lost; the rerun redoes that probe only
+    markers = {p.name: p.stat().st_mtime_ns for p in (out / ".done").iterdir()}
+    (out / ".done" / "eval-knn-adaptive-s0.json").unlink()
+    (out / "study.md").unlink()
+    again = CliRunner().invoke(cli, ["study", "--preset", "smoke", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    after = {p.name: p.stat().st_mtime_ns for p in (out / ".done").iterdir()}
+    assert set(after) == set(markers)
+    assert [n for n in after if after[n] != markers[n]] == ["eval-knn-adaptive-s0.json"]
+    assert json.loads((out / "study.json").read_text())["rows"]["random"] == data["rows"]["random"]
+    assert (out / "study.md").is_file()
