@@ -170,7 +170,7 @@ def _load_pairs(spec: str, info) -> tuple[torch.Tensor, list[str]]:
         if sample.error or sample.image is None or not (sample.caption or "").strip():
             skipped += 1
             continue
-        arr = np.asarray(sample.image.resize(size_wh, Image.BICUBIC), dtype=np.uint8)
+        arr = np.array(sample.image.resize(size_wh, Image.BICUBIC), dtype=np.uint8)  # writable: torch shares it
         images.append(torch.from_numpy(arr).permute(2, 0, 1))
         captions.append(sample.caption)
     if skipped:
