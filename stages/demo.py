@@ -13,16 +13,16 @@ on its own, so a killed demo continues where it stopped):
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import dist
 from pipeline.config import save_config
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.logging import get_logger, setup_logging
+from pipeline.steps import Steps
 
 
 @dataclass
@@ -63,19 +63,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     shards = str(data / f"{{00000..{(cfg.n_images - 1) // cfg.shard_size:05d}}}.tar")
     store = out / "saliency" / "store.zarr"
     clip_ckpt = out / "clip" / "clip.pt"
-    timings: dict[str, float] = {}
 
-    def step(name: str, fn: Callable[[], Any]) -> Any:
-        marker = out / ".done" / f"{name}.json"
-        if marker.exists():
-            log.info("demo: %s already done, skipping", name)
-            return json.loads(marker.read_text()).get("result")
-        log.info("demo: %s ...", name)
-        t0 = time.time()
-        result = fn()
-        timings[name] = round(time.time() - t0, 1)
-        atomic_write_json(marker, {"seconds": timings[name], "result": _jsonable(result)})
-        return result
+    step = Steps(out, "demo")
+    timings = step.seconds
 
     from pipeline.data.shapes import write_shapes
 
@@ -178,11 +168,3 @@ def _write_report(runs: list[Path], report: Path, inspect: dict | None, out: Pat
             lines.append("")
     if dist.is_main():
         atomic_write_text(report, "\n".join(lines) + "\n")
-
-
-def _jsonable(obj: Any) -> Any:
-    try:
-        json.dumps(obj)
-        return obj
-    except TypeError:
-        return json.loads(json.dumps(obj, default=str))

@@ -22,20 +22,18 @@ whole cap sweep. A YAML `--config` (e.g. `configs/cc3m-vitb.yaml`) describes a G
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import dist
 from pipeline.config import require, save_config
 from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.logging import get_logger, setup_logging
-from pipeline.stats import mean_ci, paired_diff
+from pipeline.steps import Steps
 from stages.pretrain import ArchConfig
 
 BASELINE = "random"
@@ -167,18 +165,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     start = time.time()
     paths = _paths(cfg, out)
 
-    def step(name: str, fn: Callable[[], Any], main_only: bool = False) -> Any:
-        marker = out / ".done" / f"{name}.json"
-        if marker.exists():
-            log.info("study: %s already done, skipping", name)
-            return json.loads(marker.read_text()).get("result")
-        log.info("study: %s ...", name)
-        t0 = time.time()
-        result = fn() if (dist.is_main() or not main_only) else None
-        dist.barrier(waiting_for=f"study step {name}" if main_only else None)
-        if dist.is_main():
-            atomic_write_json(marker, {"seconds": round(time.time() - t0, 1), "result": _jsonable(result)})
-        return result
+    step = Steps(out, "study")
 
     from pipeline.data.shapes import write_shapes
 
@@ -330,11 +317,3 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "gpu": gpu, "processes": dist.world_size()}
-
-
-def _jsonable(obj: Any) -> Any:
-    try:
-        json.dumps(obj)
-        return obj
-    except TypeError:
-        return json.loads(json.dumps(obj, default=str))

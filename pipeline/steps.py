@@ -1,0 +1,52 @@
+"""Resumable steps of a whole-pipeline job (`salmae demo`, `salmae study`): each step runs once.
+
+A finished step leaves the marker `OUT/.done/NAME.json` with its seconds and its result (made
+JSON-safe); a rerun skips every step whose marker exists and returns the recorded result, so a
+killed job continues with the step it was in (each stage resumes inside itself). Under torchrun
+every rank runs the same steps; a `main_only` step (generating data, training the tiny CLIP) runs
+on rank 0 while the others wait at a barrier, and only rank 0 writes markers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import dist
+from pipeline.files import atomic_write_json
+from pipeline.logging import get_logger
+
+
+class Steps:
+    """`steps(name, fn)` runs `fn` unless OUT/.done/NAME.json exists; `seconds` holds this run's step times."""
+
+    def __init__(self, out: str | Path, job: str):
+        self.done = Path(out) / ".done"
+        self.job = job
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[[], Any], main_only: bool = False) -> Any:
+        log = get_logger()
+        marker = self.done / f"{name}.json"
+        if marker.exists():
+            log.info("%s: %s already done, skipping", self.job, name)
+            return json.loads(marker.read_text()).get("result")
+        log.info("%s: %s ...", self.job, name)
+        t0 = time.time()
+        result = fn() if (dist.is_main() or not main_only) else None
+        dist.barrier(waiting_for=f"{self.job} step {name}" if main_only else None)
+        self.seconds[name] = round(time.time() - t0, 1)
+        if dist.is_main():
+            atomic_write_json(marker, {"seconds": self.seconds[name], "result": jsonable(result)})
+        return result
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` if JSON can hold it, else its JSON round trip with unknown objects as strings."""
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return json.loads(json.dumps(obj, default=str))
