@@ -97,7 +97,7 @@ def cap_figure(curves: Mapping[str, Mapping[str, tuple[float, Mapping[int, float
     curves: protocol -> setting -> (cap, {seed: top1}); cap 0 is `random`. Each seed a hollow
         point, the mean a black line through diamonds with 95% t-intervals.
     lines: protocol -> setting -> {seed: top1}, drawn as dashed horizontal means (settings without
-        a cap, the untrained floor). chance: a dotted line, if given.
+        a cap, the untrained floor). chance: a dotted line, if given and inside the fitted y-range.
     """
     from pipeline.stats import mean_ci
 
@@ -122,9 +122,10 @@ def cap_figure(curves: Mapping[str, Mapping[str, tuple[float, Mapping[int, float
                 mean = mean_ci(list(values.values()))[0]
                 ax.axhline(mean, linestyle="--", linewidth=1, color=f"C{(i + 1) % 10}", label=name)
                 shown.append(mean)
-        if chance is not None:
+        lo, hi = fitted_ylim(shown, bounds=(0.0, 100.0))
+        if chance is not None and lo <= chance <= hi:   # drawn (and in the legend) only where it is in view
             ax.axhline(chance, linestyle=":", color="grey", linewidth=1, label="chance")
-        ax.set_ylim(*fitted_ylim(shown, bounds=(0.0, 100.0)))
+        ax.set_ylim(lo, hi)
         ax.set_xlabel("saliency cap (0 = random)")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(protocol, fontsize=9)

@@ -23,9 +23,8 @@ whole cap sweep. A YAML `--config` (e.g. `configs/cc3m-vitb.yaml`) describes a G
 from __future__ import annotations
 
 import math
-import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +187,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     for seed in range(cfg.seeds):
         if cfg.floor:
             floor_dir = out / "floor" / f"s{seed}"
-            step(f"floor-init-s{seed}", lambda: _untrained_checkpoint(cfg, seed, floor_dir), main_only=True)
+            step(f"floor-init-s{seed}", lambda: _untrained_checkpoint(cfg, paths, seed, floor_dir), main_only=True)
             for protocol in cfg.protocols:
                 step(f"eval-{protocol}-floor-s{seed}", lambda: _evaluate(cfg, protocol, floor_dir, paths, seed))
         for setting in cfg.settings:
@@ -253,11 +252,10 @@ def pretrain_config(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed:
     items = [f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}", f"masking.inverse={spec['inverse']}"]
     if spec["cap"] is not None:
         items.append(f"masking.cap={spec['cap']}")
-    pcfg = resolve_config(pretrain.PretrainConfig, None, items + list(cfg.pretrain_set),
+    return resolve_config(pretrain.PretrainConfig, None, items + list(cfg.pretrain_set),
                           data=paths["data"], out=run_dir, saliency=str(paths["store"]), mask=spec["mask"],
-                          model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, resume="latest",
-                          seed=seed, workers=cfg.workers, device=cfg.device)
-    return replace(pcfg, arch=replace(cfg.arch, norm_pix_loss=pcfg.arch.norm_pix_loss))
+                          model=cfg.model, arch=asdict(cfg.arch), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                          resume="latest", seed=seed, workers=cfg.workers, device=cfg.device)
 
 
 def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, run_dir: Path) -> dict:
@@ -267,15 +265,15 @@ def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, 
     return {k: result.get(k) for k in ("epochs", "loss")} if isinstance(result, dict) else result
 
 
-def _untrained_checkpoint(cfg: StudyConfig, seed: int, folder: Path) -> dict:
+def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, folder: Path) -> dict:
     """Seed s's initial MAE weights (what every setting's pretraining starts from), as a checkpoint."""
     from pipeline.checkpoint import save_checkpoint
     from pipeline.device import seed_everything
     from pipeline.models.mae import build_mae
 
-    seed_everything(seed)
-    arch = {k: v for k, v in asdict(cfg.arch).items() if v is not None}
-    model = build_mae(cfg.model, **arch)
+    arch = pretrain_config(cfg, paths, BASELINE, seed, folder).arch   # pretrain_set's arch.* included
+    seed_everything(seed)                                              # as stage 2 seeds, then builds
+    model = build_mae(cfg.model, **{k: v for k, v in asdict(arch).items() if v is not None})
     save_checkpoint(folder / "checkpoint-latest.pth", model=model.state_dict(), epoch=-1,
                     config={"model_args": dict(model.model_args), "seed": seed, "mask": "untrained"})
     return {"checkpoint": str(folder / "checkpoint-latest.pth")}
@@ -306,14 +304,3 @@ def _evaluate(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, A
 
     result = evaluate.run(eval_config(cfg, protocol, run_dir, paths, seed))
     return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result
-
-
-def machine() -> dict[str, Any]:
-    """Where the study ran (recorded in study.json/md)."""
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpus": os.cpu_count(), "gpu": gpu, "processes": dist.world_size()}

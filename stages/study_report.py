@@ -103,7 +103,10 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
     """Write OUT/study.json, OUT/study.md and OUT/accuracy_vs_cap.png; return their paths."""
     from pipeline.config import config_to_dict
     from pipeline.viz_report import plot_accuracy_vs_cap
-    from stages.study import machine, parse_setting
+    from pipeline import dist
+    from pipeline.device import pick_device
+    from stages.bench.report import machine_info
+    from stages.study import parse_setting
 
     out = Path(out)
     table = load_results(out, cfg.settings, cfg.protocols, cfg.seeds, cfg.floor)
@@ -119,7 +122,7 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
                                     or parse_setting(s)["inverse"]} for p in cfg.protocols},
                                out / "accuracy_vs_cap.png", chance=100.0 / classes if classes else None)
     study = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "preset": cfg.preset,
+        "date": time.strftime("%Y-%m-%d"), "machine": {**machine_info(pick_device(cfg.device)), "processes": dist.world_size()}, "preset": cfg.preset,
         "wall_seconds_this_invocation": wall_seconds, "compute_seconds_all_steps": compute,
         "classes": classes, "chance": 100.0 / classes if classes else None, "seeds": cfg.seeds,
         "settings": cfg.settings, "protocols": cfg.protocols, "rows": rows, "checks": found,
@@ -161,9 +164,9 @@ def _interval(mean: float | None, half: float | None, sign: bool = False) -> str
 
 def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: dict | None) -> str:
     m = study["machine"]
-    where = m["gpu"] or f"{m['cpus']}-core CPU"
+    where = m.get("GPU") or f"{m['cores']}-core CPU ({m['CPU']})"
     lines = [f"# salmae study — preset `{cfg.preset}`", "",
-             f"{study['date']} · {where} ({m['platform']}, torch {m['torch']}, {m['processes']} process(es)) · "
+             f"{study['date']} · {where}, {m['OS']}, torch {m['torch']}, {m['processes']} process(es) · "
              f"compute {study['compute_seconds_all_steps'] / 60:.1f} min over all steps "
              f"(this invocation {study['wall_seconds_this_invocation'] / 60:.1f} min)", "",
              "## Hypothesis (written before the numbers)", "", HYPOTHESIS,

@@ -142,6 +142,10 @@ def test_cap_figure_draws_means_against_caps():
     assert list(mean_line.get_ydata()) == [31.0, 34.0]
     assert any(list(ln.get_ydata()) == [20.5, 20.5] for ln in ax.lines)       # the floor's mean, dashed
     assert ax.get_xlabel() == "saliency cap (0 = random)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "floor" in labels and "chance" not in labels                         # 12.5 lies below the fitted range
+    near = cap_figure({"knn": {"random": (0.0, {0: 14.0, 1: 15.0})}}, {}, chance=12.5).axes[0]
+    assert "chance" in [t.get_text() for t in near.get_legend().get_texts()]
 
 
 def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
@@ -181,3 +185,15 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert [n for n in after if after[n] != markers[n]] == ["eval-knn-adaptive-s0.json"]
     assert json.loads((out / "study.json").read_text())["rows"]["random"] == data["rows"]["random"]
     assert (out / "study.md").is_file()
+
+
+def test_pretrain_set_reaches_the_runs_and_the_floor(tmp_path):
+    from pipeline.checkpoint import load_checkpoint
+
+    cfg = study.StudyConfig(out=tmp_path, pretrain_set=["arch.depth=2", "optim.warmup_epochs=3"])
+    paths = study._paths(cfg, tmp_path)
+    pre = study.pretrain_config(cfg, paths, "saliency-0.25", 0, tmp_path / "r")
+    assert (pre.arch.depth, pre.arch.img_size, pre.arch.patch_size, pre.optim.warmup_epochs) == (2, 32, 4, 3)
+    study._untrained_checkpoint(cfg, paths, 0, tmp_path / "floor")
+    args = load_checkpoint(tmp_path / "floor" / "checkpoint-latest.pth")["config"]["model_args"]
+    assert (args["depth"], args["img_size"], args["patch_size"], args["decoder_depth"]) == (2, 32, 4, 1)
