@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from pipeline import dist
+from pipeline.config import config_to_dict, resume_differences
+from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_json
 from pipeline.logging import get_logger
 
@@ -41,6 +45,22 @@ class Steps:
         if dist.is_main():
             atomic_write_json(marker, {"seconds": self.seconds[name], "result": jsonable(result)})
         return result
+
+
+def refuse_changed_config(out: str | Path, cfg: Any, may_change: tuple[str, ...], job: str) -> None:
+    """Refuse, in one line naming each change, to continue a job in `out` whose finished steps ran
+    with another config: their markers would be skipped and their old results reported under the
+    new config. Keys in `may_change` (more seeds or settings, another process count) only add or
+    drop steps. Call it before the job saves its config.yaml."""
+    out = Path(out)
+    saved_path = out / "config.yaml"
+    if not (out / ".done").is_dir() or not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = resume_differences(saved, config_to_dict(cfg), may_change)
+    if changed:
+        raise SalmaeError(f"{job} in {out} has finished steps run with other settings ({'; '.join(changed)}); "
+                          f"rerun with the saved ones ({saved_path}) or use a new --out")
 
 
 def jsonable(obj: Any) -> Any:

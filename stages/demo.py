@@ -22,7 +22,9 @@ from pipeline import dist
 from pipeline.config import save_config
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.logging import get_logger, setup_logging
-from pipeline.steps import Steps
+from pipeline.steps import Steps, refuse_changed_config
+
+RESUME_MAY_CHANGE = ("out", "seeds", "strategies", "workers", "device")   # a rerun may add seeds or strategies
 
 
 @dataclass
@@ -32,6 +34,9 @@ class DemoConfig:
     n_images: int = 1024               # generated captioned images
     image_size: int = 64               # their side in pixels (the tiny MAE's input size)
     shard_size: int = 256              # samples per tar shard
+    task: str = "main-object"          # generated task (`salmae shapes --task`): main-object's label is the
+                                       # largest object, which pixels can decide; with `named` (two objects of
+                                       # similar size, the caption names one) every probe sat near chance
     clip_images: int = 32768           # captioned images generated for the tiny CLIP only (seed 1): fewer
                                        # (more passes in the step budget) gave maps that pointed worse, by seed
     clip_same_colour: float = 0.0      # their share of same-colour distractors (`salmae shapes --same-colour`)
@@ -47,6 +52,8 @@ class DemoConfig:
     blr: float = 1.5e-3                # pretraining base lr: 10x MAE's, for a short run at a tiny batch
     linear_epochs: int = 30            # linear-probe epochs (the cached-feature variant, linear-noaug)
     linear_blr: float = 50.0           # LARS base lr: MAE's 0.1 assumes batch 16384; ours is 64
+    global_pool: bool = True           # probes read the mean of the patch tokens, as the study's do (MAE's
+                                       # class token probed 10 points lower there, STUDY.md)
     workers: int = 2                   # DataLoader workers in every stage
     device: str = "auto"               # auto | cpu | cuda
 
@@ -56,6 +63,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
+    refuse_changed_config(out, cfg, RESUME_MAY_CHANGE, "the demo")
     save_config(cfg, out / "config.yaml")
     log = get_logger()
     start = time.time()
@@ -70,11 +78,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     from pipeline.data.shapes import write_shapes
 
     step("shapes", lambda: write_shapes(data, n=cfg.n_images, image_size=cfg.image_size, seed=0,
-                                        shard_size=cfg.shard_size, imagefolder=True))
+                                        shard_size=cfg.shard_size, imagefolder=True, task=cfg.task))
     clip_data = out / "clip" / "data"
     clip_shards = str(clip_data / f"{{00000..{(cfg.clip_images - 1) // 512:05d}}}.tar")
     step("clip-data", lambda: write_shapes(clip_data, n=cfg.clip_images, image_size=cfg.image_size, seed=1,
-                                           shard_size=512, same_colour_frac=cfg.clip_same_colour))
+                                           shard_size=512, same_colour_frac=cfg.clip_same_colour,
+                                           task=cfg.task))
     step("clip", lambda: _clip_train(cfg, clip_shards, clip_ckpt))
     step("saliency", lambda: _saliency(cfg, shards, store, clip_ckpt))
     inspect = step("inspect", lambda: _inspect(store, shards, out / "saliency" / "png"))
@@ -141,6 +150,7 @@ def _evaluate(cfg: DemoConfig, protocol: str, run_dir: Path, root: Path, seed: i
                                data=str(root), out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
                                epochs=cfg.linear_epochs if protocol == "linear" else None,
                                batch_size=64, global_batch=64, workers=cfg.workers, seed=seed, crop_pct=1.0,
+                               global_pool=cfg.global_pool,
                                linear=evaluate.LinearConfig(blr=cfg.linear_blr, warmup_epochs=3, augment=False))
     result = evaluate.run(ecfg)
     return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result
@@ -154,7 +164,7 @@ def _write_report(runs: list[Path], report: Path, inspect: dict | None, out: Pat
     lines = [report.read_text().rstrip(), "", "## Stage 1: saliency of the tiny CLIP", ""]
     loc = (inspect or {}).get("localisation") or {}
     if loc.get("n"):
-        lines.append(f"Pointing game (argmax patch inside the named object's box) over {loc['n']} maps: "
+        lines.append(f"Pointing game (argmax patch inside the captioned object's box) over {loc['n']} maps: "
                      f"**{loc['pointing_game']:.3f}**; saliency mass inside the box {loc['mass_in_box']:.3f} "
                      f"vs the box's area share {loc['box_area_share']:.3f}.")
     lines.append("")

@@ -32,7 +32,7 @@ from pipeline import dist
 from pipeline.config import require, save_config
 from pipeline.errors import SalmaeError
 from pipeline.logging import get_logger, setup_logging
-from pipeline.steps import Steps
+from pipeline.steps import Steps, refuse_changed_config
 from stages.pretrain import ArchConfig
 
 BASELINE = "random"
@@ -109,6 +109,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# what a rerun into the same --out may change: these add or drop steps, or do not change the numbers
+RESUME_MAY_CHANGE = ("out", "preset", "seeds", "settings", "protocols", "floor", "viz_seed", "workers", "device")
+
+
 def preset_values(name: str) -> dict[str, Any]:
     """The config values of preset `name` (over StudyConfig's defaults); unknown names are an error."""
     if name not in PRESETS:
@@ -159,6 +163,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
+    refuse_changed_config(out, cfg, RESUME_MAY_CHANGE, "the study")
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
     log = get_logger()

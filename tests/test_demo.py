@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import pytest
+import yaml
+
+from pipeline.errors import SalmaeError
 from stages.demo import DemoConfig, run
 
 
@@ -21,5 +26,17 @@ def test_demo_runs_end_to_end_and_resumes_without_redoing_steps(tmp_path, capsys
     results = json.loads((tmp_path / "demo" / "runs" / "saliency-s0" / "eval-knn" / "results.json").read_text())
     assert results["protocol"] == "knn" and 0 <= results["top1"] <= 100
 
+    stats = json.loads((tmp_path / "demo" / "data" / "00000_stats.json").read_text())
+    assert stats["salmae_shapes"]["task"] == "main-object"      # a task pixels can decide
+    probe = yaml.safe_load((tmp_path / "demo" / "runs" / "random-s0" / "eval-linear" / "config.yaml").read_text())
+    assert probe["global_pool"] is True and probe["linear"]["augment"] is False
+
     second = run(cfg)
     assert second["steps"] == {}               # every step was skipped
+
+    saved = (tmp_path / "demo" / "config.yaml").read_text()
+    with pytest.raises(SalmaeError, match=r"epochs: 1 -> 2\); rerun with the saved ones"):
+        run(replace(cfg, epochs=2))            # would report the 1-epoch runs as 2-epoch ones
+    with pytest.raises(SalmaeError, match="task: 'main-object' -> 'named'"):
+        run(replace(cfg, task="named"))        # would keep the main-object data
+    assert (tmp_path / "demo" / "config.yaml").read_text() == saved

@@ -186,6 +186,29 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert json.loads((out / "study.json").read_text())["rows"]["random"] == data["rows"]["random"]
     assert (out / "study.md").is_file()
 
+    # a rerun with other epochs would skip the finished runs and report them as longer ones: refused
+    saved = (out / "config.yaml").read_text()
+    changed = CliRunner().invoke(cli, ["study", "--preset", "smoke", "--out", str(out), "--set", "epochs=3"])
+    assert changed.exit_code == 2 and "epochs: 2 -> 3" in changed.output and "use a new --out" in changed.output
+    assert (out / "config.yaml").read_text() == saved
+
+
+def test_a_rerun_may_add_seeds_and_settings_but_not_change_the_finished_steps(tmp_path):
+    from pipeline.config import save_config
+    from pipeline.steps import refuse_changed_config
+
+    first = study.StudyConfig(out=tmp_path, seeds=2)
+    save_config(first, tmp_path / "config.yaml")
+    later = study.StudyConfig(out=tmp_path, seeds=4, epochs=30, blr=1e-3, settings=["random", "block"])
+    refuse_changed_config(tmp_path, later, study.RESUME_MAY_CHANGE, "the study")   # no step finished yet
+    (tmp_path / ".done").mkdir()
+    with pytest.raises(SalmaeError) as refused:
+        refuse_changed_config(tmp_path, later, study.RESUME_MAY_CHANGE, "the study")
+    assert str(refused.value).count("->") == 2 and "blr: 0.0015 -> 0.001" in str(refused.value)
+    assert "epochs: 25 -> 30" in str(refused.value) and "\n" not in str(refused.value)
+    more = study.StudyConfig(out=tmp_path, seeds=4, settings=["random", "block"], preset="cpu-full", workers=2)
+    refuse_changed_config(tmp_path, more, study.RESUME_MAY_CHANGE, "the study")      # only adds steps
+
 
 def test_pretrain_set_reaches_the_runs_and_the_floor(tmp_path):
     from pipeline.checkpoint import load_checkpoint
