@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline import dist
-from pipeline.config import config_to_dict, resume_differences
+from pipeline.config import config_to_dict, resume_differences, save_config
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_json
 from pipeline.logging import get_logger
@@ -47,20 +47,21 @@ class Steps:
         return result
 
 
-def refuse_changed_config(out: str | Path, cfg: Any, may_change: tuple[str, ...], job: str) -> None:
-    """Refuse, in one line naming each change, to continue a job in `out` whose finished steps ran
-    with another config: their markers would be skipped and their old results reported under the
-    new config. Keys in `may_change` (more seeds or settings, another process count) only add or
-    drop steps. Call it before the job saves its config.yaml."""
+def record_config(out: str | Path, cfg: Any, may_change: tuple[str, ...], job: str) -> None:
+    """Save `cfg` as OUT/config.yaml, unless the job's finished steps ran with another config: then
+    refuse in one line naming each change (the steps' markers would be skipped and their old results
+    reported under the new config). Keys in `may_change` (more seeds or settings, another process
+    count) only add or drop steps. A refusal leaves config.yaml as it was."""
     out = Path(out)
     saved_path = out / "config.yaml"
-    if not (out / ".done").is_dir() or not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    changed = resume_differences(saved, config_to_dict(cfg), may_change)
-    if changed:
-        raise SalmaeError(f"{job} in {out} has finished steps run with other settings ({'; '.join(changed)}); "
-                          f"rerun with the saved ones ({saved_path}) or use a new --out")
+    if (out / ".done").is_dir() and saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        changed = resume_differences(saved, config_to_dict(cfg), may_change)
+        if changed:
+            raise SalmaeError(f"{job} in {out} has finished steps run with other settings ({'; '.join(changed)}); "
+                              f"rerun with the saved ones ({saved_path}) or use a new --out")
+    if dist.is_main():
+        save_config(cfg, saved_path)
 
 
 def jsonable(obj: Any) -> Any:

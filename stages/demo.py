@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dist
-from pipeline.config import save_config
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.logging import get_logger, setup_logging
-from pipeline.steps import Steps, refuse_changed_config
+from pipeline.steps import Steps, record_config
 
 RESUME_MAY_CHANGE = ("out", "seeds", "strategies", "workers", "device")   # a rerun may add seeds or strategies
 
@@ -53,7 +52,7 @@ class DemoConfig:
     linear_epochs: int = 30            # linear-probe epochs (the cached-feature variant, linear-noaug)
     linear_blr: float = 50.0           # LARS base lr: MAE's 0.1 assumes batch 16384; ours is 64
     global_pool: bool = True           # probes read the mean of the patch tokens, as the study's do (MAE's
-                                       # class token probed 10 points lower there, STUDY.md)
+                                       # class token probed 10 points lower there: StudyConfig.global_pool)
     workers: int = 2                   # DataLoader workers in every stage
     device: str = "auto"               # auto | cpu | cuda
 
@@ -63,8 +62,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
-    refuse_changed_config(out, cfg, RESUME_MAY_CHANGE, "the demo")
-    save_config(cfg, out / "config.yaml")
+    record_config(out, cfg, RESUME_MAY_CHANGE, "the demo")
     log = get_logger()
     start = time.time()
     data = out / "data"

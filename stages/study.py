@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dist
-from pipeline.config import require, save_config
+from pipeline.config import require
 from pipeline.errors import SalmaeError
 from pipeline.logging import get_logger, setup_logging
-from pipeline.steps import Steps, refuse_changed_config
+from pipeline.steps import Steps, record_config
 from stages.pretrain import ArchConfig
 
 BASELINE = "random"
@@ -163,9 +163,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
-    refuse_changed_config(out, cfg, RESUME_MAY_CHANGE, "the study")
-    if dist.is_main():
-        save_config(cfg, out / "config.yaml")
+    record_config(out, cfg, RESUME_MAY_CHANGE, "the study")
     log = get_logger()
     start = time.time()
     paths = _paths(cfg, out)

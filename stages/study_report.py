@@ -122,7 +122,8 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
                                     or parse_setting(s)["inverse"]} for p in cfg.protocols},
                                out / "accuracy_vs_cap.png", chance=100.0 / classes if classes else None)
     study = {
-        "date": time.strftime("%Y-%m-%d"), "machine": {**machine_info(pick_device(cfg.device)), "processes": dist.world_size()}, "preset": cfg.preset,
+        "date": time.strftime("%Y-%m-%d"), "preset": cfg.preset,
+        "machine": {**machine_info(pick_device(cfg.device)), "processes": dist.world_size()},
         "wall_seconds_this_invocation": wall_seconds, "compute_seconds_all_steps": compute,
         "classes": classes, "chance": 100.0 / classes if classes else None, "seeds": cfg.seeds,
         "settings": cfg.settings, "protocols": cfg.protocols, "rows": rows, "checks": found,

@@ -194,20 +194,26 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_a_rerun_may_add_seeds_and_settings_but_not_change_the_finished_steps(tmp_path):
-    from pipeline.config import save_config
-    from pipeline.steps import refuse_changed_config
+    from pipeline.steps import record_config
 
-    first = study.StudyConfig(out=tmp_path, seeds=2)
-    save_config(first, tmp_path / "config.yaml")
+    def saved():
+        return yaml.safe_load((tmp_path / "config.yaml").read_text())
+
+    record_config(tmp_path, study.StudyConfig(out=tmp_path, seeds=2), study.RESUME_MAY_CHANGE, "the study")
     later = study.StudyConfig(out=tmp_path, seeds=4, epochs=30, blr=1e-3, settings=["random", "block"])
-    refuse_changed_config(tmp_path, later, study.RESUME_MAY_CHANGE, "the study")   # no step finished yet
+    record_config(tmp_path, later, study.RESUME_MAY_CHANGE, "the study")    # no step finished yet: saved
+    assert (saved()["epochs"], saved()["seeds"]) == (30, 4)
     (tmp_path / ".done").mkdir()
+    changed = study.StudyConfig(out=tmp_path, seeds=4, epochs=25, blr=1.5e-3, settings=["random"], eval_images=99)
     with pytest.raises(SalmaeError) as refused:
-        refuse_changed_config(tmp_path, later, study.RESUME_MAY_CHANGE, "the study")
-    assert str(refused.value).count("->") == 2 and "blr: 0.0015 -> 0.001" in str(refused.value)
-    assert "epochs: 25 -> 30" in str(refused.value) and "\n" not in str(refused.value)
-    more = study.StudyConfig(out=tmp_path, seeds=4, settings=["random", "block"], preset="cpu-full", workers=2)
-    refuse_changed_config(tmp_path, more, study.RESUME_MAY_CHANGE, "the study")      # only adds steps
+        record_config(tmp_path, changed, study.RESUME_MAY_CHANGE, "the study")
+    assert str(refused.value).count("->") == 3 and "blr: 0.001 -> 0.0015" in str(refused.value)
+    assert "epochs: 30 -> 25" in str(refused.value) and "eval_images: 16384 -> 99" in str(refused.value)
+    assert "\n" not in str(refused.value) and saved()["epochs"] == 30                 # config.yaml untouched
+    more = study.StudyConfig(out=tmp_path, seeds=6, epochs=30, blr=1e-3, settings=["random", "block", "grid"],
+                             preset="cpu-full", workers=2)
+    record_config(tmp_path, more, study.RESUME_MAY_CHANGE, "the study")             # only adds steps
+    assert (saved()["seeds"], saved()["preset"]) == (6, "cpu-full")
 
 
 def test_pretrain_set_reaches_the_runs_and_the_floor(tmp_path):
