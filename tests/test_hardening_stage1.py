@@ -48,20 +48,21 @@ def baseline(shapes_pattern, tmp_path_factory):
 
 # ---------------------------------------------------------------------------- 3: one writer per shard range
 _HOLDER = textwrap.dedent("""
-    import sys, time
+    import sys
     from pathlib import Path
     from pipeline.store_lock import ShardRange, StoreLock
     lo, hi = int(sys.argv[2]), (int(sys.argv[3]) if sys.argv[3] != "-" else None)
     lock = StoreLock(Path(sys.argv[1]), ShardRange(lo, hi)).acquire()
     print("held", flush=True)
-    time.sleep(120)
+    sys.stdin.read()   # held until the test kills it or exits (no timer: a slow machine must not see it go stale)
 """)
 
 
 def _hold_lock(store: Path, lo: int, hi: int | None) -> subprocess.Popen:
     """Another process (not a thread) that takes the lock for shards lo:hi and keeps it."""
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(store), str(lo), "-" if hi is None else str(hi)],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.stdout.readline().strip() == "held"
     return proc
 
