@@ -85,13 +85,15 @@ def cli() -> None:
               help="Share of images whose distractor has the named object's colour (then only the shape word tells them apart).")
 @click.option("--task", type=click.Choice(["named", "main-object"]), default="named", show_default=True,
               help="named: a named object and a distractor; main-object: one large labelled object among small clutter.")
+@click.option("--val-every", type=int, default=5, show_default=True,
+              help="One image in this many of each class is marked split=val (the ImageFolder's val/).")
 def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float,
-           task: str) -> None:
+           task: str, val_every: int) -> None:
     """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
     from pipeline.data.shapes import write_shapes
 
     summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
-                           imagefolder=imagefolder, same_colour_frac=same_colour, task=task)
+                           imagefolder=imagefolder, same_colour_frac=same_colour, task=task, val_every=val_every)
     click.echo(summary)
 
 

@@ -19,7 +19,9 @@ a GradScaler for fp16) and `compile` apply to fine-tuning, and results.json reco
 Rank r seeds torch, numpy and `random` with seed + r (fine-tuning reseeds per epoch, so a
 resumed run repeats an uninterrupted one). Output: `DIR/results.json` (atomic),
 `DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols cache
-features in `DIR/features-{train,val}.pt`, fine-tune checkpoints every epoch to
+features in `DIR/features-{train,val}.pt` (or in the `features` folder, which kNN and the linear
+probes of one checkpoint may share: a file is used only if it was written for the same
+checkpoint, files and transform), fine-tune checkpoints every epoch to
 `DIR/checkpoint-latest.pth` (`--set resume=latest` continues).
 """
 
@@ -96,6 +98,8 @@ class EvalConfig:
     checkpoint: str = ""          # stage-2 checkpoint, official MAE checkpoint or timm ViT weights
     data: str = ""                # ImageFolder root with train/ and val/ class folders
     out: str = ""                 # output folder (results.json, config.yaml, run.log, caches)
+    features: str = ""            # folder of the frozen-feature cache features-{train,val}.pt ("" = out); protocols
+                                  # of one checkpoint may share it (each file is keyed by checkpoint, files, transform)
     epochs: int | None = None     # training epochs (None = protocol default: linear 90, finetune the recipe's)
     batch_size: int | None = None  # per-process (micro-)batch (None = linear 512, knn 256, finetune 64)
     global_batch: int | None = None  # images per optimiser step over all ranks (None = MAE's: linear 16384, finetune 1024)
@@ -172,7 +176,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
 # What a fine-tune resume may change: nothing that alters what it computes (precision and compile
 # alter rounding only); everything else must match the checkpoint's config.
-RESUME_MAY_CHANGE = ("epochs", "out", "resume", "device", "workers", "check", "precision", "compile")
+RESUME_MAY_CHANGE = ("epochs", "out", "features", "resume", "device", "workers", "check", "precision", "compile")
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -272,17 +276,18 @@ def _open_data(ctx: _Context, train_transform, val_transform) -> EvalData:
 
 
 def _frozen_features(ctx: _Context, encoder, split: str) -> Features:
-    """Features of one split through the frozen encoder, from DIR/features-SPLIT.pt when still valid."""
+    """Features of one split through the frozen encoder, from FEATURES/features-SPLIT.pt when still valid."""
     cfg = ctx.cfg
     key = {"checkpoint_sha256": ctx.checkpoint_sha256, "split": split, "image_size": ctx.image_size,
            "global_pool": bool(cfg.global_pool), "mean": list(cfg.mean), "std": list(cfg.std),
            "crop_pct": cfg.crop_pct, "timm_model": cfg.timm_model, "num_heads": cfg.num_heads,
            "files": ctx.data.fingerprint(split)}
     dataset = ctx.data.train if split == "train" else ctx.data.val
-    feats, hit = cached_features(ctx.out / f"features-{split}.pt", key, lambda: extract_features(
+    path = Path(cfg.features or ctx.out) / f"features-{split}.pt"
+    feats, hit = cached_features(path, key, lambda: extract_features(
         encoder, dataset, batch_size=ctx.batch_size, device=ctx.device, workers=cfg.workers, desc=split))
     if hit:
-        get_logger().info("%s features reused from %s", split, ctx.out / f"features-{split}.pt")
+        get_logger().info("%s features reused from %s", split, path)
     return feats
 
 

@@ -62,8 +62,10 @@ class StudyConfig:
     data: str = ""                     # pretraining + stage-1 caption shards ("" = generate)
     eval_data: str = ""                # labelled ImageFolder root with train/ and val/ ("" = generate, own seed)
     n_images: int = 8192               # generated pretraining images
-    eval_images: int = 16384           # generated labelled images (1 in 5 to val: 3277, the paired
-                                       # differences' sampling noise shrinks with it)
+    eval_images: int = 26216           # generated labelled images, 1 in `val_every` to val: 13108 val and
+                                       # 13108 probe-train (as many as 1 in 5 of 16384 gave)
+    val_every: int = 2                 # at 3277 val images the val sampling alone put +-1.0 point of noise on
+                                       # each seed's paired difference (STUDY.md, third version); 13108: +-0.5
     image_size: int = 64               # generated image side in pixels
     shard_size: int = 1024             # generated samples per tar shard
     # stage 1
@@ -82,6 +84,7 @@ class StudyConfig:
     batch_size: int = 128              # pretraining batch per process
     blr: float = 1.5e-3                # base lr (10x MAE's: a short run at a small batch)
     ratio: str = "0.75"                # mask ratio of every setting
+    compile: bool = True               # torch.compile every pretraining run (2-core CPU: 11.7 s/epoch, eager 14.0)
     pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
     # stage 3 (the same for every setting, the floor included)
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])
@@ -105,7 +108,7 @@ class StudyConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(seeds=1, settings=["random", "saliency-0.25", "inverse-0.25", "adaptive"],
                   n_images=512, eval_images=640, shard_size=256, clip_images=1024, clip_steps=20,
-                  epochs=2, batch_size=64, linear_epochs=4, eval_batch=128),
+                  epochs=2, batch_size=64, linear_epochs=4, eval_batch=128, compile=False),
     "cpu": {},
     "cpu-full": dict(settings=list(SWEEP)),
 }
@@ -148,6 +151,7 @@ def validate(cfg: StudyConfig) -> None:
         require(p in PROTOCOLS, "protocols", cfg.protocols, f"must be among {', '.join(PROTOCOLS)}")
     require(len(cfg.protocols) >= 1, "protocols", cfg.protocols, "must name at least one protocol")
     require(0 <= cfg.viz_seed < cfg.seeds, "viz_seed", cfg.viz_seed, "must be one of the study's seeds")
+    require(cfg.val_every >= 2, "val_every", cfg.val_every, "must be >= 2 (one labelled image in val_every to val)")
     if not cfg.data:
         require(cfg.n_images >= 8 and cfg.eval_images >= 40, "n_images/eval_images",
                 (cfg.n_images, cfg.eval_images), "must be >= 8 and >= 40 (every class in val)")
@@ -180,7 +184,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     if not cfg.eval_data:
         step("eval-data", lambda: write_shapes(out / "eval-data", n=cfg.eval_images, image_size=cfg.image_size,
                                                seed=2, shard_size=cfg.shard_size, imagefolder=True,
-                                               task="main-object"), main_only=True)
+                                               task="main-object", val_every=cfg.val_every), main_only=True)
     if not cfg.clip_pretrained:
         clip_shards = _pattern(out / "clip" / "data", cfg.clip_images, 512)
         step("clip-data", lambda: write_shapes(out / "clip" / "data", n=cfg.clip_images, image_size=cfg.image_size,
@@ -261,7 +265,7 @@ def pretrain_config(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed:
     return resolve_config(pretrain.PretrainConfig, None, items + list(cfg.pretrain_set),
                           data=paths["data"], out=run_dir, saliency=str(paths["store"]), mask=spec["mask"],
                           model=cfg.model, arch=asdict(cfg.arch), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          resume="latest", seed=seed, workers=cfg.workers, device=cfg.device)
+                          resume="latest", seed=seed, workers=cfg.workers, device=cfg.device, compile=cfg.compile)
 
 
 def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, run_dir: Path) -> dict:
@@ -286,7 +290,8 @@ def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, fo
 
 
 def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int):
-    """The stage-3 config of one probe: the same for every setting and the floor."""
+    """The stage-3 config of one probe: the same for every setting and the floor. The frozen-feature
+    probes of one checkpoint share RUN/features/ (kNN extracts, the linear probe reuses)."""
     from pipeline.config import resolve_config
     from stages import evaluate
 
@@ -301,6 +306,7 @@ def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str,
     return resolve_config(evaluate.EvalConfig, None, items, protocol=name,
                           checkpoint=str(run_dir / "checkpoint-latest.pth"), data=str(paths["eval"]),
                           out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
+                          features=str(run_dir / "features") if name != "finetune" else "",
                           epochs=cfg.linear_epochs if name == "linear" else None, batch_size=cfg.eval_batch,
                           workers=cfg.workers, seed=seed)
 

@@ -173,12 +173,13 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
              "## Hypothesis (written before the numbers)", "", HYPOTHESIS,
              "## Set-up", ""]
     data = cfg.data or (f"{cfg.n_images} generated `main-object` shapes at {cfg.image_size} px (seed 0); probes on a "
-                        f"separate labelled set of {cfg.eval_images} (seed 2, 1 in 5 to val)")
+                        f"separate labelled set of {cfg.eval_images} (seed 2, 1 in {cfg.val_every} to val)")
     arch = {k: v for k, v in cfg.arch.__dict__.items() if v is not None}
     lines += [f"- Data: {data}; {study['classes']} classes, chance {_fmt(study['chance'])}%.",
               f"- Stage 1: CLIP `{cfg.clip_model}` ({cfg.clip_pretrained or f'trained here, {cfg.clip_steps} steps on {cfg.clip_images} separate captions'}), CAM `{cfg.cam}`.",
               f"- Stage 2: MAE `{cfg.model}` {arch}, {cfg.epochs} epochs, batch {cfg.batch_size}, blr {cfg.blr}, "
-              f"ratio {cfg.ratio}{'; ' + ', '.join(cfg.pretrain_set) if cfg.pretrain_set else ''}.",
+              f"ratio {cfg.ratio}{', compiled' if cfg.compile else ''}"
+              f"{'; ' + ', '.join(cfg.pretrain_set) if cfg.pretrain_set else ''}.",
               f"- Stage 3: {', '.join(f'`{p}`' for p in cfg.protocols)}"
               f"{f' (linear: {cfg.linear_epochs} epochs, LARS blr {cfg.linear_blr}, global batch {cfg.linear_global_batch})' if any(p.startswith('linear') for p in cfg.protocols) else ''}"
               f"{'; ' + ', '.join(cfg.eval_set) if cfg.eval_set else ''}. `linear-noaug` = the linear probe on "

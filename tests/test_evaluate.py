@@ -138,6 +138,50 @@ def test_cached_linear_equals_uncached(colour_folder, mae_checkpoint, tmp_path):
     assert cached["counts"] == uncached["counts"]
 
 
+
+def test_knn_and_linear_share_a_feature_folder_only_for_the_same_checkpoint(colour_folder, mae_checkpoint,
+                                                                            tmp_path):
+    """`features=DIR`: the second protocol reads the first's features (no extraction: its results equal a run
+    with its own cache), and another checkpoint's features in the same folder are recomputed, not reused."""
+    import stages.evaluate as evaluate
+
+    sets = {"epochs": 4, "batch_size": 16, "global_batch": 16, "linear.blr": 1024, "linear.warmup_epochs": 1,
+            "linear.augment": False}
+    shared = tmp_path / "features"
+    knn = run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "knn", features=str(shared), batch_size=16))
+    assert sorted(p.name for p in shared.iterdir()) == ["features-train.pt", "features-val.pt"]
+    assert not list((tmp_path / "knn").glob("features-*.pt"))
+    written = {p.name: p.stat().st_mtime_ns for p in shared.iterdir()}
+    extractions = []
+    real_extract = evaluate.extract_features
+
+    def counting(*args, **kwargs):
+        extractions.append(kwargs.get("desc"))
+        return real_extract(*args, **kwargs)
+
+    evaluate.extract_features = counting
+    try:
+        lin = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "lin", features=str(shared), **sets))
+        assert extractions == []                                                    # both splits from the cache
+        assert {p.name: p.stat().st_mtime_ns for p in shared.iterdir()} == written
+        alone = run(_cfg("linear", mae_checkpoint, colour_folder, tmp_path / "alone", **sets))
+        assert sorted(extractions) == ["train", "val"]
+        assert (lin["top1"], lin["top5"], lin["counts"]) == (alone["top1"], alone["top5"], alone["counts"])
+        assert "features reused from " + str(shared) in (tmp_path / "lin" / "run.log").read_text()
+
+        other = tmp_path / "other.pth"                                             # other weights, same folder
+        blob = torch.load(mae_checkpoint, weights_only=True)
+        blob["model"] = {k: v + 0.5 if k == "patch_embed.proj.weight" else v for k, v in blob["model"].items()}
+        torch.save(blob, other)
+        extractions.clear()
+        again = run(_cfg("knn", other, colour_folder, tmp_path / "knn-other", features=str(shared), batch_size=16))
+        assert sorted(extractions) == ["train", "val"]                             # key mismatch: recomputed
+        assert torch.load(shared / "features-val.pt", weights_only=True)["key"]["checkpoint_sha256"] == \
+            sha256_file(other) != knn["checkpoint_sha256"]
+        assert again["checkpoint_sha256"] == sha256_file(other)
+    finally:
+        evaluate.extract_features = real_extract
+
 def test_finetune_separable_and_resumes(colour_folder, mae_checkpoint, tmp_path):
     sets = {"batch_size": 16, "global_batch": 16, "finetune.blr": 5e-3, "finetune.warmup_epochs": 1,
             "finetune.drop_path": 0.0, "finetune.re_prob": 0.0}

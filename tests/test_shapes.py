@@ -130,3 +130,25 @@ def test_main_object_task_one_large_labelled_object_among_small_clutter(tmp_path
     CliRunner().invoke(cli, ["shapes", str(again), "--n", "32", "--image-size", "64", "--shard-size", "16",
                              "--task", "main-object"])
     assert (again / "00001.tar").read_bytes() == (tmp_path / "00001.tar").read_bytes()   # deterministic
+
+
+def test_val_every_sets_the_split_and_nothing_else(tmp_path):
+    from pipeline.errors import SalmaeError
+
+    write_shapes(tmp_path / "five", n=160, image_size=32, seed=2, shard_size=160, imagefolder=True, task="main-object")
+    write_shapes(tmp_path / "two", n=160, image_size=32, seed=2, shard_size=160, imagefolder=True, task="main-object",
+                 val_every=2)
+    for every in ("five", "two"):
+        val = collections.Counter(p.parent.name for p in (tmp_path / every / "imagefolder" / "val").rglob("*.jpg"))
+        train = collections.Counter(p.parent.name for p in (tmp_path / every / "imagefolder" / "train").rglob("*.jpg"))
+        per_class = 160 // len(SHAPES)
+        want = per_class // 5 if every == "five" else per_class // 2
+        assert set(val) == set(SHAPES) and set(val.values()) == {want}, (every, val)     # balanced val per class
+        assert set(train.values()) == {per_class - want}
+    five = {s.key: s for s in iter_samples(str(tmp_path / "five" / "00000.tar"))}
+    two = {s.key: s for s in iter_samples(str(tmp_path / "two" / "00000.tar"))}
+    assert five.keys() == two.keys() and all(five[k].image_bytes == two[k].image_bytes for k in five)   # same images
+    moved = [k for k in five if five[k].meta["split"] != two[k].meta["split"]]
+    assert 0 < len(moved) < 160 and all({**five[k].meta, "split": 0} == {**two[k].meta, "split": 0} for k in five)
+    with pytest.raises(SalmaeError, match="val-every >= 2"):
+        write_shapes(tmp_path / "one", n=8, image_size=32, val_every=1)

@@ -30,7 +30,7 @@ def test_settings_parse_into_masks_and_caps():
 @pytest.mark.parametrize("change, match", [
     (dict(seeds=0), "seeds"), (dict(settings=["random", "random"]), "settings"),
     (dict(protocols=["probe"]), "protocols"), (dict(seeds=2, viz_seed=2), "viz_seed"),
-    (dict(data="x/{0..1}.tar"), "clip_pretrained"),
+    (dict(data="x/{0..1}.tar"), "clip_pretrained"), (dict(val_every=1), "val_every"),
 ])
 def test_validate_refuses_in_one_line(change, match):
     with pytest.raises(SalmaeError, match=match):
@@ -66,6 +66,9 @@ def test_settings_differ_only_in_their_masks_and_seeds_only_in_the_seed(tmp_path
     assert inv["masking"]["inverse"] is True and inv["masking"]["cap"] == 0.25
     s0, s1 = _configs(cfg, "random", "random", 0, 1, tmp_path=tmp_path)
     assert {k for k in s0 if s0[k] != s1[k]} == {"out", "seed"}
+    assert a["compile"] is True and b["compile"] is True                           # the cpu preset compiles
+    smoke = resolve_config(study.StudyConfig, None, [], base=study.preset_values("smoke"))
+    assert _configs(smoke, "random", "random", tmp_path=tmp_path)[0]["compile"] is False
 
 
 def test_probes_are_the_same_for_every_setting_and_the_floor(tmp_path):
@@ -73,7 +76,10 @@ def test_probes_are_the_same_for_every_setting_and_the_floor(tmp_path):
     paths = study._paths(cfg, tmp_path)
     run = config_to_dict(study.eval_config(cfg, "linear-noaug", tmp_path / "runs" / "random-s0", paths, 0))
     floor = config_to_dict(study.eval_config(cfg, "linear-noaug", tmp_path / "floor" / "s0", paths, 0))
-    assert {k for k in run if run[k] != floor[k]} == {"checkpoint", "out"}
+    assert {k for k in run if run[k] != floor[k]} == {"checkpoint", "out", "features"}
+    assert run["features"] == str(tmp_path / "runs" / "random-s0" / "features")   # one cache per checkpoint,
+    assert config_to_dict(study.eval_config(cfg, "knn", tmp_path / "runs" / "random-s0", paths, 0))["features"] \
+        == run["features"]                                                          # shared by its probes
     assert run["linear"]["augment"] is False and run["global_pool"] is True and run["global_batch"] == 256
     assert run["epochs"] == 30 and run["crop_pct"] == 1.0 and run["data"].endswith("eval-data/imagefolder")
     knn = config_to_dict(study.eval_config(cfg, "knn", tmp_path / "r", paths, 3))
@@ -173,6 +179,10 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
     assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "adaptive"]
     assert masks["inverse-0.25"]["masking"]["inverse"] is True and masks["saliency-0.25"]["masking"]["cap"] == 0.25
+    for folder in (out / "runs" / "random-s0", out / "floor" / "s0"):             # both probes, one extraction
+        assert sorted(p.name for p in (folder / "features").iterdir()) == ["features-train.pt", "features-val.pt"]
+        assert not list(folder.glob("eval-*/features-*.pt"))
+        assert "features reused from" in (folder / "eval-linear-noaug" / "run.log").read_text()
 
     # a killed study: one probe and the report lost; the rerun redoes that probe only
     markers = {p.name: p.stat().st_mtime_ns for p in (out / ".done").iterdir()}
@@ -208,7 +218,7 @@ def test_a_rerun_may_add_seeds_and_settings_but_not_change_the_finished_steps(tm
     with pytest.raises(SalmaeError) as refused:
         record_config(tmp_path, changed, study.RESUME_MAY_CHANGE, "the study")
     assert str(refused.value).count("->") == 3 and "blr: 0.001 -> 0.0015" in str(refused.value)
-    assert "epochs: 30 -> 25" in str(refused.value) and "eval_images: 16384 -> 99" in str(refused.value)
+    assert "epochs: 30 -> 25" in str(refused.value) and "eval_images: 26216 -> 99" in str(refused.value)
     assert "\n" not in str(refused.value) and saved()["epochs"] == 30                 # config.yaml untouched
     more = study.StudyConfig(out=tmp_path, seeds=6, epochs=30, blr=1e-3, settings=["random", "block", "grid"],
                              preset="cpu-full", workers=2)

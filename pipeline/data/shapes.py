@@ -63,7 +63,7 @@ TEMPLATES: tuple[str, ...] = (
     "the {shape} is {colour}",
 )
 JPEG_QUALITY = 95  # img2dataset's default encode_quality
-VAL_EVERY = 5  # one image in VAL_EVERY of each shape class goes to the ImageFolder val split
+VAL_EVERY = 5  # default: one image in VAL_EVERY of each shape class goes to the ImageFolder val split
 _TAR_MTIME = 0  # fixed tar header fields, so that the same seed gives identical bytes
 
 PARQUET_SCHEMA = pa.schema([
@@ -78,7 +78,8 @@ TASKS = ("named", "main-object")
 
 
 def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int = 0, shard_size: int = 256,
-                 imagefolder: bool = False, same_colour_frac: float = 0.0, task: str = "named") -> str:
+                 imagefolder: bool = False, same_colour_frac: float = 0.0, task: str = "named",
+                 val_every: int = VAL_EVERY) -> str:
     """Write `n` captioned shape images into `out` in img2dataset's webdataset layout.
 
     Args:
@@ -88,18 +89,19 @@ def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int
         seed: same seed -> identical files.
         shard_size: samples per `NNNNN.tar` shard.
         imagefolder: also write `out/imagefolder/{train,val}/<shape>/KEY.jpg`, split by the
-            named object's shape (one in `VAL_EVERY` images of each class goes to val).
+            named object's shape (one in `val_every` images of each class goes to val).
         same_colour_frac: probability that the distractor shares the named object's colour.
         task: "named" (a named object and a distractor) or "main-object" (see the module doc).
+        val_every: one image in this many of each class is marked `split: val` (>= 2).
 
     Returns a one-paragraph summary. A shard whose `_stats.json` records the same parameters
     is skipped, so an interrupted run resumes.
     """
     if task not in TASKS:
         raise SalmaeError(f"unknown shapes task {task!r}; use one of {', '.join(TASKS)}")
-    if n < 1 or shard_size < 1 or image_size < 16:
-        raise SalmaeError(f"shapes needs --n >= 1, --shard-size >= 1 and --image-size >= 16 "
-                          f"(got n={n}, shard_size={shard_size}, image_size={image_size})")
+    if n < 1 or shard_size < 1 or image_size < 16 or val_every < 2:
+        raise SalmaeError(f"shapes needs --n >= 1, --shard-size >= 1, --image-size >= 16 and --val-every >= 2 "
+                          f"(got n={n}, shard_size={shard_size}, image_size={image_size}, val_every={val_every})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / shard_size)
@@ -109,6 +111,8 @@ def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int
               "imagefolder": imagefolder, "same_colour_frac": same_colour_frac}
     if task != "named":   # older stats files (no task) still match the default task
         params["task"] = task
+    if val_every != VAL_EVERY:   # and those without val_every the default split
+        params["val_every"] = val_every
     make = _make_sample if task == "named" else _make_main_object_sample
     written = 0
     for shard in range(n_shards):
@@ -119,6 +123,8 @@ def write_shapes(out: str | Path, n: int = 1024, image_size: int = 64, seed: int
         indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
         keys = [f"{shard:0{shard_digits}d}{i - shard * shard_size:0{index_digits}d}" for i in indices]
         samples = [make(seed, i, key, image_size, same_colour_frac) for i, key in zip(indices, keys)]
+        for i, sample in zip(indices, samples):
+            sample["meta"]["split"] = split_of(i, sample["meta"]["label"], val_every)
         _write_tar(out / f"{name}.tar", samples)
         _write_parquet(out / f"{name}.parquet", samples)
         if imagefolder:
@@ -186,19 +192,26 @@ def _make_main_object_sample(seed: int, index: int, key: str, size: int, same_co
 
 def _encode(seed: int, index: int, key: str, size: int, image: Image.Image, caption: str, bbox: list[int],
             label: int, colour: str) -> dict:
-    """JPEG bytes and img2dataset's metadata (plus bbox, label, shape, colour, split) of one image."""
+    """JPEG bytes and img2dataset's metadata (plus bbox, label, shape, colour) of one image."""
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=JPEG_QUALITY)
     jpg = buf.getvalue()
-    block = index // len(SHAPES)
     meta = {
         "url": f"salmae-shapes://seed{seed}/{index}.jpg", "caption": caption, "key": key, "status": "success",
         "error_message": None, "width": size, "height": size, "original_width": size, "original_height": size,
         "exif": "{}", "sha256": hashlib.sha256(jpg).hexdigest(), "bbox": bbox, "label": label,
         "shape": SHAPES[label], "colour": colour,
-        "split": "val" if (block + label) % VAL_EVERY == VAL_EVERY - 1 else "train",
     }
     return {"key": key, "jpg": jpg, "caption": caption, "meta": meta}
+
+
+def split_of(index: int, label: int, val_every: int = VAL_EVERY) -> str:
+    """'val' for one image in `val_every` of each class, else 'train'.
+
+    Labels come in blocks of len(SHAPES) images holding each shape once, so stepping the block
+    spreads every class's val images evenly over the data."""
+    block = index // len(SHAPES)
+    return "val" if (block + label) % val_every == val_every - 1 else "train"
 
 
 def _balanced_label(seed: int, index: int) -> int:
