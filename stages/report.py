@@ -59,7 +59,7 @@ STRATEGY_KEY, STRATEGY_SECTION = "mask", "masking."
 # Pretraining keys that never change what was learned (where and how a run was executed).
 IGNORED = {"out", "resume", "device", "workers", "log_every", "viz_samples", "save_every", "check_syncs"}
 # Eval config keys that never change a result.
-EVAL_IGNORED = {"checkpoint", "out", "device", "workers", "resume", "check"}
+EVAL_IGNORED = {"checkpoint", "out", "features", "device", "workers", "resume", "check"}
 # results.json fields that define an eval's setting as run (resolved values win over the config's).
 EVAL_RESOLVED = ("protocol", "epochs", "precision", "compile", "lr", "pretrain_epoch")
 STALE_MARK = "†"

@@ -84,7 +84,7 @@ class StudyConfig:
     batch_size: int = 128              # pretraining batch per process
     blr: float = 1.5e-3                # base lr (10x MAE's: a short run at a small batch)
     ratio: str = "0.75"                # mask ratio of every setting
-    compile: bool = True               # torch.compile every pretraining run (2-core CPU: 11.7 s/epoch, eager 14.0)
+    compile: bool = True               # torch.compile every pretraining run (2-core CPU study: ~13 s/epoch, eager 14.7)
     pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
     # stage 3 (the same for every setting, the floor included)
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])

@@ -57,7 +57,8 @@ def write_eval(run: Path, protocol: str, top1: float, *, folder: str | None = No
     out = run / (folder or f"eval-{protocol}")
     out.mkdir()
     cfg = {"protocol": protocol.removesuffix("-noaug"), "checkpoint": str(run / "checkpoint-latest.pth"),
-           "epochs": eval_epochs, "out": str(out), "workers": 4, "seed": seed, "precision": "auto",
+           "epochs": eval_epochs, "out": str(out), "features": str(run / "features"), "workers": 4, "seed": seed,
+           "precision": "auto",
            "linear": {"augment": not protocol.endswith("-noaug")}}
     (out / "results.json").write_text(json.dumps(
         {"protocol": protocol, "top1": top1, "top5": 100.0, "epochs": eval_epochs, "config": cfg,
@@ -161,7 +162,7 @@ def test_precision_compile_and_epochs_split_rows(tmp_path, differ):
 
 
 def test_execution_details_do_not_split_rows(tmp_path):
-    # seeds, log_every (20 + seed), workers and eval out folders differ: still one row of n=2
+    # seeds, log_every (20 + seed), workers, eval out and feature folders differ: still one row of n=2
     runs = [make_run(tmp_path, f"s{s}", mask="random", seed=s, losses=[0.5], top1={"knn": 50.0 + s}, saliency=None)
             for s in (0, 1)]
     rows = _table(_report(tmp_path, runs), "knn")
