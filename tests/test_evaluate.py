@@ -182,6 +182,37 @@ def test_knn_and_linear_share_a_feature_folder_only_for_the_same_checkpoint(colo
     finally:
         evaluate.extract_features = real_extract
 
+def test_pooled_and_class_token_features_are_maes_definitions(colour_folder, mae_checkpoint, tmp_path):
+    """`global_pool`: LayerNorm (fresh: weight 1, bias 0) of the mean of the patch tokens before the final
+    norm, as MAE's `forward_features(global_pool=True)`; otherwise the final norm's class token. Checked
+    against a plain timm ViT fed the val images in ImageFolder order (crop_pct 1: no resize at 32 px)."""
+    from torchvision.datasets.folder import default_loader
+    from torchvision.transforms.functional import normalize, to_tensor
+
+    from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
+    files = [f for c in sorted(COLOURS) for f in sorted((colour_folder / "val" / c).iterdir())]
+    x = torch.stack([normalize(to_tensor(default_loader(str(f))), IMAGENET_MEAN, IMAGENET_STD) for f in files])
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=1, mlp_ratio=2.0,
+                            num_classes=0).eval()
+    vit.load_state_dict({k: v for k, v in torch.load(mae_checkpoint, weights_only=True)["model"].items()
+                         if not k.startswith(("mask_token", "decoder"))})
+    with torch.no_grad():
+        cls_token = vit.forward_features(x)[:, 0]                                  # [N, 32] after the norm
+        vit.norm = torch.nn.Identity()
+        pooled = torch.nn.functional.layer_norm(vit.forward_features(x)[:, 1:].mean(1), (32,), eps=1e-6)
+    feats = {}
+    for pool in (False, True):
+        out = tmp_path / f"pool-{pool}"
+        run(_cfg("knn", mae_checkpoint, colour_folder, out, batch_size=16, crop_pct=1.0, global_pool=pool))
+        blob = torch.load(out / "features-val.pt", weights_only=True)
+        assert blob["key"]["global_pool"] is pool
+        feats[pool] = blob["feats"]
+    torch.testing.assert_close(feats[False], cls_token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats[True], pooled, rtol=1e-5, atol=1e-5)
+    assert (feats[True] - feats[False]).abs().max() > 0.1                             # the two really differ
+
+
 def test_finetune_separable_and_resumes(colour_folder, mae_checkpoint, tmp_path):
     sets = {"batch_size": 16, "global_batch": 16, "finetune.blr": 5e-3, "finetune.warmup_epochs": 1,
             "finetune.drop_path": 0.0, "finetune.re_prob": 0.0}
