@@ -54,8 +54,8 @@ class StudyConfig:
 
     out: Path = Path("runs/study")     # study folder; everything the study writes lives here
     preset: str = "cpu"                # the preset these values started from (recorded; `custom` for a --config)
-    seeds: int = 4                     # seeds 0..seeds-1 for every setting (paired by seed; 5 seeds gave
-                                       # paired half widths of 0.7 and 1.0 at 25 epochs: one traded for epochs)
+    seeds: int = 4                     # seeds 0..seeds-1 for every setting (paired by seed); 4 fit the
+                                       # 120-min budget (105 min), 5 pass every check in 128 (STUDY.md)
     settings: list[str] = field(default_factory=lambda: ["random", "saliency-0.25", "saliency-0.75"])
                                        # random | block | grid | adaptive | saliency-CAP | inverse-CAP
     # data: generated main-object shapes unless the user's are named
@@ -84,7 +84,8 @@ class StudyConfig:
     batch_size: int = 128              # pretraining batch per process
     blr: float = 1.5e-3                # base lr (10x MAE's: a short run at a small batch)
     ratio: str = "0.75"                # mask ratio of every setting
-    compile: bool = True               # torch.compile every pretraining run (2-core CPU study: ~13 s/epoch, eager 14.7)
+    compile: bool = True               # torch.compile every pretraining run (2-core CPU study: median
+                                       # 12.4 s/epoch, eager 13.9)
     pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
     # stage 3 (the same for every setting, the floor included)
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])
