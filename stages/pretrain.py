@@ -91,7 +91,7 @@ class PretrainConfig:
     model: Literal["tiny", "small", "base", "large", "huge"] = "tiny"  # MAE preset
     epochs: int = 10                       # total epochs
     batch_size: int = 64                   # images per process per iteration
-    resume: str | None = None              # 'latest' or a checkpoint path
+    resume: str | None = None              # 'latest' or a checkpoint path (None or "": start fresh)
     device: str = "auto"                   # auto | cpu | cuda
     seed: int = 0                          # model init, data order, augmentation and masks
     workers: int | None = None             # DataLoader workers per process (None: from the CPUs per process, <= 10)
@@ -290,7 +290,7 @@ def _settle_run_folder(out: Path, state: dict | None) -> None:
 # --------------------------------------------------------------------------- wiring helpers
 def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
     latest = out / "checkpoint-latest.pth"
-    if cfg.resume is None:
+    if not cfg.resume:   # None, or "" from `--set resume=` / a YAML `resume: ""`: a fresh run
         if latest.exists():
             raise SalmaeError(f"run folder {out} already holds checkpoints; pass --resume latest to continue "
                               "or choose a new --out")

@@ -91,9 +91,11 @@ def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
     # rows 3 and 40 have failed saliency: trained with random masks and counted, once per epoch
     # (64 rows / batch 8: every row is seen in each of the 2 epochs)
     assert [r["fallback"] for r in records if r["kind"] == "epoch"] == [2, 2]
-    # the second run in the same folder without --resume refuses to overwrite
-    with pytest.raises(SalmaeError, match="resume"):
-        run(_cfg(out, shapes_pattern, saliency=str(store_path), mask="saliency", epochs=2, batch_size=8))
+    # the second run in the same folder without --resume refuses to overwrite; an empty resume is none
+    for resume in (None, ""):
+        with pytest.raises(SalmaeError, match="already holds checkpoints; pass --resume latest"):
+            run(_cfg(out, shapes_pattern, saliency=str(store_path), mask="saliency", epochs=2, batch_size=8,
+                     resume=resume))
 
 
 @pytest.mark.parametrize("mask", ["random", "adaptive"])
