@@ -266,7 +266,7 @@ def demo(config_path, overrides, out, seeds) -> None:
 @cli.command()
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "cpu-full"]), default=None,
               help="Budget: smoke (minutes, every code path), cpu (< 2 h on 2 cores: random vs cap 0.25 and 0.75, "
-                   "4 seeds x 35 epochs), cpu-full (the whole cap sweep, as many seeds and epochs). "
+                   "5 seeds x 35 epochs), cpu-full (the whole cap sweep, as many seeds and epochs). "
                    "Default cpu; a --config is layered over it.")
 @click.option("--out", default=None, help="Study folder (resumable) [default: runs/study/PRESET].")
 @click.option("--seeds", type=int, default=None, help="Seeds 0..K-1 for every setting (default: the preset's).")

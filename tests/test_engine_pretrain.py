@@ -24,6 +24,7 @@ import torch
 from pipeline import masking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.device import autocast, default_workers, grad_scaler, resolve_precision
+from pipeline.errors import SalmaeError
 from pipeline.logging import read_metrics
 from pipeline.mask_plan import MaskPlan, batch_masks
 from pipeline.models.mae import build_mae
@@ -365,6 +366,35 @@ def test_images_over_the_pixel_limit_are_skipped_not_decoded(shapes_pattern):
     kept = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1024)
     over = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1023)
     assert (len(kept), kept.n_skipped) == (64, 0) and (len(over), over.n_skipped) == (0, 64)
+
+
+def test_cached_images_train_exactly_as_images_read_from_the_tars(tmp_path, shapes_pattern, store_path):
+    # the cache is built before the workers fork; two workers read it and the weights match bit for bit
+    a = _run(tmp_path / "tars", shapes_pattern, store_path, epochs=2, workers=0)
+    b = _run(tmp_path / "cache", shapes_pattern, store_path, epochs=2, workers=2, cache_images=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert "64 samples (decoded in memory: 0.2 MiB)" in (tmp_path / "cache" / "run.log").read_text()
+    assert "64 samples, " in (tmp_path / "tars" / "run.log").read_text()
+
+
+def test_image_cache_is_refused_above_half_the_memory_and_in_stream_mode(tmp_path, shapes_pattern, monkeypatch):
+    from pipeline.data import pretrain_data
+    from pipeline.data.shards import expand_shards
+    from pipeline.manifest import build_manifest
+
+    manifest = build_manifest(shapes_pattern)               # 64 images of 32 x 32 x 3 = 196608 bytes
+    monkeypatch.setattr(pretrain_data, "physical_memory_bytes", lambda: 2 * 196608)
+    cached = pretrain_data.IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4),
+                                                  cache_images=True)
+    assert cached.cache.nbytes == 196608 and cached[5]["image"].shape == (3, 32, 32)
+    monkeypatch.setattr(pretrain_data, "physical_memory_bytes", lambda: 2 * 196608 - 2)
+    with pytest.raises(SalmaeError, match=r"cache_images needs 0.0 GiB .* of 64 images, more than half .*"
+                                          r"pass --set cache_images=false"):
+        pretrain_data.IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), cache_images=True)
+    with pytest.raises(SalmaeError, match="cache_images.*only with data_mode indexed"):
+        _run(tmp_path / "stream", shapes_pattern, tmp_path / "none.zarr", data_mode="stream", cache_images=True)
+    assert not (tmp_path / "stream").exists()
 
 
 def test_tensorboard_curves_mirror_metrics_jsonl(tmp_path, shapes_pattern, store_path):

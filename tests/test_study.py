@@ -67,6 +67,9 @@ def test_settings_differ_only_in_their_masks_and_seeds_only_in_the_seed(tmp_path
     s0, s1 = _configs(cfg, "random", "random", 0, 1, tmp_path=tmp_path)
     assert {k for k in s0 if s0[k] != s1[k]} == {"out", "seed"}
     assert a["compile"] is True and b["compile"] is True                           # the cpu preset compiles
+    assert a["cache_images"] is True and cfg.seeds == 5                            # and decodes its images once
+    nocache = study.StudyConfig(out=tmp_path, cache_images=False)
+    assert _configs(nocache, "random", "random", tmp_path=tmp_path)[0]["cache_images"] is False
     smoke = resolve_config(study.StudyConfig, None, [], base=study.preset_values("smoke"))
     assert _configs(smoke, "random", "random", tmp_path=tmp_path)[0]["compile"] is False
 

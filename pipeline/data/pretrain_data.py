@@ -11,6 +11,8 @@ Two modes:
 Saliency is looked up **by key** (manifest key -> store row), loaded into memory once
 (`SaliencyTable`). Each sample's augmentation is drawn from a generator seeded by
 (seed, epoch, manifest row), so it does not depend on which worker or rank loads it.
+A small indexed set can be decoded once into memory (`cache_images`: one flat uint8 array that
+forked workers share); its items equal the uncached ones bit for bit.
 An item is ``{"image": [3, S, S], "saliency": [L], "saliency_ok": bool, "row": int}``;
 samples whose store status is not ok carry zeros and ``saliency_ok=False`` (the training loop
 falls back to random masks for them and counts them), or are skipped (``skip_missing``).
@@ -18,6 +20,7 @@ falls back to random masks for them and counts them), or are skipped (``skip_mis
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -141,12 +144,13 @@ def sample_seed(seed: int, epoch: int, row: int) -> int:
 
 def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple[int, int],
               saliency: SaliencyTable | None, augment: bool = True) -> dict:
-    """Augment one PIL image (and its map) with the crop/flip drawn for (seed, epoch, row).
+    """Augment one image (PIL, or uint8 [3, H, W] as `TF.to_image` makes it) and its map with the
+    crop/flip drawn for (seed, epoch, row).
 
     The image stays uint8 (`image` [3, S, S]); the training process normalises it on its device.
     """
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, row))
-    w, h = image.size
+    h, w = image.shape[-2:] if isinstance(image, torch.Tensor) else image.size[::-1]
     if augment:
         box = sample_crop_box(w, h, g)
         flip = bool(torch.rand(1, generator=g) < 0.5)
@@ -196,6 +200,55 @@ def _usable_rows(manifest, saliency: SaliencyTable | None, skip_missing: bool,
     return rows, int(manifest.status.equals("ok").sum()) - len(rows)
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class DecodedImages:
+    """Every listed row's image decoded once: one flat uint8 buffer of HWC pixels, with offsets and
+    shapes (numpy arrays, so forked workers share their pages instead of copying them).
+
+    `image(row)` is the uint8 [3, H, W] view `TF.to_image` makes of the PIL image (the same
+    permuted HWC memory), so crops from it equal crops from a fresh decode bit for bit.
+    Refused (one line) where the pixels would take more than half of this machine's memory.
+    """
+
+    def __init__(self, rows: np.ndarray, widths: np.ndarray, heights: np.ndarray, read, keys: list[str]):
+        sizes = heights.astype(np.int64) * widths.astype(np.int64) * 3
+        need, ram = int(sizes.sum()), physical_memory_bytes()
+        if ram is not None and need > ram // 2:
+            raise SalmaeError(f"cache_images needs {need / 2**30:.1f} GiB for the decoded pixels of {len(rows)} "
+                              f"images, more than half of this machine's {ram / 2**30:.1f} GiB; "
+                              "pass --set cache_images=false")
+        self.slot = {int(r): i for i, r in enumerate(rows)}
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.shapes = np.stack([heights, widths], axis=1).astype(np.int64)
+        self.pixels = np.empty(need, dtype=np.uint8)
+        for i, row in enumerate(rows):
+            pixels = np.asarray(read(int(row)), dtype=np.uint8)       # [H, W, 3] (RGB from decode_image)
+            h, w = pixels.shape[:2]
+            if (h, w) != tuple(self.shapes[i]):
+                raise SalmaeError(f"image {keys[i]} decodes to {w}x{h} but the manifest says "
+                                  f"{self.shapes[i][1]}x{self.shapes[i][0]}; rebuild the manifest "
+                                  "(`salmae manifest build`) or pass --set cache_images=false")
+            self.pixels[self.offsets[i]:self.offsets[i + 1]] = pixels.reshape(-1)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixels.nbytes)
+
+    def image(self, row: int) -> torch.Tensor:
+        """uint8 [3, H, W] (a view of the cache)."""
+        i = self.slot[row]
+        h, w = (int(v) for v in self.shapes[i])
+        flat = torch.from_numpy(self.pixels[self.offsets[i]:self.offsets[i + 1]])
+        return flat.view(h, w, 3).permute(2, 0, 1)
+
+
 class IndexedPretrainDataset(Dataset):
     """Map-style dataset over the manifest rows with status ok (random access into local tars).
 
@@ -207,7 +260,7 @@ class IndexedPretrainDataset(Dataset):
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
-                 augment: bool = True, max_pixels: int | None = None):
+                 augment: bool = True, max_pixels: int | None = None, cache_images: bool = False):
         by_name = {shard_name(u): u for u in shard_urls}
         encoded = manifest.table.column("shard").combine_chunks().dictionary_encode()
         names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
@@ -224,6 +277,11 @@ class IndexedPretrainDataset(Dataset):
         self.keys = manifest.keys.to_bytes()                           # bytes: for error messages only
         self.img_size, self.grid, self.saliency = img_size, grid, saliency
         self.seed, self.epoch, self.augment = seed, 0, augment
+        self.cache = None
+        if cache_images:
+            width, height = (np.asarray(manifest.column(c), dtype=np.int64)[self.rows] for c in ("width", "height"))
+            self.cache = DecodedImages(self.rows, width, height, self._decode,
+                                       [self.keys[r].decode() for r in self.rows])
 
     def collate(self, items: list[dict]) -> dict:
         """DataLoader collate_fn for this dataset's items (see module-level `collate`)."""
@@ -235,11 +293,15 @@ class IndexedPretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _decode(self, row: int):
+        """Manifest row -> RGB PIL image, read from its tar."""
+        data = read_member(self.urls[self.shard_of[row]], int(self.offsets[row]), int(self.nbytes[row]))
+        return decode_image(data, key=self.keys[row].decode())
+
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         index, step = index if isinstance(index, tuple) else (index, None)
         row = int(self.rows[index])
-        data = read_member(self.urls[self.shard_of[row]], int(self.offsets[row]), int(self.nbytes[row]))
-        image = decode_image(data, key=self.keys[row].decode())
+        image = self.cache.image(row) if self.cache is not None else self._decode(row)
         item = make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency, self.augment)
         if step is not None:
             item["step"] = step
