@@ -392,6 +392,11 @@ def test_image_cache_is_refused_above_half_the_memory_and_in_stream_mode(tmp_pat
     with pytest.raises(SalmaeError, match=r"cache_images needs 0.0 GiB .* of 64 images, more than half .*"
                                           r"pass --set cache_images=false"):
         pretrain_data.IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), cache_images=True)
+    monkeypatch.setattr(pretrain_data, "physical_memory_bytes", lambda: None)   # an OS that does not say
+    widths = np.full(64, 32)
+    widths[7] = 33                                          # a manifest that no longer describes its tars
+    with pytest.raises(SalmaeError, match=r"image k7 decodes to 32x32 but the manifest says 33x32; rebuild"):
+        pretrain_data.DecodedImages(cached.rows, widths, np.full(64, 32), cached._decode, lambda r: f"k{r}")
     with pytest.raises(SalmaeError, match="cache_images.*only with data_mode indexed"):
         _run(tmp_path / "stream", shapes_pattern, tmp_path / "none.zarr", data_mode="stream", cache_images=True)
     assert not (tmp_path / "stream").exists()

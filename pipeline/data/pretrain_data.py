@@ -24,7 +24,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -217,23 +217,27 @@ class DecodedImages:
     Refused (one line) where the pixels would take more than half of this machine's memory.
     """
 
-    def __init__(self, rows: np.ndarray, widths: np.ndarray, heights: np.ndarray, read, keys: list[str]):
+    def __init__(self, rows: np.ndarray, widths: np.ndarray, heights: np.ndarray, read: Callable[[int], Any],
+                 key_of: Callable[[int], str], show_progress: bool = True):
+        from tqdm import tqdm
+
         sizes = heights.astype(np.int64) * widths.astype(np.int64) * 3
         need, ram = int(sizes.sum()), physical_memory_bytes()
         if ram is not None and need > ram // 2:
             raise SalmaeError(f"cache_images needs {need / 2**30:.1f} GiB for the decoded pixels of {len(rows)} "
                               f"images, more than half of this machine's {ram / 2**30:.1f} GiB; "
                               "pass --set cache_images=false")
-        self.slot = {int(r): i for i, r in enumerate(rows)}
+        self.slot = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)  # row -> position
+        self.slot[rows] = np.arange(len(rows))
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.shapes = np.stack([heights, widths], axis=1).astype(np.int64)
         self.pixels = np.empty(need, dtype=np.uint8)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(tqdm(rows, desc="decoding into memory", unit="img", leave=False,
+                                     disable=not show_progress or len(rows) < 1000)):
             pixels = np.asarray(read(int(row)), dtype=np.uint8)       # [H, W, 3] (RGB from decode_image)
-            h, w = pixels.shape[:2]
-            if (h, w) != tuple(self.shapes[i]):
-                raise SalmaeError(f"image {keys[i]} decodes to {w}x{h} but the manifest says "
-                                  f"{self.shapes[i][1]}x{self.shapes[i][0]}; rebuild the manifest "
+            if pixels.shape != (*self.shapes[i], 3):
+                raise SalmaeError(f"image {key_of(int(row))} decodes to {pixels.shape[1]}x{pixels.shape[0]} but "
+                                  f"the manifest says {self.shapes[i][1]}x{self.shapes[i][0]}; rebuild the manifest "
                                   "(`salmae manifest build`) or pass --set cache_images=false")
             self.pixels[self.offsets[i]:self.offsets[i + 1]] = pixels.reshape(-1)
 
@@ -280,8 +284,7 @@ class IndexedPretrainDataset(Dataset):
         self.cache = None
         if cache_images:
             width, height = (np.asarray(manifest.column(c), dtype=np.int64)[self.rows] for c in ("width", "height"))
-            self.cache = DecodedImages(self.rows, width, height, self._decode,
-                                       [self.keys[r].decode() for r in self.rows])
+            self.cache = DecodedImages(self.rows, width, height, self._decode, lambda r: self.keys[r].decode())
 
     def collate(self, items: list[dict]) -> dict:
         """DataLoader collate_fn for this dataset's items (see module-level `collate`)."""
