@@ -57,7 +57,8 @@ STRATEGY_PARAMS = {
 USES_SALIENCY = ("saliency", "adaptive")
 STRATEGY_KEY, STRATEGY_SECTION = "mask", "masking."
 # Pretraining keys that never change what was learned (where and how a run was executed).
-IGNORED = {"out", "resume", "device", "workers", "log_every", "viz_samples", "save_every", "check_syncs"}
+IGNORED = {"out", "resume", "device", "workers", "log_every", "viz_samples", "save_every", "check_syncs",
+           "cache_images"}
 # Eval config keys that never change a result.
 EVAL_IGNORED = {"checkpoint", "out", "features", "device", "workers", "resume", "check"}
 # results.json fields that define an eval's setting as run (resolved values win over the config's).

@@ -182,6 +182,7 @@ def test_knn_and_linear_share_a_feature_folder_only_for_the_same_checkpoint(colo
     finally:
         evaluate.extract_features = real_extract
 
+
 def test_pooled_and_class_token_features_are_maes_definitions(colour_folder, mae_checkpoint, tmp_path):
     """`global_pool`: LayerNorm (fresh: weight 1, bias 0) of the mean of the patch tokens before the final
     norm, as MAE's `forward_features(global_pool=True)`; otherwise the final norm's class token. Checked

@@ -34,7 +34,7 @@ def make_run(root: Path, name: str, *, mask: str, seed: int, losses: list[float]
     run.mkdir(parents=True)
     config = {"data": "/d/{00000..00003}.tar", "out": str(run), "saliency": saliency, "mask": mask,
               "model": model, "epochs": epochs, "batch_size": 64, "seed": seed, "device": "cpu", "workers": 2,
-              "log_every": 20 + seed, "compile": compile, "precision": "fp32",
+              "log_every": 20 + seed, "cache_images": seed % 2 == 1, "compile": compile, "precision": "fp32",
               "masking": {"ratio": "0.75", "cap": cap, "select": "topk", "tau": 1.0, "inverse": False,
                           "base": 0.75, "var": 0.1, "delta": 0.5, "source": "store"},
               "optim": {"blr": 1.5e-4, "weight_decay": 0.05}}
@@ -162,7 +162,7 @@ def test_precision_compile_and_epochs_split_rows(tmp_path, differ):
 
 
 def test_execution_details_do_not_split_rows(tmp_path):
-    # seeds, log_every (20 + seed), workers, eval out and feature folders differ: still one row of n=2
+    # seeds, log_every (20 + seed), cache_images, workers, eval out and feature folders differ: still one row of n=2
     runs = [make_run(tmp_path, f"s{s}", mask="random", seed=s, losses=[0.5], top1={"knn": 50.0 + s}, saliency=None)
             for s in (0, 1)]
     rows = _table(_report(tmp_path, runs), "knn")

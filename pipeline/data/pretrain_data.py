@@ -218,7 +218,7 @@ class DecodedImages:
     """
 
     def __init__(self, rows: np.ndarray, widths: np.ndarray, heights: np.ndarray, read: Callable[[int], Any],
-                 key_of: Callable[[int], str], show_progress: bool = True):
+                 key_of: Callable[[int], str]):
         from tqdm import tqdm
 
         sizes = heights.astype(np.int64) * widths.astype(np.int64) * 3
@@ -233,7 +233,7 @@ class DecodedImages:
         self.shapes = np.stack([heights, widths], axis=1).astype(np.int64)
         self.pixels = np.empty(need, dtype=np.uint8)
         for i, row in enumerate(tqdm(rows, desc="decoding into memory", unit="img", leave=False,
-                                     disable=not show_progress or len(rows) < 1000)):
+                                     disable=len(rows) < 1000)):
             pixels = np.asarray(read(int(row)), dtype=np.uint8)       # [H, W, 3] (RGB from decode_image)
             if pixels.shape != (*self.shapes[i], 3):
                 raise SalmaeError(f"image {key_of(int(row))} decodes to {pixels.shape[1]}x{pixels.shape[0]} but "
