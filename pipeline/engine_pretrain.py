@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from pipeline import dist
-from pipeline.data.transforms import normalise
+from pipeline.data.transforms import normalise, pixel_stats
 from pipeline.device import autocast
 from pipeline.errors import SalmaeError
+from pipeline.host_syncs import no_host_syncs
 from pipeline.logging import MetricsWriter
 from pipeline.mask_plan import MaskPlan, batch_masks, step_seed
 
@@ -54,12 +56,14 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False,
                     loss_reduction: str = "mean", step_partial: bool = False) -> dict:
-    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts).
+    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts)
+    and the steady-state {timed_steps, timed_seconds} (`steady_state`).
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
-    `check_syncs` (CUDA only; `salmae gpu-check` turns it on) makes any device->host sync in a
-    step other than a logging step an error, through `torch.cuda.set_sync_debug_mode`.
+    `check_syncs` (`salmae gpu-check` turns it on) makes any device->host sync in a step other
+    than a logging step an error (`pipeline.host_syncs`: CUDA's sync debug mode, and on every
+    device a recorder of tensors built from Python data or read on the host, eager runs only).
     `loss_reduction` is the model's ("mean": MAE's mean over masked patches, or "image_mean").
     A last accumulation group cut short by the epoch's end is dropped, as MAE does (its gradient
     is cleared at the next epoch's start), unless `step_partial`.
@@ -68,9 +72,12 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     steps, world = len(loader), dist.world_size()
     rows = (dist.rank() * batch_size, batch_size * world)
     ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
+    compiled = ddp is not model               # the host-sync recorder patches torch: not under dynamo
     window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps since the last log
     host = [0.0, 0.0, 0.0]                                      # masked, fallbacks, zero maps known on the host
     since, done, totals = 0, 0, {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
+    clock: list[tuple[int, float]] = []                        # (steps done, time) at each logging step's sync
+    stats = pixel_stats(device)                                 # built once: a step makes no tensor from lists
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
     for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
@@ -79,8 +86,9 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(progress)
         logging_step = step % log_every == 0 or step + 1 == steps
-        with _no_host_syncs(device, check_syncs and not logging_step, epoch, step):
-            imgs = normalise(batch["image"].to(device, non_blocking=True))
+        with no_host_syncs(device, check_syncs and not logging_step, f"epoch {epoch} step {step}",
+                           record=not compiled):
+            imgs = normalise(batch["image"].to(device, non_blocking=True), stats)
             m = device_masks(batch, plan, raw_model, imgs, progress, step_seed(plan.seed, epoch, step), rows)
             full = (step + 1) % accum_iter == 0
             partial_end = step + 1 == steps and not full
@@ -125,27 +133,20 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                               zero_maps=int(round(zero_sum)), steps=since)
             window.zero_()
             host, since = [0.0, 0.0, 0.0], 0
+            clock.append((step + 1, time.perf_counter()))   # the device has finished every step so far
         done = step + 1
     if done != steps:  # every per-epoch mean below divides by `steps`
         raise SalmaeError(f"the loader gave {done} of its {steps} batches in epoch {epoch}; in stream mode use "
                           "no more --workers than shards per process (each worker needs a shard)")
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
-            "zero_maps": totals["zero_maps"], "steps": steps}
+            "zero_maps": totals["zero_maps"], "steps": steps, **steady_state(clock)}
 
 
-@contextlib.contextmanager
-def _no_host_syncs(device: torch.device, enabled: bool, epoch: int, step: int):
-    """On CUDA with `enabled`: any device->host sync inside is an error naming the step; else nothing."""
-    if not (enabled and device.type == "cuda"):
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    except RuntimeError as e:
-        if "synchroniz" not in str(e).lower():
-            raise
-        raise SalmaeError(f"epoch {epoch} step {step} waited for the GPU outside a logging step ({e}); "
-                          "this is a salmae bug: please report it with the line above") from e
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+def steady_state(clock: list[tuple[int, float]]) -> dict:
+    """{timed_steps, timed_seconds}: from the end of the epoch's first logging step to the end of its
+    last. The logging steps' all-reduce waits for the device, so host clocks there time finished
+    work without a sync of their own; the first window (worker start-up, first batch, compile)
+    is left out. Both are 0 when the epoch had a single logging step."""
+    if len(clock) < 2:
+        return {"timed_steps": 0, "timed_seconds": 0.0}
+    return {"timed_steps": clock[-1][0] - clock[0][0], "timed_seconds": clock[-1][1] - clock[0][1]}

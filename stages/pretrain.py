@@ -19,7 +19,7 @@ from timm.optim import param_groups_weight_decay
 from pipeline import dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import config_to_dict, require, resume_differences, save_config
-from pipeline.data.transforms import normalise
+from pipeline.data.transforms import normalise, pixel_stats
 from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
 from pipeline.engine_pretrain import cosine_lr, train_one_epoch
@@ -189,7 +189,7 @@ def run(cfg: PretrainConfig) -> dict:
         seconds = time.time() - t0
         metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
                       fallback=stats["fallback"], zero_maps=stats["zero_maps"], lr=optimizer.param_groups[0]["lr"],
-                      seconds=seconds,
+                      seconds=seconds, timed_steps=stats["timed_steps"], timed_seconds=round(stats["timed_seconds"], 4),
                       images=stats["steps"] * eff_batch // cfg.optim.accum_iter, precision=cfg.precision,
                       compile=cfg.compile, loss_mean={"mean": "patch", "image_mean": "image"}[reduction])
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
@@ -430,7 +430,7 @@ def _write_png(path: Path, model, batch: dict, plan: MaskPlan, device) -> None:
     was_training = model.training
     model.eval()
     n = batch["image"].shape[0]
-    imgs = normalise(batch["image"].to(device))
+    imgs = normalise(batch["image"].to(device), pixel_stats(device))
     sal = model.token_salience(imgs) if plan.source == "online" else batch["saliency"]
     m = batch_masks(plan, n, model.grid, 1e9, step_seed(plan.seed, -1, 0), (0, n), sal.to(device),
                     batch["saliency_ok"].to(device) if plan.source != "online" else None)

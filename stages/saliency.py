@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import __version__, dist
 from pipeline.config import save_config
-from pipeline.data.transforms import normalise
+from pipeline.data.transforms import normalise, pixel_stats
 from pipeline.device import autocast, pick_device, pin_memory, resolve_precision
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_path, atomic_write_json, disk_full_as_error, fsync_paths, pid_alive
@@ -519,6 +519,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
     cam_fn = compute_cam(cfg.cam)
     bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
     n_images = 0
+    stats = pixel_stats(device, info.mean, info.std)   # once: a batch makes no tensor from Python lists
     in_flight: tuple | None = None                 # the previous batch, its maps still on their way to the host
     for (rows, images, tokens, errors), s in zip(loader, batch_shard):
         plan = plans[s]
@@ -529,7 +530,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
                 plan["status"][r - lo] = status_code(e)
         maps = None
         if images is not None:
-            pixels = normalise(images.to(device, non_blocking=True), info.mean, info.std)   # [n, 3, H, W] float32
+            pixels = normalise(images.to(device, non_blocking=True), stats)   # [n, 3, H, W] float32
             with autocast(device, cfg.precision):
                 text_emb = encode_captions(model, tokens)
                 maps = _MapsToHost(cam_fn(model, pixels, text_emb, layer, info.grid))

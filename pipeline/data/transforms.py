@@ -67,16 +67,27 @@ def crop_flip_image(img: Image.Image, box: Box, flip: bool, size: int) -> torch.
     return t.as_subclass(torch.Tensor)
 
 
-def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 images [N, 3, H, W] -> float32 normalised [N, 3, H, W], computed on their own device.
+def pixel_stats(device: torch.device, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std in uint8 units, [1, 3, 1, 1] float32 each on `device`, for `normalise`.
 
-    Loaders ship uint8 (a quarter of float32's bytes over the host-to-device link) and the
-    training process calls this right after `.to(device)`.
+    Built once per run (or epoch), never inside a step: a tensor made from a Python list on a
+    GPU is a blocking copy from pageable memory, a full stream sync.
     """
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
-    return (images.float() - m) / s
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return m.to(device), s.to(device)
+
+
+def normalise(images: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> float32 normalised [N, 3, H, W] on their own device.
+
+    `stats` = `pixel_stats(device, mean, std)`, made once outside the step. Loaders ship uint8
+    (a quarter of float32's bytes over the host-to-device link) and the training process calls
+    this right after `.to(device)`.
+    """
+    mean, std = stats
+    return (images.float() - mean) / std
 
 
 def crop_flip_saliency(sal: torch.Tensor, frame: Sequence[float], box: Box, flip: bool,
