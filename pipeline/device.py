@@ -26,16 +26,31 @@ MAX_WORKERS_PER_PROCESS = 10  # MAE used 10 loader workers per GPU
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> this process's CUDA device if one exists, else CPU; `cpu`/`cuda` force it."""
+    """`auto` -> this process's CUDA device if one exists, else CPU; `cpu`/`cuda` force it.
+
+    On CUDA it also sets the math a GPU run should use (`configure_cuda_math`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise SalmaeError("--device cuda was asked for but no CUDA device is visible; use --device auto or cpu")
+        configure_cuda_math()
         return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
     if name == "cpu":
         return torch.device("cpu")
     raise SalmaeError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def configure_cuda_math() -> None:
+    """TF32 for float32 matmuls and convolutions, and cuDNN autotuning, as MAE's mains do.
+
+    fp32 work that autocast leaves alone (norms, the loss, probes on float32 features) then runs
+    on tensor cores; TF32 keeps float32's range with a 10-bit mantissa. `cudnn.benchmark` picks
+    the fastest convolution for the patch embedding's fixed shape once. No effect on the CPU.
+    """
+    torch.set_float32_matmul_precision("high")      # matmuls: TF32
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import SalmaeError
+
 # NCCL's own timeout; long enough for rank 0 to build a manifest of a few hundred shards.
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -60,7 +62,27 @@ def init(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
+    try:
+        dist.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
+    except (RuntimeError, ValueError, OSError) as e:   # DistNetworkError and DistStoreError are RuntimeErrors
+        raise SalmaeError(init_failure(e)) from None
+
+
+def init_failure(error: BaseException) -> str:
+    """One line for a process group that could not form, naming what to set (multi-node: the interfaces)."""
+    import socket
+
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        address = "unresolvable"
+    first = " ".join(str(error).split())[:300]
+    return (f"rank {rank()} of {world_size()} could not join the process group via MASTER_ADDR="
+            f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} ({type(error).__name__}: "
+            f"{first}); this host {host} resolves to {address}. Across nodes, gloo connects every pair of ranks by "
+            "that address: set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to the interface the nodes share "
+            "(e.g. ib0 or eth0; `ip -br addr` lists them), and check that MASTER_ADDR is reachable")
 
 
 def barrier(waiting_for: str | None = None) -> None:

@@ -14,8 +14,9 @@ results.json records the protocol name, epochs, the global batch asked for and u
 accumulation, the lr (and for fine-tuning the resolved recipe). The same command runs as one process or under torchrun:
 features are extracted split over ranks and all-gathered; kNN scores each rank's share of the
 val rows on the device and sums the hit counts; the linear head and fine-tuning train under DDP.
-Frozen features (kNN, linear) are always computed in fp32, as DINO does; `precision` (autocast,
-a GradScaler for fp16) and `compile` apply to fine-tuning, and results.json records both.
+Every protocol runs its encoder under the run's autocast (`precision`: bf16 on a current GPU,
+fp32 on the CPU; frozen features are kept as float32, as MAE's linear probe does); a GradScaler
+(fp16) and `compile` apply to fine-tuning, and results.json records both.
 Rank r seeds torch, numpy and `random` with seed + r (fine-tuning reseeds per epoch, so a
 resumed run repeats an uninterrupted one). Output: `DIR/results.json` (atomic),
 `DIR/config.yaml`, `DIR/run.log`, `DIR/metrics.jsonl`; the frozen-feature protocols cache
@@ -113,7 +114,7 @@ class EvalConfig:
     workers: int = 4              # DataLoader worker processes
     check: Literal["header", "none"] = "header"  # probe every image file when opening the data (skips unreadable ones)
     seed: int = 0                 # seeds head init, batch order and augmentation (rank r draws from seed + r)
-    precision: str = "auto"       # finetune autocast: auto|bf16|fp16|fp32 (auto: bf16 GPU, fp16 old GPU, fp32 CPU)
+    precision: str = "auto"       # encoder autocast: auto|bf16|fp16|fp32 (auto: bf16 GPU, fp16 old GPU, fp32 CPU)
     compile: bool = False         # finetune: torch.compile the (DDP-wrapped) model
     resume: str | None = None     # finetune: 'latest' (DIR/checkpoint-latest.pth) or a checkpoint path
     timm_model: str | None = None  # build this timm model by name and load `checkpoint` into it
@@ -136,7 +137,7 @@ class _Context:
     image_size: int
     checkpoint_sha256: str
     metrics: MetricsWriter
-    precision: str                # resolved: bf16, fp16 or fp32 (finetune autocast)
+    precision: str                # resolved: bf16, fp16 or fp32 (every protocol's encoder autocast)
     data: EvalData | None = None  # opened by the protocol, once the input size is known
 
 
@@ -281,11 +282,12 @@ def _frozen_features(ctx: _Context, encoder, split: str) -> Features:
     key = {"checkpoint_sha256": ctx.checkpoint_sha256, "split": split, "image_size": ctx.image_size,
            "global_pool": bool(cfg.global_pool), "mean": list(cfg.mean), "std": list(cfg.std),
            "crop_pct": cfg.crop_pct, "timm_model": cfg.timm_model, "num_heads": cfg.num_heads,
-           "files": ctx.data.fingerprint(split)}
+           "files": ctx.data.fingerprint(split), "precision": ctx.precision}
     dataset = ctx.data.train if split == "train" else ctx.data.val
     path = Path(cfg.features or ctx.out) / f"features-{split}.pt"
     feats, hit = cached_features(path, key, lambda: extract_features(
-        encoder, dataset, batch_size=ctx.batch_size, device=ctx.device, workers=cfg.workers, desc=split))
+        encoder, dataset, batch_size=ctx.batch_size, device=ctx.device, workers=cfg.workers, desc=split,
+        precision=ctx.precision))
     if hit:
         get_logger().info("%s features reused from %s", split, path)
     return feats
@@ -318,7 +320,8 @@ def _run_linear(ctx: _Context) -> dict[str, Any]:
         train = _frozen_features(ctx, encoder, "train")
         batches = CachedBatches(train.feats, train.labels, train.ok, ctx.batch_size, cfg.seed, ctx.device)
     else:
-        batches = EncoderBatches(encoder, data.train, ctx.batch_size, cfg.seed, ctx.device, workers=cfg.workers)
+        batches = EncoderBatches(encoder, data.train, ctx.batch_size, cfg.seed, ctx.device, workers=cfg.workers,
+                                 precision=ctx.precision)
     torch.manual_seed(cfg.seed)  # same head init whichever path
     head = LinearProbeHead(encoder.num_features, len(data.classes)).to(ctx.device)
     acc = _accumulation(ctx, len(batches))
@@ -486,8 +489,8 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
                     "eval_img_size": ctx.image_size, "dropped_keys": spec.dropped_keys},
         "config": config_to_dict(ctx.cfg),
         "world_size": dist.world_size(),
-        # What the numbers were computed at: frozen features (knn, linear) are always fp32, eager.
-        "precision": outcome.get("precision", "fp32"),
+        # What the numbers were computed at: every protocol runs its encoder under the run's autocast.
+        "precision": ctx.precision,
         "compile": outcome.get("compile", False),
         "seconds": round(seconds, 3),
         "salmae_version": __version__,

@@ -54,9 +54,11 @@ def plan_accumulation(requested_global_batch: int, batch_size: int, world_size: 
 def gradient_sync(model: nn.Module, sync: bool):
     """Context for one micro-batch's backward: DDP's `no_sync` unless this micro-batch ends a group.
 
-    Only a bare DDP module skips the all-reduce; a compiled wrapper all-reduces every micro-batch
-    (the same average, more traffic), as `no_sync` inside a compiled graph is not relied on.
+    `model` may be bare, DDP, or compiled around DDP (`torch.compile(DDP(m))`, as stage 3 wraps
+    it): `no_sync` is reached through the compiled wrapper's `_orig_mod`, as stage 2 does, since
+    DDP's reducer runs outside the compiled graph and reads the flag there.
     """
-    if not sync and isinstance(model, DistributedDataParallel):
-        return model.no_sync()
+    ddp = getattr(model, "_orig_mod", model)
+    if not sync and isinstance(ddp, DistributedDataParallel):
+        return ddp.no_sync()
     return contextlib.nullcontext()

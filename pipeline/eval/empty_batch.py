@@ -1,4 +1,4 @@
-"""The loss of a batch in which no image could be read.
+"""Batches with unreadable images: their readable rows, and the loss of a batch with none.
 
 Under DDP every rank must run forward and backward at every step: the gradient all-reduce is a
 collective, so a rank that skipped a step would leave the others waiting (or, with a later
@@ -29,3 +29,11 @@ def zero_loss(model: nn.Module, stand_in: torch.Tensor) -> torch.Tensor:
     finally:
         model.train(was_training)
     return out.float().sum() * 0.0
+
+
+def readable_rows(ok: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows of each tensor where `ok` ([B] bool, on the host) is True; the tensors themselves,
+    uncopied, when every row is readable (the usual case: indexing would copy each batch)."""
+    if bool(ok.all()):
+        return tensors
+    return tuple(t[ok] for t in tensors)

@@ -4,9 +4,10 @@ Rank r encodes items r, r + W, r + 2W, … (no padding, no duplicates); the piec
 all-gathered and put back in dataset order, so every rank holds the same `[N, D]` tensor as a
 single process would.
 
-Features are extracted in fp32, without autocast, whatever the run's `precision` (DINO's
-eval_knn does the same): kNN and the linear probe read small differences between features,
-and a cached feature file then does not depend on the GPU it was made on.
+Features are extracted under the run's autocast (`precision`: bf16 on a current GPU, fp32 on
+the CPU), as MAE's linear probe runs its frozen encoder, and returned as float32. The precision
+is part of a cached file's key and of results.json: bf16 features differ from fp32 ones in the
+last bits, so a cache made at one precision is never read at another.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pipeline import dist
-from pipeline.device import pin_memory
+from pipeline.device import autocast, pin_memory
 from pipeline.files import atomic_path
 
 CACHE_VERSION = 1
@@ -44,7 +45,7 @@ def encode(encoder: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-                     workers: int = 0, desc: str = "features") -> Features:
+                     workers: int = 0, desc: str = "features", precision: str = "fp32") -> Features:
     """Encode every item of `dataset` (items `(img, label, index, ok)`), split over ranks."""
     encoder.eval()
     n, r, w = len(dataset), dist.rank(), dist.world_size()
@@ -53,7 +54,8 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, batch_size: 
                         pin_memory=pin_memory(device))
     chunks, labels, oks = [], [], []
     for imgs, y, _, ok in tqdm(loader, desc=desc, disable=not dist.is_main(), leave=False):
-        f = encode(encoder, imgs.to(device, non_blocking=True))  # fp32: see the module docstring
+        with autocast(device, precision):
+            f = encode(encoder, imgs.to(device, non_blocking=True))
         chunks.append(f.float())  # stays on the device: one copy to the host at the end, not one per batch
         labels.append(y)
         oks.append(ok)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from pipeline import dist
 from pipeline.device import autocast, pin_memory
 from pipeline.eval.accumulation import gradient_sync
-from pipeline.eval.empty_batch import zero_loss
+from pipeline.eval.empty_batch import readable_rows, zero_loss
 from pipeline.eval.metrics import mean_over_ranks, topk_hits
 from pipeline.eval.schedule import cosine_lr, set_lr
 
@@ -55,7 +55,7 @@ def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.op
         if i >= usable:
             break
         unreadable += index[~ok].tolist()
-        imgs, labels = imgs[ok], labels[ok]
+        imgs, labels = readable_rows(ok, imgs, labels)
         if mixup is not None and imgs.shape[0] % 2:  # Mixup flips the batch onto itself: needs even size
             imgs, labels = imgs[:-1], labels[:-1]
         n = imgs.shape[0]  # `ok` is a host tensor: known without a device sync
@@ -117,9 +117,10 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, *, batch_size: int, 
         unreadable += index[~ok].tolist()
         if not ok.any():
             continue
+        imgs, labels = readable_rows(ok, imgs, labels)
         with autocast(device, precision):
-            logits = model(imgs[ok].to(device, non_blocking=True)).float()
-        hits += topk_hits(logits, labels[ok].to(device, non_blocking=True))
+            logits = model(imgs.to(device, non_blocking=True)).float()
+        hits += topk_hits(logits, labels.to(device, non_blocking=True))
         readable += int(ok.sum())
     counts = torch.cat([hits.double(), torch.tensor([float(readable)], dtype=torch.float64, device=device)])
     top1, top5, n = dist.all_reduce_sum(counts).tolist()

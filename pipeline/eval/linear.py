@@ -19,9 +19,9 @@ from timm.optim import Lars
 from tqdm import tqdm
 
 from pipeline import dist
-from pipeline.device import pin_memory
+from pipeline.device import autocast, pin_memory
 from pipeline.eval.accumulation import gradient_sync
-from pipeline.eval.empty_batch import zero_loss
+from pipeline.eval.empty_batch import readable_rows, zero_loss
 from pipeline.eval.features import encode
 from pipeline.eval.metrics import mean_over_ranks
 from pipeline.eval.schedule import cosine_lr, set_lr
@@ -95,12 +95,13 @@ class EncoderBatches:
     """Batches encoded on the fly by the frozen encoder (needed with random augmentation).
 
     `dataset` yields `(img, label, index, ok)`; indices are positions in `dataset`, and unreadable
-    items are dropped from their batch. The encoder runs in fp32, as for cached features.
+    items are dropped from their batch. The encoder runs under the run's autocast (`precision`),
+    as for cached features; the features are float32.
     """
 
     def __init__(self, encoder: nn.Module, dataset: Dataset, batch_size: int, seed: int, device,
-                 workers: int = 0):
-        self.encoder, self.dataset, self.device = encoder, dataset, device
+                 workers: int = 0, precision: str = "fp32"):
+        self.encoder, self.dataset, self.device, self.precision = encoder, dataset, device, precision
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.unreadable: set[int] = set()  # dataset indices this rank failed to read
 
@@ -117,9 +118,10 @@ class EncoderBatches:
             if not ok.any():  # `ok` lives on the host: no device sync
                 yield torch.zeros(0, self.encoder.num_features, device=self.device), labels[ok].to(self.device)
                 continue
-            with torch.no_grad():
-                feats = encode(self.encoder, imgs[ok].to(self.device, non_blocking=True)).float()
-            yield feats, labels[ok].to(self.device, non_blocking=True)
+            imgs, labels = readable_rows(ok, imgs, labels)
+            with torch.no_grad(), autocast(self.device, self.precision):
+                feats = encode(self.encoder, imgs.to(self.device, non_blocking=True)).float()
+            yield feats, labels.to(self.device, non_blocking=True)
 
 
 def train_linear_head(head: nn.Module, batches: FeatureBatches, optimizer: torch.optim.Optimizer, *,
