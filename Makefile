@@ -74,7 +74,8 @@ eval:  ## Stage 3 PROTOCOL (knn|linear|finetune) of RUN's checkpoint on EVAL_DAT
 bench:  ## Run the benchmarks and rewrite BENCHMARKS.md (and BENCHMARKS.json)
 	$(BIN)/salmae bench all --out BENCHMARKS.md --json BENCHMARKS.json
 
-gpu-check:  ## Measure images/s of stages 1-3 on this machine's GPU into GPU_CHECK_OUT/gpu-check.json
+gpu-check:  ## Preflight (versions, compiler, wheels' Python), then images/s of stages 1-3 into GPU_CHECK_OUT/gpu-check.json
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pipeline.preflight --wheels $(WHEELS)
 	@if [ -f $(WHEELS)/requirements.txt ]; then \
 	  echo "installing $(WHEELS)/ into $(WHEELS)/site (offline, no dependencies)"; \
 	  $(PYTHON) -m pip install -q --no-index --find-links $(WHEELS) --no-deps --upgrade --target $(WHEELS)/site \
