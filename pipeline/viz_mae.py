@@ -1,4 +1,5 @@
-"""Stage-2 PNG grids: original | saliency | mask | reconstruction, one row per fixed sample."""
+"""Stage-2 PNG grids: image | saliency | masked | reconstruction, one row per fixed sample, titled
+above each column as in MAE's visualisation notebook."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.files import atomic_path
@@ -42,6 +43,25 @@ def _grid_panel(values: torch.Tensor, grid: tuple[int, int], size: int, colour: 
     return (a * np.array(colour, dtype=np.float32)).astype(np.uint8)
 
 
+COLUMNS = ("image", "saliency", "masked", "reconstruction")
+SHORT = {"saliency": "sal.", "reconstruction": "recon."}   # where a column is too narrow for the word
+
+
+def title_strip(width: int, columns: int, titles: tuple[str, ...] = COLUMNS) -> Image.Image:
+    """A white strip `width` wide with `titles` centred over `columns` equal columns (shortened to fit)."""
+    font = ImageFont.load_default()
+    col = width / columns
+    height = int(font.getbbox("Ag")[3]) + 6
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for k, title in enumerate(titles):
+        if draw.textlength(title, font=font) > col - 2:
+            title = SHORT.get(title, title)
+        x = col * k + (col - draw.textlength(title, font=font)) / 2
+        draw.text((max(x, col * k), 3), title, fill=(0, 0, 0), font=font)
+    return strip
+
+
 def save_mae_grid(path: str | Path, model, imgs: torch.Tensor, saliency: torch.Tensor, pred: torch.Tensor,
                   mask: torch.Tensor, scale: int = 2) -> Path:
     """Write the grid PNG atomically. imgs [N, 3, H, W] (normalised), saliency/mask [N, L], pred [N, L, p*p*3]."""
@@ -58,6 +78,11 @@ def save_mae_grid(path: str | Path, model, imgs: torch.Tensor, saliency: torch.T
         rows.append(np.concatenate([np.pad(p, ((1, 1), (1, 1), (0, 0))) for p in panels], axis=1))
     sheet = Image.fromarray(np.concatenate(rows, axis=0))
     sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+    strip = title_strip(sheet.width, len(COLUMNS))
+    titled = Image.new("RGB", (sheet.width, strip.height + sheet.height))
+    titled.paste(strip, (0, 0))
+    titled.paste(sheet, (0, strip.height))
+    sheet = titled
     path = Path(path)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
