@@ -40,38 +40,45 @@ WHEEL_EXTRAS ?=
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup:  ## Create .venv and install salmae with its dev extras
+# Every target that runs salmae needs the installed environment: a fresh clone runs `make demo` or
+# `make test` directly, and the first one creates .venv (again whenever pyproject.toml changes).
+INSTALLED := $(VENV)/.installed
+
+setup: $(INSTALLED)  ## Create .venv and install salmae with its dev extras (other targets do it on first use)
+
+$(INSTALLED): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/pip install -q $(TORCH_PIN))
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
 
-test:  ## Run the test suite (excludes tests marked slow)
+test: $(INSTALLED)  ## Run the test suite (excludes tests marked slow)
 	$(BIN)/pytest -m "not slow" -q
 
-test-all:  ## Run every test, slow ones included
+test-all: $(INSTALLED)  ## Run every test, slow ones included
 	$(BIN)/pytest -q
 
-demo:  ## Whole pipeline on generated data with tiny models; prints the report path
+demo: $(INSTALLED)  ## Whole pipeline on generated data with tiny models; prints the report path
 	$(BIN)/salmae demo --out runs/demo --seeds $(SEEDS)
 
-study:  ## Settings x seeds, paired: PRESET=smoke|cpu|cpu-full or STUDY_CONFIG=configs/….yaml (NPROC) -> study.md
+study: $(INSTALLED)  ## Settings x seeds, paired: PRESET=smoke|cpu|cpu-full or STUDY_CONFIG=configs/….yaml (NPROC) -> study.md
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli study \
 	  $(if $(STUDY_CONFIG),--config $(STUDY_CONFIG),--preset $(PRESET)) $(if $(STUDY_OUT),--out $(STUDY_OUT))
 
-saliency:  ## Stage 1 on DATA into STORE (CLIP_MODEL, CLIP_PRETRAINED, CAM=gradcam|hirescam|..., NPROC)
+saliency: $(INSTALLED)  ## Stage 1 on DATA into STORE (CLIP_MODEL, CLIP_PRETRAINED, CAM=gradcam|hirescam|..., NPROC)
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli saliency --data '$(DATA)' --out $(STORE) \
 	  --clip-model $(CLIP_MODEL) --clip-pretrained $(CLIP_PRETRAINED) --cam $(CAM)
 
-pretrain:  ## Stage 2 on DATA with MASK from STORE into RUN (MODEL, EPOCHS, NPROC)
+pretrain: $(INSTALLED)  ## Stage 2 on DATA with MASK from STORE into RUN (MODEL, EPOCHS, NPROC)
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli pretrain --data '$(DATA)' --out $(RUN) \
 	  --saliency $(STORE) --mask $(MASK) --model $(MODEL) --epochs $(EPOCHS) --resume latest
 
-eval:  ## Stage 3 PROTOCOL (knn|linear|finetune) of RUN's checkpoint on EVAL_DATA
+eval: $(INSTALLED)  ## Stage 3 PROTOCOL (knn|linear|finetune) of RUN's checkpoint on EVAL_DATA
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli eval $(PROTOCOL) \
 	  --checkpoint $(RUN)/checkpoint-latest.pth --data $(EVAL_DATA) --out $(RUN)/eval-$(PROTOCOL)
 
-bench:  ## Run the benchmarks and rewrite BENCHMARKS.md (and BENCHMARKS.json)
+bench: $(INSTALLED)  ## Run the benchmarks and rewrite BENCHMARKS.md (and BENCHMARKS.json)
 	$(BIN)/salmae bench all --out BENCHMARKS.md --json BENCHMARKS.json
 
 gpu-check:  ## Preflight (versions, compiler, wheels' Python), then images/s of stages 1-3 into GPU_CHECK_OUT/gpu-check.json
@@ -83,7 +90,7 @@ gpu-check:  ## Preflight (versions, compiler, wheels' Python), then images/s of 
 	PYTHONPATH=$(CURDIR)$(if $(wildcard $(WHEELS)/requirements.txt),:$(abspath $(WHEELS)/site))$${PYTHONPATH:+:$$PYTHONPATH} \
 	  $(PYTHON) -m pipeline.cli gpu-check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
-wheelhouse:  ## Wheels of WHEEL_PKGS (+ WHEEL_EXTRAS) at .venv's versions for Python PYVER into WHEELS/ (a GPU box)
+wheelhouse: $(INSTALLED)  ## Wheels of WHEEL_PKGS (+ WHEEL_EXTRAS) at .venv's versions for Python PYVER into WHEELS/ (a GPU box)
 	mkdir -p $(WHEELS)
 	$(BIN)/python -m pip freeze --all | awk -F'==' -v want="$(WHEEL_PKGS) $(WHEEL_EXTRAS)" ' \
 	  BEGIN { n = split(tolower(want), w, " "); for (i = 1; i <= n; i++) { gsub(/[-_.]+/, "-", w[i]); ok[w[i]] = 1 } } \
