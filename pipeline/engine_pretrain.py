@@ -42,7 +42,8 @@ def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epoc
 def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, progress: float, seed: int,
                  rows: tuple[int, int]) -> dict:
     """The step's masks on the device: the loader's (moved, non-blocking), or built here from the
-    model's own salience for `source=online` (the one plan that needs the model)."""
+    model's own salience for `source=online` (the one plan that needs the model), on the device with
+    a generator there and a fixed padded width, so that nothing waits for the host."""
     device = imgs.device
     if "ids_keep" in batch:
         return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)

@@ -7,6 +7,11 @@ the device; every random draw comes from a generator seeded by (seed, epoch, ste
 for the *global* batch (`rows=`), so a mask does not depend on where it is built: the worker
 count, the number of processes, or whether the run was resumed.
 
+The one exception is `source=online`, whose salience comes from the model: its masks are built
+in the step, on the device, from a generator on that device. Nothing is then read back to the
+host or copied from it (a CUDA step need not wait); a CUDA generator draws other numbers than the
+CPU's for the same seed, so online masks are a function of the seed on each kind of device.
+
 Plans whose keep count varies per image (`adaptive`, a ratio distribution) pad `ids_keep` to
 one fixed width, the plan's largest possible keep count (`keep_slots`), and mark the padding in
 `valid`: the encoder then always sees the same shape (a compiled model never recompiles) and the
@@ -87,12 +92,15 @@ def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, 
         n_fallback [] int64, n_zero [] int64, masked [] float64 (masked patches summed over the batch).
     """
     length = grid[0] * grid[1]
-    g = torch.Generator().manual_seed(seed)
+    slots = plan.keep_slots(length)
+    device = saliency.device if saliency is not None else torch.device("cpu")
+    # saliency plans draw where the saliency is (the device, for source=online); the others on the CPU
+    g = torch.Generator(device=device if plan.uses_saliency else "cpu").manual_seed(seed)
     ratio = plan.ratio.sample(n, g, rows)
-    n_fallback = torch.zeros((), dtype=torch.int64)
-    n_zero = saliency_zero.sum() if (plan.uses_saliency and saliency_zero is not None) else torch.zeros((), dtype=torch.int64)
+    n_fallback = torch.zeros((), dtype=torch.int64, device=device)
+    n_zero = (saliency_zero.sum() if (plan.uses_saliency and saliency_zero is not None)
+              else torch.zeros((), dtype=torch.int64, device=device))
     if not plan.uses_saliency:
-        device = saliency.device if saliency is not None else torch.device("cpu")
         ids_keep, mask, ids_restore = masking.make_mask(plan.strategy, n, grid, ratio, generator=g, rows=rows,
                                                         device=device)
     else:
@@ -106,11 +114,12 @@ def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, 
             ratio = torch.where(ok, masking.adaptive_ratio(sal, plan.base, plan.var, plan.delta),
                                 torch.full_like(cap, plan.base))
         ids_keep, mask, ids_restore = masking.saliency_mask(sal, ratio, cap, select=plan.select, tau=plan.tau,
-                                                            inverse=plan.inverse, generator=g, rows=rows)
-    slots = plan.keep_slots(length)
+                                                            inverse=plan.inverse, generator=g, rows=rows,
+                                                            keep_width=slots)
     valid = None
     if slots is not None:
-        ids_keep = masking.pad_keep(ids_restore, slots)
+        if ids_keep.shape[1] != slots:  # built at the batch's own largest count (random with a ratio range)
+            ids_keep = masking.pad_keep(ids_restore, slots)
         valid = masking.keep_valid(ids_keep, mask)
     weight = masking.boundary_weights(mask, grid, plan.boundary_weight) if plan.boundary_weight != 1.0 else None
     return {"ids_keep": ids_keep, "mask": mask, "ids_restore": ids_restore, "valid": valid, "weight": weight,

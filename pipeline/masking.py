@@ -12,16 +12,20 @@ the first ``n_keep`` entries. That is exactly MAE's ``random_masking``, so `rand
 same noise reproduces MAE bit for bit, and every other strategy only changes the key.
 
 Variable keep counts (``adaptive``, or a ratio sampled per image): ``ids_keep`` is padded to
-``K = max_i n_keep_i``. Row i is valid for its first ``n_keep_i = L - mask[i].sum()`` entries;
-the entries after them are padding (they point at masked patches: the next ones in the shuffle).
-`keep_valid(ids_keep, mask)` returns the ``[N, K]`` bool validity mask; the MAE model turns it
-into an attention mask so padding neither attends nor is attended.
+``K = max_i n_keep_i``, or to a width ``keep_width >= K`` given by the caller (the plan's largest
+possible count: no device value is read on the host to learn K). Row i is valid for its first
+``n_keep_i = L - mask[i].sum()`` entries; the entries after them are padding (they point at masked
+patches: the next ones in the shuffle). `keep_valid(ids_keep, mask)` returns the ``[N, K]`` bool
+validity mask; the MAE model turns it into a key-padding attention mask, so no token attends to
+padding.
 
 Masked count convention (all strategies but `grid`): ``n_mask = L - int(L * (1 - ratio))``, which
 is MAE's ``len_keep = int(L * (1 - mask_ratio))``.
 
-Determinism: every random draw comes from ``generator`` (a ``torch.Generator``). For DDP, pass
-``rows=(start, total)``: randomness is drawn for a batch of ``total`` rows and rows
+Determinism: every random draw comes from ``generator`` (a ``torch.Generator``) and is made on
+the generator's device, so a generator on the GPU never copies draws from the host (a CUDA
+generator gives other numbers than a CPU one with the same seed; each is a function of its seed).
+For DDP, pass ``rows=(start, total)``: randomness is drawn for a batch of ``total`` rows and rows
 ``start .. start + N`` are used, so a rank holding a slice of the global batch gets exactly the
 masks a single process would compute for that slice.
 """
@@ -45,10 +49,15 @@ STRATEGIES = ("random", "block", "grid", "saliency", "adaptive")
 # --------------------------------------------------------------------------- randomness
 def _rand(n: int, shape: tuple[int, ...], generator: torch.Generator | None, rows: Rows,
           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform [0, 1) of shape [n, *shape]; with rows=(start, total) a slice of a [total, *shape] draw."""
+    """Uniform [0, 1) of shape [n, *shape] on `device`, drawn on the generator's device (the CPU without
+    one); with rows=(start, total) a slice of a [total, *shape] draw."""
     start, total = rows if rows is not None else (0, n)
-    u = torch.rand((total, *shape), generator=generator)
+    u = torch.rand((total, *shape), generator=generator, device=_draw_device(generator))
     return u[start:start + n].to(device)
+
+
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def n_masked(length: int, ratio: float | torch.Tensor) -> torch.Tensor | int:
@@ -59,12 +68,14 @@ def n_masked(length: int, ratio: float | torch.Tensor) -> torch.Tensor | int:
 
 
 # --------------------------------------------------------------------------- core
-def mask_from_key(key: torch.Tensor, n_keep: int | torch.Tensor) -> Triple:
+def mask_from_key(key: torch.Tensor, n_keep: int | torch.Tensor, keep_width: int | None = None) -> Triple:
     """MAE's triple from a per-patch key: ascending key = kept first.
 
     Args:
         key: [N, L] float; the ``n_keep`` smallest entries of each row are kept.
         n_keep: int, or [N] int64 for a per-image count (then ids_keep is padded, see module doc).
+        keep_width: K for a per-image count, at least its maximum (None: the maximum, read on the
+            host, which waits for the device).
     Returns:
         ids_keep [N, K], mask [N, L] (1 = masked), ids_restore [N, L].
     """
@@ -73,7 +84,7 @@ def mask_from_key(key: torch.Tensor, n_keep: int | torch.Tensor) -> Triple:
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     if isinstance(n_keep, torch.Tensor):
         n_keep = n_keep.to(key.device).long()
-        k_max = int(n_keep.max())
+        k_max = int(n_keep.max()) if keep_width is None else keep_width
         mask = (torch.arange(length, device=key.device)[None, :] >= n_keep[:, None]).float()  # shuffled order
     else:
         k_max = n_keep
@@ -181,7 +192,8 @@ def grid_mask(n: int, grid: tuple[int, int], generator: torch.Generator | None =
 
 def saliency_mask(saliency: torch.Tensor, ratio: float | torch.Tensor = 0.75, cap: float | torch.Tensor = 0.25,
                   select: Literal["topk", "sample"] = "topk", tau: float = 1.0, inverse: bool = False,
-                  generator: torch.Generator | None = None, rows: Rows = None) -> Triple:
+                  generator: torch.Generator | None = None, rows: Rows = None,
+                  keep_width: int | None = None) -> Triple:
     """Saliency-capped masking: mask the top-salient patches up to cap*L, the rest at random up to ratio*L.
 
     Args:
@@ -192,6 +204,7 @@ def saliency_mask(saliency: torch.Tensor, ratio: float | torch.Tensor = 0.75, ca
         select: ``topk`` takes the most salient; ``sample`` draws without replacement with
             p ∝ s^(1/tau) (Gumbel top-k on log(s)/tau).
         inverse: mask the *least* salient instead (ablation).
+        keep_width: fixed K for a per-image ratio, at least the largest keep count (see `mask_from_key`).
     Returns:
         ids_keep [N, K], mask [N, L], ids_restore [N, L].
     """
@@ -216,14 +229,19 @@ def saliency_mask(saliency: torch.Tensor, ratio: float | torch.Tensor = 0.75, ca
     order = torch.gather(perm, 1, by_score)  # [N, L] most salient first
     rank = torch.argsort(order, dim=1)  # rank of each patch in the saliency order
     n_mask = n_masked(length, ratio)
-    n_sal = torch.minimum(_as_count(cap, length, n, device), torch.as_tensor(n_mask, device=device).expand(n))
+    n_cap = _as_count(cap, length, n, device)
+    n_sal = n_cap.clamp(max=n_mask) if isinstance(n_mask, int) else torch.minimum(n_cap, n_mask.to(device))
     selected = rank < n_sal[:, None]
     key = torch.where(selected, 1.0 + u, u)  # selected patches sort last = masked; others by MAE noise
-    return mask_from_key(key, _n_keep(length, ratio))
+    return mask_from_key(key, _n_keep(length, ratio), keep_width)
 
 
 def _as_count(cap: float | torch.Tensor, length: int, n: int, device) -> torch.Tensor:
-    cap = torch.as_tensor(cap, dtype=torch.float64, device=device).expand(n)
+    """[N] int64 floor(cap * L); a float cap is filled in on `device` (no tensor copied from the host)."""
+    if isinstance(cap, torch.Tensor):
+        cap = cap.to(device, torch.float64).expand(n)
+    else:
+        cap = torch.full((n,), float(cap), dtype=torch.float64, device=device)
     return torch.floor(cap * length + 1e-9).long()
 
 
@@ -279,13 +297,13 @@ class RatioSpec:
         return self.low == self.high
 
     def sample(self, n: int, generator: torch.Generator | None = None, rows: Rows = None) -> float | torch.Tensor:
-        """A float when constant; else [N] ratios (one shared value when per='batch')."""
+        """A float when constant; else [N] ratios (one shared value when per='batch') on the generator's device."""
         if self.constant:
             return self.low
         if self.per == "batch":
-            u = torch.rand((1,), generator=generator).expand(n)
+            u = torch.rand((1,), generator=generator, device=_draw_device(generator)).expand(n)
         else:
-            u = _rand(n, (), generator, rows)
+            u = _rand(n, (), generator, rows, _draw_device(generator))
         return (self.low + (self.high - self.low) * u.double()).contiguous()
 
 

@@ -92,6 +92,100 @@ def test_failed_maps_fall_back_to_the_random_rule_and_are_counted():
     assert not torch.equal(m["mask"][ok], r["mask"][ok])
 
 
+class HostSyncRecorder:
+    """Records, by name, each call in a block that on CUDA would wait for the device or copy from the host.
+
+    On the CPU nothing waits, so this is a proxy: reads of a tensor's value on the host (`.item()`,
+    `.tolist()`, `int()`, `bool()`, `float()`, `.cpu()`, `.numpy()`), tensors built from Python data
+    (`torch.tensor`, `torch.as_tensor`), and factories or generators made without a `device=` (they
+    land on the CPU and would have to be copied to the GPU). What only CUDA can show, a sync inside
+    torch's own kernels, `salmae gpu-check` catches with `torch.cuda.set_sync_debug_mode("error")`.
+    """
+
+    READS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy")
+    FACTORIES = ("rand", "randn", "randint", "zeros", "ones", "full", "empty", "arange", "eye")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self.on = False
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name, lambda a, k: True))
+        for name in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name), f"torch.{name}",
+                                                        lambda a, k: not isinstance(a[0] if a else k.get("data"),
+                                                                                    torch.Tensor)))
+        for name in self.FACTORIES:
+            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name), f"torch.{name}",
+                                                        lambda a, k: "device" not in k))
+        recorder, real = self, torch.Generator
+
+        class Generator(real):
+            def __new__(cls, *args, **kwargs):
+                if recorder.on and not args and "device" not in kwargs:
+                    recorder.calls.append("torch.Generator")
+                return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "Generator", Generator)
+
+    def _wrap(self, fn, name, counts):
+        def wrapper(*args, **kwargs):
+            if self.on and counts(args[1:] if name in self.READS else args, kwargs):
+                self.calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def __enter__(self):
+        self.on = True
+        return self
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+ONLINE_PLANS = {
+    "adaptive": MaskPlan(strategy="adaptive", source="online"),
+    "saliency": MaskPlan(strategy="saliency", source="online", cap_ramp_epochs=2),
+    "ratio-range-sample": MaskPlan(strategy="saliency", source="online", ratio=masking.RatioSpec(0.5, 0.9),
+                                   select="sample", tau=0.5, boundary_weight=2.0),
+    "ratio-per-batch": MaskPlan(strategy="adaptive", source="online", ratio=masking.RatioSpec(0.5, 0.9, "batch")),
+}
+
+
+@pytest.mark.parametrize("name", list(ONLINE_PLANS))
+def test_online_masks_are_built_on_the_device_without_host_syncs(monkeypatch, name):
+    """source=online builds its masks inside the step (`device_masks`) from the model's salience on
+    the device. Nothing may be read back to the host or built there and copied over: on CUDA either
+    would make every step wait. The recorder is this test's proxy (see its docstring); on CUDA,
+    `check_syncs` (`torch.cuda.set_sync_debug_mode("error")`, gpu-check) shows it for real."""
+    from pipeline.engine_pretrain import device_masks
+
+    plan = ONLINE_PLANS[name]
+    torch.manual_seed(0)
+    model = build_mae("tiny", **TINY)
+    imgs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    sal = model.token_salience(imgs)
+    with HostSyncRecorder(monkeypatch) as recorder:
+        m = device_masks({}, plan, model, imgs, 0.5, 11, (6, 12))
+    assert recorder.calls == []
+    # the masks themselves: a padded fixed width where counts vary, exact counts, a function of the seed
+    slots = plan.keep_slots(16)
+    assert m["ids_keep"].shape == (6, slots if slots is not None else 4)
+    ratio = masking.adaptive_ratio(sal) if plan.strategy == "adaptive" else None
+    if ratio is not None:
+        assert torch.equal(m["mask"].sum(1), masking.n_masked(16, ratio).float())
+    kept = (m["mask"] < 0.5).sum(1)
+    if m["valid"] is not None:
+        assert torch.equal(m["valid"].sum(1), kept)
+    assert m["n_fallback"].item() == 0 and m["n_zero"].item() == 0 and m["masked"].item() == m["mask"].sum().item()
+    again = device_masks({}, plan, model, imgs, 0.5, 11, (6, 12))
+    other = device_masks({}, plan, model, imgs, 0.5, 12, (6, 12))
+    assert all(torch.equal(m[k], again[k]) for k in ("ids_keep", "mask", "ids_restore"))
+    assert not torch.equal(m["mask"], other["mask"])
+    # the same masks as the loader's rule for that salience (CPU and device draws agree on the CPU)
+    cpu = batch_masks(plan, 6, (4, 4), 0.5, 11, (6, 12), sal)
+    assert all(torch.equal(m[k], cpu[k]) for k in ("ids_keep", "mask", "ids_restore"))
+
+
 # --------------------------------------------------------------------------- the loop, end to end
 def _run(tmp, pattern, store, **over):
     from stages.pretrain import run
@@ -111,6 +205,22 @@ def test_masks_do_not_depend_on_the_worker_count(tmp_path, shapes_pattern, store
     sb = [r for r in read_metrics(tmp_path / "w2" / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["masked"] for r in sa] == [r["masked"] for r in sb] and len(sa) == 8   # 64 rows // 8
     assert sum(r["fallback"] for r in sa) == 2    # rows 3 and 40 have failed maps; each is seen once
+
+
+def test_online_source_trains_without_a_store(tmp_path, shapes_pattern):
+    """source=online end to end: masks from the model's salience in the step; the counts reach the
+    step records (fallbacks and zero maps are device tensors here, summed on logging steps)."""
+    from stages.pretrain import run
+
+    out = tmp_path / "online"
+    summary = run(_cfg(out, shapes_pattern, mask="adaptive", epochs=1, batch_size=8, viz_samples=2, log_every=1,
+                       **{"masking.source": "online"}))
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 8 and np.isfinite(summary["loss"])
+    assert sum(r["fallback"] for r in steps) == 0 and sum(r["zero_maps"] for r in steps) == 0
+    # adaptive ratios lie in [base - var, base + var] = [0.65, 0.85]: 11..14 of 16 patches masked per image
+    assert all(11 <= r["masked"] <= 14 for r in steps)
+    assert (out / "png" / "epoch-0000.png").is_file()
 
 
 def test_logging_steps_report_window_means(tmp_path, shapes_pattern, store_path):

@@ -119,6 +119,66 @@ def test_padded_batch_equals_each_image_alone():
         torch.testing.assert_close(batch_pred[i:i + 1], pred_i, rtol=1e-5, atol=1e-5)
 
 
+def _pairwise_attn_mask(valid):
+    """The former padding mask, transcribed: [N, 1, 1+K, 1+K], real tokens attend to real ones only,
+    a padding token to itself only."""
+    n, k = valid.shape
+    tok = torch.cat([torch.ones(n, 1, dtype=torch.bool), valid], dim=1)
+    return ((tok[:, None, :] & tok[:, :, None]) | torch.eye(k + 1, dtype=torch.bool)[None])[:, None]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_key_padding_mask_gives_the_pairwise_masks_results(monkeypatch, fused):
+    """Padded (adaptive) batches hide padding by key only ([N, 1, 1, 1+K]: SDPA may keep its
+    memory-efficient kernel); real tokens' outputs and the loss equal the pairwise mask's. Both of
+    timm's attention paths (SDPA and its own softmax) are run."""
+    from pipeline.mask_plan import MaskPlan, batch_masks
+    from pipeline.models import mae
+
+    model = _model()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    imgs = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sal = torch.rand(8, 16, generator=torch.Generator().manual_seed(1)) ** 4
+    sal[:4] = (sal[:4] > 0.2).float()
+    m = batch_masks(MaskPlan(strategy="adaptive", base=0.6, var=0.3), 8, model.grid, 0.0, 3, (0, 8), sal)
+    valid = m["valid"]
+    assert valid.sum(1).unique().numel() >= 3 and not valid.all()  # several real lengths, and padding
+    key_mask = mae._padding_attn_mask(valid)
+    assert key_mask.shape == (8, 1, 1, 1 + valid.shape[1]) and key_mask.dtype == torch.bool
+    assert torch.equal(key_mask[:, 0, 0, 1:], valid) and key_mask[:, 0, 0, 0].all()
+    triple = (m["ids_keep"], m["mask"], m["ids_restore"])
+    latent = model.forward_encoder(imgs, m["ids_keep"], valid)
+    loss = model(imgs, masking=triple, valid=valid, reduction="none")[0]
+    monkeypatch.setattr(mae, "_padding_attn_mask", _pairwise_attn_mask)
+    latent_ref = model.forward_encoder(imgs, m["ids_keep"], valid)
+    loss_ref = model(imgs, masking=triple, valid=valid, reduction="none")[0]
+    real = torch.cat([torch.ones(8, 1, dtype=torch.bool), valid], dim=1)  # cls and the real patches
+    torch.testing.assert_close(latent[real], latent_ref[real], rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+    assert (latent[~real] - latent_ref[~real]).abs().max() > 1e-3  # padding rows did change: the masks differ
+
+
+def test_unpadded_forward_runs_on_blocks_without_attn_mask(monkeypatch):
+    """timm before 1.0.16: `Block.forward(self, x)` has no attn_mask. A batch without padding must
+    not pass one (not even None); the stand-in is timm 1.0.15's Block.forward."""
+    from timm.models.vision_transformer import Block
+
+    model = _model()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    want = model(imgs, noise=noise)[0]
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    monkeypatch.setattr(Block, "forward", forward)
+    torch.testing.assert_close(model(imgs, noise=noise)[0], want, rtol=0, atol=0)
+    torch.testing.assert_close(model(imgs, masking=masking.random_mask(2, 16, noise=noise), valid=None)[0], want,
+                               rtol=0, atol=0)
+
+
 def test_weights_and_online_salience():
     model = _model()
     imgs = torch.randn(2, 3, 32, 32)

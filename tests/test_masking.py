@@ -179,3 +179,28 @@ def test_random_fill_is_uniform_when_the_cap_cuts_through_tied_scores():
     expected = torch.tensor([0.75] * 8 + [0.5] * 4)
     assert (freq[4:] - expected).abs().max() < 0.02, freq
     assert torch.equal(mask.sum(1), torch.full((n,), 12.0))
+
+
+@pytest.mark.parametrize("strategy", ["random", "saliency", "adaptive"])
+def test_random_part_of_each_mask_is_uniform(strategy):
+    """Per-patch masking frequency over 8000 images of one saliency map with distinct scores (16
+    patches, 12 masked): `random` masks each patch with p = 12/16; `saliency` (cap 0.25) always masks
+    the 4 most salient and fills the other 8 from the 12 left uniformly (p = 8/12); `adaptive`
+    (base 0.6, var 0.2, delta 0.5: 8 of 16 above half the max -> ratio 0.4 + 0.4 * 8/16 = 0.6, 10
+    masked) masks the top 4 and 6 of the 12 others (p = 1/2). Exact counts alone would not see a
+    biased fill."""
+    n = 8000
+    sal = torch.linspace(1.0, 0.05, 16).expand(n, 16).contiguous()  # patch 0 most salient
+    g = torch.Generator().manual_seed(0)
+    if strategy == "random":
+        _, mask, _ = masking.random_mask(n, 16, 0.75, generator=g)
+        expected = torch.full((16,), 0.75)
+    elif strategy == "saliency":
+        _, mask, _ = masking.saliency_mask(sal, 0.75, 0.25, generator=g)
+        expected = torch.tensor([1.0] * 4 + [8 / 12] * 12)
+    else:
+        _, mask, _ = masking.adaptive_mask(sal, base=0.6, var=0.2, delta=0.5, cap=0.25, generator=g)
+        assert torch.equal(mask.sum(1), torch.full((n,), 10.0))
+        expected = torch.tensor([1.0] * 4 + [6 / 12] * 12)
+    freq = mask.mean(0)
+    assert (freq - expected).abs().max() < 0.02, freq

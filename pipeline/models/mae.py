@@ -158,9 +158,13 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        attn_mask = _padding_attn_mask(valid) if valid is not None else None
-        for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
+        if valid is None:
+            for blk in self.blocks:
+                x = blk(x)  # no attn_mask keyword: timm's Block takes none before 1.0.16
+        else:
+            attn_mask = _padding_attn_mask(valid)
+            for blk in self.blocks:
+                x = blk(x, attn_mask=attn_mask)
         return self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -218,7 +222,7 @@ class MaskedAutoencoderViT(nn.Module):
             imgs: [N, C, H, W].
             mask_ratio, noise: MAE's random masking (noise [N, L] uniform reproduces a mask exactly).
             masking: a precomputed (ids_keep, mask, ids_restore) from `pipeline.masking`; ids_keep
-                may be padded (variable keep counts): padding is excluded by an attention mask.
+                may be padded (variable keep counts): padding is hidden by a key-padding attention mask.
             weight: [N, L] per-patch loss weights (e.g. `masking.boundary_weights`).
             reduction: "mean" -> MAE's mean over all masked patches; "image_mean" -> mean of per-image
                 means; "none" -> per-image means [N] (see `forward_loss`).
@@ -246,13 +250,13 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def _padding_attn_mask(valid: torch.Tensor) -> torch.Tensor:
-    """valid [N, K] (patch tokens) -> bool attention mask [N, 1, 1+K, 1+K], True = may attend.
+    """valid [N, K] (patch tokens) -> bool key-padding mask [N, 1, 1, 1+K], True = may be attended to.
 
-    Real tokens (cls included) attend only to real tokens; a padding token attends only to
-    itself, so no row is empty and nothing flows from padding into real tokens.
+    It broadcasts over heads and queries: no token attends to a padding key, so nothing flows from
+    padding into real tokens. Padding queries attend to the real tokens (never an empty row: the cls
+    token is always real); their outputs are never gathered by the decoder. Real tokens' outputs
+    equal those under the pairwise [N, 1, 1+K, 1+K] mask (tested), which is 1+K times larger. Any
+    mask rules out SDPA's FlashAttention kernel; the memory-efficient kernel takes this one.
     """
-    n, k = valid.shape
-    tok = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=valid.device), valid], dim=1)  # [N, 1+K]
-    allowed = tok[:, None, :] & tok[:, :, None]
-    allowed |= torch.eye(k + 1, dtype=torch.bool, device=valid.device)[None]
-    return allowed[:, None]
+    cls = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
+    return torch.cat([cls, valid.bool()], dim=1)[:, None, None, :]  # [N, 1, 1, 1+K]
