@@ -6,12 +6,13 @@ from pageable memory) stalls the stream. Two checks share one switch (`check_syn
 
 - on CUDA, `torch.cuda.set_sync_debug_mode("error")` makes any such sync raise;
 - everywhere (the CPU included, where torch has no sync debug mode), a recorder catches the
-  Python-side causes in salmae's own code: tensors built from Python lists or scalars, and
-  device tensors read on the host. It patches `torch.tensor`, `torch.as_tensor` and
-  `Tensor.item/tolist/__bool__/__int__/__float__` while the block runs, and counts only calls
-  made from salmae's files (library internals, such as an optimizer creating its step counter,
-  are not ours to change). It is a proxy: what only CUDA shows (a kernel that syncs inside a
-  library) is left to the first check.
+  Python-side causes in salmae's own code: tensors built from Python lists or scalars
+  (`torch.tensor`, `torch.as_tensor`), factories and generators made without `device=` (they
+  land on the CPU and must be copied over), and tensors read on the host (`.item()`,
+  `.tolist()`, `int()`, `bool()`, `float()`, `.cpu()`, `.numpy()`). It patches those while the
+  block runs and counts only calls made from salmae's files (library internals, such as an
+  optimizer creating its step counter, are not ours to change). It is a proxy: what only CUDA
+  shows (a kernel that syncs inside a library) is left to the first check.
 
 The loader runs outside the guarded block: building tensors from lists there is host work.
 """
@@ -29,7 +30,8 @@ from pipeline.errors import SalmaeError
 
 _OURS = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "stages"))
 _CREATE = ("tensor", "as_tensor")
-_READ = ("item", "tolist", "__bool__", "__int__", "__float__")
+_FACTORIES = ("rand", "randn", "randint", "zeros", "ones", "full", "empty", "arange", "eye")
+_READ = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
 def _caller_is_ours() -> str | None:
@@ -46,7 +48,7 @@ def record_host_syncs() -> Iterator[list[str]]:
     """Record (into the yielded list) each call made from salmae's code that would sync a GPU step:
     `torch.tensor`/`torch.as_tensor` of Python data, and a tensor read on the host."""
     found: list[str] = []
-    saved = {name: getattr(torch, name) for name in _CREATE}
+    saved = {name: getattr(torch, name) for name in (*_CREATE, *_FACTORIES, "Generator")}
     saved_reads = {name: getattr(torch.Tensor, name) for name in _READ}
 
     def creator(name, original):
@@ -58,6 +60,15 @@ def record_host_syncs() -> Iterator[list[str]]:
             return original(data, *args, **kwargs)
         return create
 
+    def factory(name, original):
+        def make(*args, **kwargs):
+            if "device" not in kwargs:
+                where = _caller_is_ours()
+                if where:
+                    found.append(f"torch.{name} without device= at {where}")
+            return original(*args, **kwargs)
+        return make
+
     def reader(name, original):
         def read(self, *args, **kwargs):
             where = _caller_is_ours()
@@ -66,8 +77,19 @@ def record_host_syncs() -> Iterator[list[str]]:
             return original(self, *args, **kwargs)
         return read
 
-    for name, original in saved.items():
-        setattr(torch, name, creator(name, original))
+    class Generator(saved["Generator"]):
+        def __new__(cls, *args, **kwargs):
+            if not args and "device" not in kwargs:
+                where = _caller_is_ours()
+                if where:
+                    found.append(f"torch.Generator without device= at {where}")
+            return saved["Generator"](*args, **kwargs)
+
+    for name in _CREATE:
+        setattr(torch, name, creator(name, saved[name]))
+    for name in _FACTORIES:
+        setattr(torch, name, factory(name, saved[name]))
+    torch.Generator = Generator
     for name, original in saved_reads.items():
         setattr(torch.Tensor, name, reader(name, original))
     try:

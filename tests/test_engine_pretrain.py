@@ -25,6 +25,7 @@ from pipeline import masking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.device import autocast, default_workers, grad_scaler, resolve_precision
 from pipeline.errors import SalmaeError
+from pipeline.host_syncs import record_host_syncs
 from pipeline.logging import read_metrics
 from pipeline.mask_plan import MaskPlan, batch_masks
 from pipeline.models.mae import build_mae
@@ -92,56 +93,6 @@ def test_failed_maps_fall_back_to_the_random_rule_and_are_counted():
     assert not torch.equal(m["mask"][ok], r["mask"][ok])
 
 
-class HostSyncRecorder:
-    """Records, by name, each call in a block that on CUDA would wait for the device or copy from the host.
-
-    On the CPU nothing waits, so this is a proxy: reads of a tensor's value on the host (`.item()`,
-    `.tolist()`, `int()`, `bool()`, `float()`, `.cpu()`, `.numpy()`), tensors built from Python data
-    (`torch.tensor`, `torch.as_tensor`), and factories or generators made without a `device=` (they
-    land on the CPU and would have to be copied to the GPU). What only CUDA can show, a sync inside
-    torch's own kernels, `salmae gpu-check` catches with `torch.cuda.set_sync_debug_mode("error")`.
-    """
-
-    READS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy")
-    FACTORIES = ("rand", "randn", "randint", "zeros", "ones", "full", "empty", "arange", "eye")
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        self.on = False
-        for name in self.READS:
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name, lambda a, k: True))
-        for name in ("tensor", "as_tensor"):
-            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name), f"torch.{name}",
-                                                        lambda a, k: not isinstance(a[0] if a else k.get("data"),
-                                                                                    torch.Tensor)))
-        for name in self.FACTORIES:
-            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name), f"torch.{name}",
-                                                        lambda a, k: "device" not in k))
-        recorder, real = self, torch.Generator
-
-        class Generator(real):
-            def __new__(cls, *args, **kwargs):
-                if recorder.on and not args and "device" not in kwargs:
-                    recorder.calls.append("torch.Generator")
-                return real(*args, **kwargs)
-
-        monkeypatch.setattr(torch, "Generator", Generator)
-
-    def _wrap(self, fn, name, counts):
-        def wrapper(*args, **kwargs):
-            if self.on and counts(args[1:] if name in self.READS else args, kwargs):
-                self.calls.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def __enter__(self):
-        self.on = True
-        return self
-
-    def __exit__(self, *exc):
-        self.on = False
-
-
 ONLINE_PLANS = {
     "adaptive": MaskPlan(strategy="adaptive", source="online"),
     "saliency": MaskPlan(strategy="saliency", source="online", cap_ramp_epochs=2),
@@ -152,10 +103,10 @@ ONLINE_PLANS = {
 
 
 @pytest.mark.parametrize("name", list(ONLINE_PLANS))
-def test_online_masks_are_built_on_the_device_without_host_syncs(monkeypatch, name):
+def test_online_masks_are_built_on_the_device_without_host_syncs(name):
     """source=online builds its masks inside the step (`device_masks`) from the model's salience on
     the device. Nothing may be read back to the host or built there and copied over: on CUDA either
-    would make every step wait. The recorder is this test's proxy (see its docstring); on CUDA,
+    would make every step wait. The recorder (`pipeline.host_syncs`) is the CPU's proxy; on CUDA,
     `check_syncs` (`torch.cuda.set_sync_debug_mode("error")`, gpu-check) shows it for real."""
     from pipeline.engine_pretrain import device_masks
 
@@ -164,9 +115,9 @@ def test_online_masks_are_built_on_the_device_without_host_syncs(monkeypatch, na
     model = build_mae("tiny", **TINY)
     imgs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     sal = model.token_salience(imgs)
-    with HostSyncRecorder(monkeypatch) as recorder:
+    with record_host_syncs() as found:
         m = device_masks({}, plan, model, imgs, 0.5, 11, (6, 12))
-    assert recorder.calls == []
+    assert found == []
     # the masks themselves: a padded fixed width where counts vary, exact counts, a function of the seed
     slots = plan.keep_slots(16)
     assert m["ids_keep"].shape == (6, slots if slots is not None else 4)
