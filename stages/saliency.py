@@ -1,10 +1,13 @@
 """Stage 1: CLIP + Grad-CAM saliency for every sample of caption shards, into a Zarr store.
 
-Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun each rank computes a
-contiguous block of shards (`rank_shards`: a contiguous run of tars), and `--set shards=LO:HI`
+Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun rank 0 lists the
+job's shards not yet done and each rank computes an equal contiguous block of that list
+(`deal_todo`: a contiguous run of tars; after a resume no rank sits idle), and `--set shards=LO:HI`
 splits a store across separate jobs; batches are formed inside a shard in row order and never
 span two tars, so the numbers do not depend on the world size. A shard's completion marker is written after its rows, so a rerun
 of the same command skips finished shards and ends with the same bytes as an uninterrupted run.
+Ranks wait for rank 0's store and for each other's last shards with `dist.wait_for_all`, which
+has no 30-minute limit and logs while it waits.
 
 The device never waits for the host: loader workers decode, resize and tokenize, images cross as
 uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host, and
@@ -29,6 +32,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,22 +121,24 @@ def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: Stor
     if dist.is_main():
         with disk_full_as_error(out, "the store is unchanged or still marked unfinished"):
             _prepare_store(cfg, out, record, layer_path, info, provenance, lock)
-    dist.barrier(f"rank 0 to create or check the store {out} (and build its manifest)")
+    dist.wait_for_all(f"rank 0 to create or check the store {out} (and build its manifest)")
     log = setup_logging(out)
     store = SaliencyStore.open(out, mode="r+")
     manifest = _load_manifest(out / MANIFEST_NAME)
     started = time.time()
     run_id = f"{started:.6f}"
     job = job_shards(cfg.shards, store.n_shards)
-    todo = [s for s in rank_shards(job, dist.world_size(), dist.rank()) if not store.is_done(s)]
-    log.info("stage 1: %d rows in %d shards, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
-             "batch %d, %s on %s%s", len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model,
-             record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision, device.type,
-             ", compiled" if cfg.compile else "")
+    # rank 0 lists the shards still to do before any rank can write a marker; all deal the same list
+    left = dist.broadcast_object([s for s in job if not store.is_done(s)] if dist.is_main() else None)
+    todo = deal_todo(left, dist.world_size(), dist.rank())
+    log.info("stage 1: %d rows in %d shards, %d left, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
+             "batch %d, %s on %s%s", len(store), store.n_shards, len(left), len(todo), dist.world_size(),
+             cfg.clip_model, record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision,
+             device.type, ", compiled" if cfg.compile else "")
     n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id, provenance)
-    dist.barrier()
+    dist.wait_for_all("every rank to finish its shards")
     summary = _summarise(store, manifest, out, started, run_id, n_images, provenance) if dist.is_main() else {}
-    dist.barrier()
+    dist.wait_for_all("rank 0 to write the report")
     return summary
 
 
@@ -158,12 +164,19 @@ def job_shards(spec: str, n_shards: int) -> range:
     return range(min(shards.lo, n_shards), min(hi, n_shards))
 
 
-def rank_shards(shards: range, world: int, rank: int) -> range:
-    """Rank `rank`'s contiguous block of `shards`. Rows are in manifest order (shard by shard), so a
-    block of Zarr shards is a contiguous run of tars: no tar is read by more than the two ranks
-    that share its ends, where round-robin dealing made every rank open every tar."""
-    n = len(shards)
-    return shards[n * rank // world:n * (rank + 1) // world]
+def deal_todo(todo: Sequence[int], world: int, rank: int) -> list[int]:
+    """Rank `rank`'s share of `todo`, the job's shards still to do in order: a contiguous slice, and
+    the `world` slices differ in length by at most one.
+
+    Dealing what is left, not the whole job, keeps every rank busy to the end after a resume
+    (dealt statically, a 16-rank resume of an 8-rank run killed at 50% gave work
+    [0, 202, 0, 202, ...]: half the ranks idle, the rest working twice as long). Contiguous
+    because rows are in manifest order (shard by shard), so a run of Zarr shards is a contiguous
+    run of tars: no tar is read by more than the two ranks that share its ends, where round-robin
+    dealing made every rank open every tar.
+    """
+    n = len(todo)
+    return list(todo[n * rank // world:n * (rank + 1) // world])
 
 
 def default_batch_size(device: torch.device) -> int:
