@@ -10,8 +10,9 @@ Ranks wait for rank 0's store and for each other's last shards with `dist.wait_f
 has no 30-minute limit and logs while it waits.
 
 The device never waits for the host: loader workers decode, resize and tokenize, images cross as
-uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host, and
-each batch's maps are copied back while the next batch runs (`_MapsToHost`).
+uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host,
+each batch's maps are copied back while the next batch runs (`_MapsToHost`), and a finished
+shard is compressed, written and fsynced by a writer thread while the next batches run (`_ShardWriter`).
 
 Safety (issue 12). Rank 0 holds a writer lock on the store for the job's shard range
 (`pipeline/store_lock.py`: disjoint `--set shards=LO:HI` jobs share a store, overlapping ones
@@ -29,8 +30,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import queue
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -518,47 +521,49 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
                     "left": len(bs), "started": None}
         batches += bs
         batch_shard += [s] * len(bs)
-    for s in todo:
-        if plans[s]["left"] == 0:
-            _finish_shard(store, s, plans.pop(s), run_id, provenance)
-    if not batches:
-        return 0
     if cfg.workers > 1 and not all(_is_local_tar(u) for u in urls.values()):
         order = deal_tars_to_workers([shards[b[0]] for b in batches], cfg.workers)
         batches, batch_shard = [batches[i] for i in order], [batch_shard[i] for i in order]
     loader = DataLoader(_RowImages(rows_info, info, tokenizer, cfg.max_pixels), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
                         persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
-    cam_fn = compute_cam(cfg.cam)
-    bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
-    n_images = 0
-    in_flight: tuple | None = None                 # the previous batch, its maps still on their way to the host
-    for (rows, images, tokens, errors), s in zip(loader, batch_shard):
-        plan = plans[s]
-        plan["started"] = plan["started"] or time.time()
-        lo = store.shard_rows(s).start
-        for r, e in zip(rows, errors):
-            if e is not None:
-                plan["status"][r - lo] = status_code(e)
-        maps = None
-        if images is not None:
-            pixels = normalise(images.to(device, non_blocking=True), info.mean, info.std)   # [n, 3, H, W] float32
-            with autocast(device, cfg.precision):
-                text_emb = encode_captions(model, tokens)
-                maps = _MapsToHost(cam_fn(model, pixels, text_emb, layer, info.grid))
+    loaded = iter(loader) if batches else iter(())  # forks the workers: before the writer's thread exists
+    with _ShardWriter(store, run_id, provenance) as writer:
+        for s in todo:
+            if plans[s]["left"] == 0:
+                writer.submit(s, plans.pop(s))
+        if not batches:
+            return 0
+        cam_fn = compute_cam(cfg.cam)
+        bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
+        n_images = 0
+        in_flight: tuple | None = None             # the previous batch, its maps still on their way to the host
+        for (rows, images, tokens, errors), s in zip(loaded, batch_shard):
+            plan = plans[s]
+            plan["started"] = plan["started"] or time.time()
+            lo = store.shard_rows(s).start
+            for r, e in zip(rows, errors):
+                if e is not None:
+                    plan["status"][r - lo] = status_code(e)
+            maps = None
+            if images is not None:
+                pixels = normalise(images.to(device, non_blocking=True), info.mean, info.std)   # [n, 3, H, W] float32
+                with autocast(device, cfg.precision):
+                    text_emb = encode_captions(model, tokens)
+                    maps = _MapsToHost(cam_fn(model, pixels, text_emb, layer, info.grid))
+            if in_flight is not None:
+                n_images += _store_maps(store, plans, writer, *in_flight)
+            in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
+            bar.update(len(rows))
         if in_flight is not None:
-            n_images += _store_maps(store, plans, *in_flight, run_id, provenance)
-        in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
-        bar.update(len(rows))
-    if in_flight is not None:
-        n_images += _store_maps(store, plans, *in_flight, run_id, provenance)
-    bar.close()
+            n_images += _store_maps(store, plans, writer, *in_flight)
+        bar.close()
     return n_images
 
 
-def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: list[int],
-                maps: _MapsToHost | None, run_id: str, provenance: dict) -> int:
-    """Put one batch's maps into its shard's plan (writing the shard when it is complete); -> images."""
+def _store_maps(store: SaliencyStore, plans: dict[int, dict], writer: _ShardWriter, shard: int, good: list[int],
+                maps: _MapsToHost | None) -> int:
+    """Put one batch's maps into its shard's plan (handing the shard to the writer when it is complete); -> images."""
     plan = plans[shard]
     lo = store.shard_rows(shard).start
     if maps is not None:
@@ -569,18 +574,76 @@ def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: 
                                       else CODE_OF["zero_map"] if not cam.max() > 0 else STATUS_OK)
     plan["left"] -= 1
     if plan["left"] == 0:
-        _finish_shard(store, shard, plans.pop(shard), run_id, provenance)
+        writer.submit(shard, plans.pop(shard))
     return len(good) if maps is not None else 0
 
 
-def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, provenance: dict) -> None:
-    status = plan["status"]
-    seconds = time.time() - plan["started"] if plan["started"] else 0.0
-    marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
-              "images": int(np.isin(status, [STATUS_OK, CODE_OF["nonfinite_map"], CODE_OF["zero_map"]]).sum()),
-              **{k: provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
-    with disk_full_as_error(store.shard_files(shard)[0], f"shard {shard} is not marked done, finished shards are kept"):
-        store.write_shard(shard, plan["saliency"], status, marker)
+class _ShardWriter:
+    """Writes finished shards (`SaliencyStore.write_shard`: compress, write, fsync, then the marker)
+    on a thread of its own, in the order submitted, while the batch loop goes on launching CAM
+    batches: written on the main thread, every shard's compression and fsyncs left the device idle.
+
+    At most `depth` shards wait in the queue (bounded host memory; the loop waits when the disk is
+    slower than the device). The first error (a full disk: one SalmaeError line) ends the writing:
+    shards queued after it are dropped, unmarked, for a rerun to compute, and the error itself is
+    raised on the main thread by the next `submit` or by `close`. As a context manager, leaving the
+    block writes what is queued (on an exception too: those shards are complete) and joins the
+    thread. The thread starts on the first `submit`, after the DataLoader has forked its workers.
+    """
+
+    def __init__(self, store: SaliencyStore, run_id: str, provenance: dict, depth: int = 2):
+        self.store, self.run_id, self.provenance = store, run_id, provenance
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None       # the writer's first error; it writes nothing after it
+        self._error_raised = False
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(raise_error=exc_type is None)     # an exception already on its way keeps precedence
+
+    def submit(self, shard: int, plan: dict) -> None:
+        """Queue a finished shard (its plan's maps and statuses are the writer's from now on)."""
+        self._raise_error()
+        status = plan["status"]
+        seconds = time.time() - plan["started"] if plan["started"] else 0.0
+        marker = {"run_id": self.run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
+                  "images": int(np.isin(status, [STATUS_OK, CODE_OF["nonfinite_map"], CODE_OF["zero_map"]]).sum()),
+                  **{k: self.provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_queued, name="salmae-shard-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((shard, plan["saliency"], status, marker))
+
+    def close(self, raise_error: bool = True) -> None:
+        """Write what is queued, join the thread, then raise the writer's error (unless `raise_error` is False)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if raise_error:
+            self._raise_error()
+        elif self._error is not None and not self._error_raised:
+            get_logger().error("writing shards failed too: %s", self._error)
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self._error
+
+    def _write_queued(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue                               # dropped: unmarked, so a rerun computes it
+            shard, saliency, status, marker = item
+            try:
+                with disk_full_as_error(self.store.shard_files(shard)[0],
+                                        f"shard {shard} is not marked done, finished shards are kept"):
+                    self.store.write_shard(shard, saliency, status, marker)
+            except BaseException as e:                 # surfaces on the main thread
+                self._error = e
 
 
 # ---------------------------------------------------------------------------- report (rank 0)

@@ -1,5 +1,5 @@
 """Stage 1 under uneven work (issue 22): what is left is dealt evenly, long waits outlast the process
-group's timeout."""
+group's timeout, and shards are written by a background thread while the batch loop goes on."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from pipeline.errors import SalmaeError
 from pipeline.store import SaliencyStore
 from stages.saliency import deal_todo, run
 from test_saliency_stage import _array_bytes, _cfg
@@ -94,3 +97,93 @@ def test_wait_for_all_outlasts_the_group_timeout(tmp_path):
     assert "rank 0 passed" in proc.stdout and "rank 1 passed" in proc.stdout
     waits = re.findall(r"rank 0 waits for rank 1 to wake up \((\d+) s\)", proc.stderr)
     assert len(waits) >= 3 and int(waits[-1]) >= 3, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- background writer (item 10)
+def _counting_cams(monkeypatch, on_call=None) -> list[int]:
+    """Count the CAM batches launched (and call `on_call(n)` before the n-th, from 1)."""
+    import stages.saliency as saliency
+
+    calls: list[int] = []
+    real = saliency.compute_cam
+
+    def compute_cam(method):
+        cam_fn = real(method)
+
+        def counted(*args, **kwargs):
+            calls.append(len(calls) + 1)
+            if on_call is not None:
+                on_call(len(calls))
+            return cam_fn(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(saliency, "compute_cam", compute_cam)
+    return calls
+
+
+def test_the_batch_loop_goes_on_while_a_shard_is_written(full_store, shapes_pattern, tmp_path, monkeypatch):
+    """Shard 0 (batches 1-2) is handed over after batch 3 is launched; its writing is held until batch 4
+    is launched, which can only happen if the loop does not wait for the write."""
+    launched_4th = threading.Event()
+    calls = _counting_cams(monkeypatch, on_call=lambda n: n >= 4 and launched_4th.set())
+    real_write = SaliencyStore.write_shard
+    seen = {}
+
+    def write_shard(self, shard, *args):
+        if shard == 0:
+            seen["thread"] = threading.current_thread().name
+            seen["overlapped"] = launched_4th.wait(timeout=10)
+        return real_write(self, shard, *args)
+
+    monkeypatch.setattr(SaliencyStore, "write_shard", write_shard)
+    out = tmp_path / "store.zarr"
+    summary = run(_cfg(shapes_pattern, out))
+    assert seen == {"thread": "salmae-shard-writer", "overlapped": True}
+    assert len(calls) == 8 and summary["shards_done"] == 4
+    assert _array_bytes(out) == _array_bytes(full_store)
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "salmae-shard-writer"]
+
+
+def test_a_writer_error_surfaces_as_itself_and_later_shards_stay_unmarked(full_store, shapes_pattern, tmp_path,
+                                                                         monkeypatch):
+    real_write = SaliencyStore.write_shard
+    error = SalmaeError("disk full writing shard 1 (test); shard 1 is not marked done")
+
+    def write_shard(self, shard, *args):
+        if shard == 1:
+            raise error
+        return real_write(self, shard, *args)
+
+    monkeypatch.setattr(SaliencyStore, "write_shard", write_shard)
+    out = tmp_path / "store.zarr"
+    with pytest.raises(SalmaeError) as e:
+        run(_cfg(shapes_pattern, out))
+    assert e.value is error and not _writer_threads()
+    assert sorted(SaliencyStore.open(out).done_markers()) == [0]
+    monkeypatch.undo()
+    assert run(_cfg(shapes_pattern, out))["images_this_run"] == 48      # the rerun computes shards 1-3
+    assert _array_bytes(out) == _array_bytes(full_store)
+
+
+def test_an_error_in_the_loop_still_writes_the_finished_shards(shapes_pattern, tmp_path, monkeypatch):
+    """A CAM failure at batch 6 (shard 2) after shards 0 and 1 were handed over to a slow writer:
+    the error propagates, and both finished shards are on disk with their markers."""
+    def fail_at_6(n):
+        if n == 6:
+            raise RuntimeError("CAM failed at batch 6")
+
+    _counting_cams(monkeypatch, on_call=fail_at_6)
+    real_write = SaliencyStore.write_shard
+
+    def slow_write(self, shard, *args):
+        time.sleep(0.5)
+        return real_write(self, shard, *args)
+
+    monkeypatch.setattr(SaliencyStore, "write_shard", slow_write)
+    out = tmp_path / "store.zarr"
+    with pytest.raises(RuntimeError, match="CAM failed at batch 6"):
+        run(_cfg(shapes_pattern, out))
+    assert sorted(SaliencyStore.open(out).done_markers()) == [0, 1] and not _writer_threads()
