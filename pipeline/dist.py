@@ -8,12 +8,17 @@ One process group serves both devices: on a CUDA machine it is created with
 GPU and over gloo when it lives on the CPU (NCCL alone refuses CPU tensors). On a CPU-only
 machine the group is plain gloo. Every collective helper here therefore works whatever device
 its tensor is on; tests exercise them under 2-process gloo.
+
+Waits that may legitimately be long (rank 0 building a manifest, ranks finishing unequal work)
+go through `wait_for_all`, on a second, gloo-only group made by `init` whose timeout is a year:
+the main group's `TIMEOUT` would otherwise kill a healthy job whose ranks simply finish apart.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any
 
 import torch
@@ -21,8 +26,13 @@ import torch.distributed as dist
 
 from pipeline.errors import SalmaeError
 
-# NCCL's own timeout; long enough for rank 0 to build a manifest of a few hundred shards.
+# NCCL's own timeout: how long one collective of the main group may wait for a slow rank.
 TIMEOUT = datetime.timedelta(minutes=30)
+# The timeout of `wait_for_all`'s group: longer than any job (gloo adds it to a nanosecond clock,
+# so not timedelta.max). A rank that dies is seen at once (its sockets close), not after this.
+WAIT_TIMEOUT = datetime.timedelta(days=365)
+
+_wait_group: tuple[Any, Any] | None = None   # (the main group it was made in, the gloo group `wait_for_all` uses)
 
 
 def rank() -> int:
@@ -66,6 +76,7 @@ def init(device: torch.device) -> None:
         dist.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
     except (RuntimeError, ValueError, OSError) as e:   # DistNetworkError and DistStoreError are RuntimeErrors
         raise SalmaeError(init_failure(e)) from None
+    _make_wait_group()
 
 
 def init_failure(error: BaseException) -> str:
@@ -85,8 +96,18 @@ def init_failure(error: BaseException) -> str:
             "(e.g. ib0 or eth0; `ip -br addr` lists them), and check that MASTER_ADDR is reachable")
 
 
+def _make_wait_group() -> Any:
+    """The gloo group of `wait_for_all` (every rank must call this at the same point: `init` does)."""
+    global _wait_group
+    if _wait_group is None or _wait_group[0] is not dist.group.WORLD:   # none yet, or the main group was remade
+        _wait_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    return _wait_group[1]
+
+
 def barrier(waiting_for: str | None = None) -> None:
-    """Wait for every rank; ranks other than 0 log what they wait for (rank 0 usually does the work)."""
+    """Wait for every rank; ranks other than 0 log what they wait for (rank 0 usually does the work).
+
+    One collective of the main group: it fails after `TIMEOUT`. For waits as long as the work, use `wait_for_all`."""
     if not dist.is_initialized():
         return
     if waiting_for and not is_main():
@@ -94,6 +115,45 @@ def barrier(waiting_for: str | None = None) -> None:
 
         get_logger().info("rank %d waits for rank 0: %s", rank(), waiting_for)
     dist.barrier()
+
+
+def wait_for_all(what: str, poll_s: float = 60.0) -> None:
+    """Wait, however long it takes, until every rank has called this; log a line every `poll_s` seconds.
+
+    For waits whose length depends on the work: rank 0 creating a store and building its manifest
+    while the others wait, or ranks that finish their shards at different times. A plain
+    `barrier()` there is one collective of the main group and fails after `TIMEOUT` (30 min),
+    after which torchrun kills the ranks still working. Here the barrier runs on a gloo-only
+    group whose timeout is `WAIT_TIMEOUT` (a year), issued asynchronously: this thread polls
+    `is_completed()` and logs "rank R waits for WHAT (N min)" every `poll_s` seconds, so a long
+    wait is visible in the log rather than a silent hang. Gloo bounds each collective by its
+    group's timeout (a timed-out wait fails; it is not retried), hence a group of its own rather
+    than a longer main timeout, which would also lengthen NCCL's hang detection in training. The
+    group is gloo whatever the main backend (`gloo` or `cpu:gloo,cuda:nccl`), so the wait needs
+    no device. A rank that crashes closes its sockets, so the others fail at once, not after a year
+    (and torchrun stops them anyway). Public APIs only; the main group's store is private.
+
+    `what` completes "rank R waits for ...", e.g. "rank 0 to create the store". No-op in one process.
+    """
+    if not dist.is_initialized():
+        return
+    work = dist.barrier(group=_make_wait_group(), async_op=True)   # made here if another `init` made the group
+    started = last_log = time.monotonic()
+    pause = 0.001
+    while not work.is_completed():
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5, poll_s)
+        now = time.monotonic()
+        if now - last_log >= poll_s:
+            from pipeline.logging import get_logger
+
+            get_logger().info("rank %d waits for %s (%s)", rank(), what, _minutes(now - started))
+            last_log = now
+    work.wait()                                                    # raises a failed barrier's error
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -122,5 +182,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def shutdown() -> None:
+    global _wait_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _wait_group = None

@@ -1,14 +1,18 @@
 """Stage 1: CLIP + Grad-CAM saliency for every sample of caption shards, into a Zarr store.
 
-Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun each rank computes a
-contiguous block of shards (`rank_shards`: a contiguous run of tars), and `--set shards=LO:HI`
+Work is split by Zarr shard (`rows_per_shard` manifest rows): under torchrun rank 0 lists the
+job's shards not yet done and each rank computes an equal contiguous block of that list
+(`deal_todo`: a contiguous run of tars; after a resume no rank sits idle), and `--set shards=LO:HI`
 splits a store across separate jobs; batches are formed inside a shard in row order and never
 span two tars, so the numbers do not depend on the world size. A shard's completion marker is written after its rows, so a rerun
 of the same command skips finished shards and ends with the same bytes as an uninterrupted run.
+Ranks wait for rank 0's store and for each other's last shards with `dist.wait_for_all`, which
+has no 30-minute limit and logs while it waits.
 
 The device never waits for the host: loader workers decode, resize and tokenize, images cross as
-uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host, and
-each batch's maps are copied back while the next batch runs (`_MapsToHost`).
+uint8 (pinned on CUDA) and are normalised on the device, caption padding is cut on the host,
+each batch's maps are copied back while the next batch runs (`_MapsToHost`), and a finished
+shard is compressed, written and fsynced by a writer thread while the next batches run (`_ShardWriter`).
 
 Safety (issue 12). Rank 0 holds a writer lock on the store for the job's shard range
 (`pipeline/store_lock.py`: disjoint `--set shards=LO:HI` jobs share a store, overlapping ones
@@ -26,9 +30,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import queue
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ from pipeline.errors import SalmaeError
 from pipeline.files import atomic_path, atomic_write_json, disk_full_as_error, fsync_paths, pid_alive
 from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, check_layer, compile_around_layer,
                               compute_cam, encode_captions, resolve_layer, trim_caption_padding)
+from pipeline.host_syncs import no_host_syncs
 from pipeline.logging import get_logger, setup_logging
 from pipeline.models.clip import load_clip
 from pipeline.store import CREATING, DONE_DIR, READABLE_FORMATS
@@ -81,6 +89,7 @@ class SaliencyConfig:
     shards: str = ""                  # LO:HI = compute only Zarr shards LO..HI-1 (split one store across jobs)
     allow_mixed: bool = False         # resume a store begun on another device/precision/batch/seed/library (recorded)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels (by header) are not decoded: status too_large
+    check_syncs: bool = False         # a host sync in a batch's CAM work is an error (gpu-check; pipeline.host_syncs)
 
 
 def run(cfg: SaliencyConfig) -> dict[str, Any]:
@@ -117,22 +126,25 @@ def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: Stor
     if dist.is_main():
         with disk_full_as_error(out, "the store is unchanged or still marked unfinished"):
             _prepare_store(cfg, out, record, layer_path, info, provenance, lock)
-    dist.barrier(f"rank 0 to create or check the store {out} (and build its manifest)")
+    dist.wait_for_all(f"rank 0 to create or check the store {out} (and build its manifest)")
     log = setup_logging(out)
     store = SaliencyStore.open(out, mode="r+")
     manifest = _load_manifest(out / MANIFEST_NAME)
     started = time.time()
     run_id = f"{started:.6f}"
     job = job_shards(cfg.shards, store.n_shards)
-    todo = [s for s in rank_shards(job, dist.world_size(), dist.rank()) if not store.is_done(s)]
-    log.info("stage 1: %d rows in %d shards, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
-             "batch %d, %s on %s%s", len(store), store.n_shards, len(todo), dist.world_size(), cfg.clip_model,
-             record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision, device.type,
-             ", compiled" if cfg.compile else "")
-    n_images = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id, provenance)
-    dist.barrier()
-    summary = _summarise(store, manifest, out, started, run_id, n_images, provenance) if dist.is_main() else {}
-    dist.barrier()
+    # rank 0 lists the shards still to do before any rank can write a marker; all deal the same list
+    left = dist.broadcast_object([s for s in job if not store.is_done(s)] if dist.is_main() else None)
+    todo = deal_todo(left, dist.world_size(), dist.rank())
+    log.info("stage 1: %d rows in %d shards, %d left, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
+             "batch %d, %s on %s%s", len(store), store.n_shards, len(left), len(todo), dist.world_size(),
+             cfg.clip_model, record["clip_pretrained"], cfg.cam, layer_path, cfg.batch_size, cfg.precision,
+             device.type, ", compiled" if cfg.compile else "")
+    n_images, steady = _compute_shards(cfg, store, manifest, todo, model, info, tokenizer, layer, device, run_id,
+                                       provenance)
+    dist.wait_for_all("every rank to finish its shards")
+    summary = _summarise(store, manifest, out, started, run_id, steady, provenance) if dist.is_main() else {}
+    dist.wait_for_all("rank 0 to write the report")
     return summary
 
 
@@ -158,12 +170,19 @@ def job_shards(spec: str, n_shards: int) -> range:
     return range(min(shards.lo, n_shards), min(hi, n_shards))
 
 
-def rank_shards(shards: range, world: int, rank: int) -> range:
-    """Rank `rank`'s contiguous block of `shards`. Rows are in manifest order (shard by shard), so a
-    block of Zarr shards is a contiguous run of tars: no tar is read by more than the two ranks
-    that share its ends, where round-robin dealing made every rank open every tar."""
-    n = len(shards)
-    return shards[n * rank // world:n * (rank + 1) // world]
+def deal_todo(todo: Sequence[int], world: int, rank: int) -> list[int]:
+    """Rank `rank`'s share of `todo`, the job's shards still to do in order: a contiguous slice, and
+    the `world` slices differ in length by at most one.
+
+    Dealing what is left, not the whole job, keeps every rank busy to the end after a resume
+    (dealt statically, a 16-rank resume of an 8-rank run killed at 50% gave work
+    [0, 202, 0, 202, ...]: half the ranks idle, the rest working twice as long). Contiguous
+    because rows are in manifest order (shard by shard), so a run of Zarr shards is a contiguous
+    run of tars: no tar is read by more than the two ranks that share its ends, where round-robin
+    dealing made every rank open every tar.
+    """
+    n = len(todo)
+    return list(todo[n * rank // world:n * (rank + 1) // world])
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -473,8 +492,10 @@ def _shard_urls(cfg: SaliencyConfig, manifest) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- compute
 def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, info, tokenizer, layer,
-                    device, run_id: str, provenance: dict) -> int:
-    """Compute and write every shard in `todo`; returns the number of images run through CLIP."""
+                    device, run_id: str, provenance: dict) -> tuple[int, dict[str, float]]:
+    """Compute and write every shard in `todo`; returns the number of images run through CLIP and this
+    rank's steady state {images, seconds}: from the first batch's maps on the host to the last's (the
+    first batch holds loader start-up and CUDA warm-up; shard writes overlap it in their thread)."""
     from tqdm import tqdm
 
     urls = _shard_urls(cfg, manifest)
@@ -505,48 +526,56 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
                     "left": len(bs), "started": None}
         batches += bs
         batch_shard += [s] * len(bs)
-    for s in todo:
-        if plans[s]["left"] == 0:
-            _finish_shard(store, s, plans.pop(s), run_id, provenance)
-    if not batches:
-        return 0
     if cfg.workers > 1 and not all(_is_local_tar(u) for u in urls.values()):
         order = deal_tars_to_workers([shards[b[0]] for b in batches], cfg.workers)
         batches, batch_shard = [batches[i] for i in order], [batch_shard[i] for i in order]
     loader = DataLoader(_RowImages(rows_info, info, tokenizer, cfg.max_pixels), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
                         persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
-    cam_fn = compute_cam(cfg.cam)
-    bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
-    n_images = 0
-    stats = pixel_stats(device, info.mean, info.std)   # once: a batch makes no tensor from Python lists
-    in_flight: tuple | None = None                 # the previous batch, its maps still on their way to the host
-    for (rows, images, tokens, errors), s in zip(loader, batch_shard):
-        plan = plans[s]
-        plan["started"] = plan["started"] or time.time()
-        lo = store.shard_rows(s).start
-        for r, e in zip(rows, errors):
-            if e is not None:
-                plan["status"][r - lo] = status_code(e)
-        maps = None
-        if images is not None:
-            pixels = normalise(images.to(device, non_blocking=True), stats)   # [n, 3, H, W] float32
-            with autocast(device, cfg.precision):
-                text_emb = encode_captions(model, tokens)
-                maps = _MapsToHost(cam_fn(model, pixels, text_emb, layer, info.grid))
+    loaded = iter(loader) if batches else iter(())  # forks the workers: before the writer's thread exists
+    with _ShardWriter(store, run_id, provenance) as writer:
+        for s in todo:
+            if plans[s]["left"] == 0:
+                writer.submit(s, plans.pop(s))
+        if not batches:
+            return 0, {"images": 0, "seconds": 0.0}
+        cam_fn = compute_cam(cfg.cam)
+        bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
+        n_images, steady_from = 0, None               # steady state: from the first batch's maps on the host
+        stats = pixel_stats(device, info.mean, info.std)   # once: a batch makes no tensor from Python lists
+        in_flight: tuple | None = None             # the previous batch, its maps still on their way to the host
+        for step, ((rows, images, tokens, errors), s) in enumerate(zip(loaded, batch_shard)):
+            plan = plans[s]
+            plan["started"] = plan["started"] or time.time()
+            lo = store.shard_rows(s).start
+            for r, e in zip(rows, errors):
+                if e is not None:
+                    plan["status"][r - lo] = status_code(e)
+            maps = None
+            if images is not None:
+                with no_host_syncs(device, cfg.check_syncs, f"stage 1 batch {step}"):
+                    pixels = normalise(images.to(device, non_blocking=True), stats)   # [n, 3, H, W] float32
+                    with autocast(device, cfg.precision):
+                        text_emb = encode_captions(model, tokens)
+                        cams = cam_fn(model, pixels, text_emb, layer, info.grid)   # [n, gh, gw] on the device
+                maps = _MapsToHost(cams)
+            if in_flight is not None:
+                n_images += _store_maps(store, plans, writer, *in_flight)
+                if steady_from is None:
+                    steady_from = (n_images, time.perf_counter())
+            in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
+            bar.update(len(rows))
         if in_flight is not None:
-            n_images += _store_maps(store, plans, *in_flight, run_id, provenance)
-        in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
-        bar.update(len(rows))
-    if in_flight is not None:
-        n_images += _store_maps(store, plans, *in_flight, run_id, provenance)
-    bar.close()
-    return n_images
+            n_images += _store_maps(store, plans, writer, *in_flight)
+        bar.close()
+        first_images, first_done = steady_from or (n_images, time.perf_counter())
+        steady = {"images": n_images - first_images, "seconds": time.perf_counter() - first_done}
+    return n_images, steady
 
 
-def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: list[int],
-                maps: _MapsToHost | None, run_id: str, provenance: dict) -> int:
-    """Put one batch's maps into its shard's plan (writing the shard when it is complete); -> images."""
+def _store_maps(store: SaliencyStore, plans: dict[int, dict], writer: _ShardWriter, shard: int, good: list[int],
+                maps: _MapsToHost | None) -> int:
+    """Put one batch's maps into its shard's plan (handing the shard to the writer when it is complete); -> images."""
     plan = plans[shard]
     lo = store.shard_rows(shard).start
     if maps is not None:
@@ -557,22 +586,80 @@ def _store_maps(store: SaliencyStore, plans: dict[int, dict], shard: int, good: 
                                       else CODE_OF["zero_map"] if not cam.max() > 0 else STATUS_OK)
     plan["left"] -= 1
     if plan["left"] == 0:
-        _finish_shard(store, shard, plans.pop(shard), run_id, provenance)
+        writer.submit(shard, plans.pop(shard))
     return len(good) if maps is not None else 0
 
 
-def _finish_shard(store: SaliencyStore, shard: int, plan: dict, run_id: str, provenance: dict) -> None:
-    status = plan["status"]
-    seconds = time.time() - plan["started"] if plan["started"] else 0.0
-    marker = {"run_id": run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
-              "images": int(np.isin(status, [STATUS_OK, CODE_OF["nonfinite_map"], CODE_OF["zero_map"]]).sum()),
-              **{k: provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
-    with disk_full_as_error(store.shard_files(shard)[0], f"shard {shard} is not marked done, finished shards are kept"):
-        store.write_shard(shard, plan["saliency"], status, marker)
+class _ShardWriter:
+    """Writes finished shards (`SaliencyStore.write_shard`: compress, write, fsync, then the marker)
+    on a thread of its own, in the order submitted, while the batch loop goes on launching CAM
+    batches: written on the main thread, every shard's compression and fsyncs left the device idle.
+
+    At most `depth` shards wait in the queue (bounded host memory; the loop waits when the disk is
+    slower than the device). The first error (a full disk: one SalmaeError line) ends the writing:
+    shards queued after it are dropped, unmarked, for a rerun to compute, and the error itself is
+    raised on the main thread by the next `submit` or by `close`. As a context manager, leaving the
+    block writes what is queued (on an exception too: those shards are complete) and joins the
+    thread. The thread starts on the first `submit`, after the DataLoader has forked its workers.
+    """
+
+    def __init__(self, store: SaliencyStore, run_id: str, provenance: dict, depth: int = 2):
+        self.store, self.run_id, self.provenance = store, run_id, provenance
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None       # the writer's first error; it writes nothing after it
+        self._error_raised = False
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(raise_error=exc_type is None)     # an exception already on its way keeps precedence
+
+    def submit(self, shard: int, plan: dict) -> None:
+        """Queue a finished shard (its plan's maps and statuses are the writer's from now on)."""
+        self._raise_error()
+        status = plan["status"]
+        seconds = time.time() - plan["started"] if plan["started"] else 0.0
+        marker = {"run_id": self.run_id, "rank": dist.rank(), "seconds": round(seconds, 3),
+                  "images": int(np.isin(status, [STATUS_OK, CODE_OF["nonfinite_map"], CODE_OF["zero_map"]]).sum()),
+                  **{k: self.provenance[k] for k in ("device", "precision", "batch_size", "compile")}}
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_queued, name="salmae-shard-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((shard, plan["saliency"], status, marker))
+
+    def close(self, raise_error: bool = True) -> None:
+        """Write what is queued, join the thread, then raise the writer's error (unless `raise_error` is False)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if raise_error:
+            self._raise_error()
+        elif self._error is not None and not self._error_raised:
+            get_logger().error("writing shards failed too: %s", self._error)
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self._error
+
+    def _write_queued(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue                               # dropped: unmarked, so a rerun computes it
+            shard, saliency, status, marker = item
+            try:
+                with disk_full_as_error(self.store.shard_files(shard)[0],
+                                        f"shard {shard} is not marked done, finished shards are kept"):
+                    self.store.write_shard(shard, saliency, status, marker)
+            except BaseException as e:                 # surfaces on the main thread
+                self._error = e
 
 
 # ---------------------------------------------------------------------------- report (rank 0)
-def _summarise(store: SaliencyStore, manifest, out: Path, started: float, run_id: str, n_images_rank0: int,
+def _summarise(store: SaliencyStore, manifest, out: Path, started: float, run_id: str, steady: dict[str, float],
                provenance: dict) -> dict[str, Any]:
     status = store.status
     keys = store.keys
@@ -593,6 +680,9 @@ def _summarise(store: SaliencyStore, manifest, out: Path, started: float, run_id
         "clip_pretrained": store.attrs.get("clip_pretrained"), "cam": store.attrs.get("cam"),
         "max_pixels": store.attrs.get("max_pixels"),
         "this_run": provenance, "allow_mixed": bool(store.attrs.get("allow_mixed", False)),
+        "steady_state": {"images": steady["images"], "seconds": round(steady["seconds"], 4), "of": "rank 0",
+                         "images_per_s": round(steady["images"] / steady["seconds"], 2) if steady["seconds"] > 0
+                         else None},
     }
     report = out / REPORT_NAME           # inside the store: two stores in one folder keep their own reports
     with disk_full_as_error(report, "the store itself is complete; only its report is missing"):

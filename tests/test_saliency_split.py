@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import SalmaeError
-from stages.saliency import deal_tars_to_workers, job_shards, rank_shards, run
+from stages.saliency import deal_tars_to_workers, deal_todo, job_shards, run
 from test_saliency_stage import _array_bytes, _cfg
 
 
 def test_ranks_get_contiguous_blocks_that_cover_every_shard_once():
     for n, world in ((10, 3), (4, 8), (332, 8)):
-        blocks = [rank_shards(range(n), world, r) for r in range(world)]
+        blocks = [deal_todo(range(n), world, r) for r in range(world)]
         assert [s for b in blocks for s in b] == list(range(n))             # in order, each once
         assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
-    assert rank_shards(job_shards("3:7", 10), 2, 1) == range(5, 7)
+    assert deal_todo(job_shards("3:7", 10), 2, 1) == [5, 6]
     assert job_shards("", 5) == range(5) and job_shards("2:", 5) == range(2, 5) and job_shards("4:99", 5) == range(4, 5)
     for bad in ("x", "3", "5:2", "-1:2"):
         with pytest.raises(SalmaeError, match="shards="):
