@@ -134,7 +134,8 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
 @click.option("--clip-pretrained", help="open_clip pretrained tag, a local checkpoint FILE, or 'none'.")
 @click.option("--cam", help="CAM method: gradcam (default) or hirescam (fast path), gradcam++, layercam, eigencam, ...")
 @click.option("--batch-size", type=int)
-@click.option("--workers", type=int, help="DataLoader worker processes (decode + resize).")
+@click.option("--workers", type=int, help="DataLoader worker processes (decode + resize) "
+                                          "[default: the CPUs per process less one, at most 10].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with another config.")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the CLIP tower (default: off).")

@@ -53,7 +53,8 @@ class DemoConfig:
     linear_blr: float = 50.0           # LARS base lr: MAE's 0.1 assumes batch 16384; ours is 64
     global_pool: bool = True           # probes read the mean of the patch tokens, as the study's do (MAE's
                                        # class token probed 10 points lower there: StudyConfig.global_pool)
-    workers: int = 2                   # DataLoader workers in every stage
+    workers: int | None = 2            # DataLoader workers in every stage (None: each stage's default, the CPUs
+                                       # per process less one, <= 10)
     device: str = "auto"               # auto | cpu | cuda
 
 

@@ -29,7 +29,7 @@ checkpoint, files and transform), fine-tune checkpoints every epoch to
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import __version__, dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import config_to_dict, require, resume_differences, save_config
-from pipeline.device import (grad_scaler, loader_generator, pick_device, pin_memory, resolve_precision,
-                             seed_everything, seed_worker)
+from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
+                             resolve_precision, seed_everything, seed_worker)
 from pipeline.errors import SalmaeError
 from pipeline.eval.accumulation import Accumulation, plan_accumulation
 from pipeline.eval.data import EvalData, open_eval_data
@@ -111,7 +111,8 @@ class EvalConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN  # normalisation mean (as in pretraining)
     std: tuple[float, ...] = IMAGENET_STD    # normalisation std
     crop_pct: float = 0.875       # eval resize = image_size / crop_pct, then centre crop
-    workers: int = 4              # DataLoader worker processes
+    workers: int | None = None    # DataLoader worker processes (None: the CPUs per local process less one,
+                                  # 1..10: pipeline.device.default_workers)
     check: Literal["header", "none"] = "header"  # probe every image file when opening the data (skips unreadable ones)
     seed: int = 0                 # seeds head init, batch order and augmentation (rank r draws from seed + r)
     precision: str = "auto"       # encoder autocast: auto|bf16|fp16|fp32 (auto: bf16 GPU, fp16 old GPU, fp32 CPU)
@@ -147,6 +148,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if not getattr(cfg, name):
             raise SalmaeError(f"eval needs --{name.replace('_', '-')}; pass it on the command line or with --set {name}=…")
     validate(cfg)
+    cfg = replace(cfg, workers=default_workers() if cfg.workers is None else cfg.workers)  # recorded: the number used
     start = time.time()
     out = Path(cfg.out)
     device = pick_device(cfg.device)
@@ -185,7 +187,7 @@ def validate(cfg: EvalConfig) -> None:
     for key in ("epochs", "batch_size", "global_batch", "accum_iter", "image_size", "num_heads"):
         value = getattr(cfg, key)
         require(value is None or value >= 1, key, value, "at least 1 (or unset for the protocol's default)")
-    require(cfg.workers >= 0, "workers", cfg.workers, ">= 0")
+    require(cfg.workers is None or cfg.workers >= 0, "workers", cfg.workers, ">= 0 (or unset for the default)")
     require(0 < cfg.crop_pct <= 1, "crop_pct", cfg.crop_pct, "in (0, 1]")
     require(cfg.knn.k >= 1, "knn.k", cfg.knn.k, "at least 1")
     require(cfg.knn.temperature > 0, "knn.temperature", cfg.knn.temperature, "above 0")

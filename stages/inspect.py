@@ -23,8 +23,11 @@ EXAMPLE_KEYS = 5   # example keys listed per failure reason
 
 def inspect_store(store: str | Path, data: str | None = None, png_dir: str | Path | None = None,
                   keys: Sequence[str] | None = None, n_random: int | None = None, strategy: str = "saliency",
-                  seed: int = 0) -> dict[str, Any]:
-    """Summarise `store` (see module doc); write overlay PNGs for `keys` / `n_random` rows into `png_dir`."""
+                  seed: int = 0, localise: bool = True) -> dict[str, Any]:
+    """Summarise `store` (see module doc); write overlay PNGs for `keys` / `n_random` rows into `png_dir`.
+
+    `data` gives the images under the PNGs and, with `localise`, the boxes the maps are scored against
+    (a scan of every shard's metadata: `localise=False` draws from unlabelled data without it)."""
     st = SaliencyStore.open(store)
     status = st.status
     ok_rows = np.flatnonzero(status == STATUS_OK)
@@ -35,7 +38,7 @@ def inspect_store(store: str | Path, data: str | None = None, png_dir: str | Pat
         "maps": _map_stats_streamed(st, ok_rows) if len(ok_rows) else {},
     }
     meta: dict[str, dict] = {}
-    if data is not None:
+    if data is not None and localise:
         meta = _read_meta(data, set(st.keys.tolist()))
         summary["localisation"] = _localisation(st, ok_rows, meta)
     if png_dir is not None:

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import __version__, dist
 from pipeline.config import save_config
 from pipeline.data.transforms import normalise, pixel_stats
-from pipeline.device import autocast, pick_device, pin_memory, resolve_precision
+from pipeline.device import autocast, default_workers, pick_device, pin_memory, resolve_precision
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_path, atomic_write_json, disk_full_as_error, fsync_paths, pid_alive
 from pipeline.gradcam import (CAM_METHODS, DEFAULT_LAYER, cam_normalisation, check_layer, compile_around_layer,
@@ -79,7 +79,8 @@ class SaliencyConfig:
     cam: str = "gradcam"              # gradcam, hirescam = fast path; library methods: gradcam++, layercam, ...
     layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
     batch_size: int | None = None     # images per forward/backward; None: 256 on CUDA, 64 on CPU
-    workers: int = 2                  # DataLoader worker processes (decode, resize, tokenize)
+    workers: int | None = None        # DataLoader worker processes (decode, resize, tokenize); None: the CPUs
+                                      # per local process less one, 1..10 (pipeline.device.default_workers)
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # autocast: auto (bf16 GPU, fp16 older GPU, fp32 CPU) | bf16 | fp16 | fp32
     compile: bool = False             # torch.compile the visual tower around the CAM layer (fast and library CAMs)
@@ -100,11 +101,14 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
         raise SalmaeError("rows_per_shard and batch_size must be positive; fix --set rows_per_shard / --batch-size")
     if cfg.max_pixels < 1:
         raise SalmaeError(f"--set max_pixels={cfg.max_pixels} must be positive (default {DEFAULT_MAX_PIXELS:,})")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise SalmaeError(f"--workers {cfg.workers} must be >= 0 (or unset: the CPUs per process less one, <= 10)")
     out = Path(cfg.out)
     setup_logging(None)
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or default_batch_size(device),
-                              precision=resolve_precision(cfg.precision, device))
+                              precision=resolve_precision(cfg.precision, device),
+                              workers=default_workers() if cfg.workers is None else cfg.workers)
     dist.init(device)
     lock = StoreLock(out, parse_shards(cfg.shards))       # one writer per shard range: rank 0 holds it for the job
     if dist.is_main():

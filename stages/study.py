@@ -252,8 +252,8 @@ def _saliency(cfg: StudyConfig, paths: dict[str, Any]) -> dict:
 def _inspect(paths: dict[str, Any], png_dir: Path, labelled: bool) -> dict:
     from stages.inspect import inspect_store
 
-    summary = inspect_store(paths["store"], data=paths["data"] if labelled else None, png_dir=png_dir,
-                            n_random=6, strategy="saliency")
+    summary = inspect_store(paths["store"], data=paths["data"], png_dir=png_dir, n_random=6, strategy="saliency",
+                            localise=labelled)   # the user's data: no boxes to score, images read by byte range
     return {"localisation": summary.get("localisation"), "png": summary.get("png", [])}
 
 

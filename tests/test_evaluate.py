@@ -479,3 +479,26 @@ def test_finetune_defaults_follow_maes_recipe_for_the_width(colour_folder, mae_c
     assert len(seen) == 1 and seen[0].shape == (4,) and not seen[0].any()
     groups = torch.load(tmp_path / "ft" / "checkpoint-latest.pth", weights_only=True)["optimizer"]["param_groups"]
     assert sorted({round(g["lr_scale"], 6) for g in groups}) == [round(0.65 ** 2, 6), 0.65, 1.0]  # embed, block, head
+
+
+def test_unset_workers_take_the_default_recorded_and_a_resume_may_change_them(colour_folder, mae_checkpoint,
+                                                                              tmp_path):
+    """`workers: null` (the GPU recipes') is the CPUs per process less one; config.yaml records the number,
+    and a fine-tune resumed with another count (or unset again) is accepted."""
+    import yaml
+
+    from pipeline.device import default_workers
+
+    assert EvalConfig().workers is None
+    out = tmp_path / "ft"
+    first = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=1, workers="null", **FT_SETS))
+    assert first["config"]["workers"] == default_workers()
+    assert yaml.safe_load((out / "config.yaml").read_text())["workers"] == default_workers()
+    res = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=2, resume="latest", **FT_SETS))
+    assert res["resumed_from_epoch"] == 1 and res["config"]["workers"] == 0
+    res = run(_cfg("finetune", mae_checkpoint, colour_folder, out, epochs=3, resume="latest", workers="null",
+                   **FT_SETS))
+    assert res["resumed_from_epoch"] == 2 and res["config"]["workers"] == default_workers()
+    with pytest.raises(SalmaeError, match="workers"):
+        run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "refused", workers=-1))
+    assert not (tmp_path / "refused").exists()

@@ -298,3 +298,21 @@ def test_resume_with_other_library_versions_is_refused(baseline, shapes_pattern,
     monkeypatch.setattr(saliency, "run_provenance", lambda cfg, device: {**real(cfg, device), "torch": "9.9.9"})
     with pytest.raises(SalmaeError, match=re.escape(f"(torch {torch.__version__} -> 9.9.9)")):
         run(_cfg(shapes_pattern, copy))
+
+
+def test_unset_workers_take_the_default_recorded_and_a_resume_may_change_them(baseline, shapes_pattern, tmp_path):
+    """`workers: null` (the GPU recipes') is the CPUs per process less one; config.yaml records the number."""
+    import yaml
+
+    from pipeline.device import default_workers
+
+    assert SaliencyConfig().workers is None
+    out = tmp_path / "store.zarr"
+    run(_cfg(shapes_pattern, out, workers=None))
+    assert yaml.safe_load((out / "config.yaml").read_text())["workers"] == default_workers()
+    (out / "_done" / "00001.json").unlink()
+    assert run(_cfg(shapes_pattern, out, workers=0))["images_this_run"] == 16      # not part of the store's identity
+    assert _array_bytes(out) == _array_bytes(baseline[0])
+    with pytest.raises(SalmaeError, match="--workers -1 must be >= 0"):
+        run(_cfg(shapes_pattern, tmp_path / "refused.zarr", workers=-1))
+    assert not (tmp_path / "refused.zarr").exists()
