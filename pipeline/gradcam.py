@@ -141,17 +141,17 @@ def trim_caption_padding(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_captions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_captions(model: nn.Module, tokens: torch.Tensor, trimmed: bool = False) -> torch.Tensor:
     """tokens: [N, T'] int, T' <= context length -> text embeddings [N, D], L2-normalised, no graph.
 
     Captions are short (cc3m: ~10 tokens) but open_clip pads them to the context length (77).
     With a causal text mask and end-of-text pooling, the padding after the longest caption cannot
     change any embedding, so it is cut off first (`trim_caption_padding`): the text tower then
     costs a fraction as much. Towers where cutting is not exact get the padding back. Pass host
-    tokens (pinned, already trimmed, as stage 1's loader ships them): for device tokens, finding
-    the longest caption waits for the GPU.
+    tokens (pinned, already trimmed, as stage 1's loader ships them: `trimmed=True` skips the
+    host-side length check): for device tokens, finding the longest caption waits for the GPU.
     """
-    tokens = trim_caption_padding(tokens).to(next(model.parameters()).device, non_blocking=True)
+    tokens = (tokens if trimmed else trim_caption_padding(tokens)).to(next(model.parameters()).device, non_blocking=True)
     return F.normalize(_encode_text_trimmed(model, tokens), dim=-1)
 
 

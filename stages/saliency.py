@@ -560,7 +560,7 @@ def _compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model,
                 with no_host_syncs(device, cfg.check_syncs, f"stage 1 batch {step}"):
                     pixels = normalise(images.to(device, non_blocking=True), stats)   # [n, 3, H, W] float32
                     with autocast(device, cfg.precision):
-                        text_emb = encode_captions(model, tokens)
+                        text_emb = encode_captions(model, tokens, trimmed=True)   # the loader cut the padding
                         cams = cam_fn(model, pixels, text_emb, layer, info.grid)   # [n, gh, gw] on the device
                 maps = _MapsToHost(cams)
             if in_flight is not None:

@@ -29,6 +29,15 @@ def test_tar_member_header_is_the_one_tarfile_writes_in_ustar():
     assert member[512:] == data + b"\0" * (512 - len(data)) and len(member) == 1024
 
 
+def test_generated_jpegs_take_cc3m_sizes(tmp_path):
+    """gpu-check decodes cc3m's own sizes: img2dataset's 256-px output and originals of about 500x375."""
+    paths = write_cc3m_like(tmp_path / "data", rows=4, shard_size=4, workers=1, image_size=(500, 375))
+    samples = list(iter_shard(paths[0], decode=True))
+    assert [s.image.size for s in samples] == [(500, 375)] * 4
+    assert [(s.width, s.height) for s in samples] == [(500, 375)] * 4
+    assert len({s.image.tobytes() for s in samples}) == 4
+
+
 def test_generated_shards_are_img2dataset_layout(tmp_path):
     paths = write_cc3m_like(tmp_path / "data", rows=25, shard_size=10, workers=1)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]

@@ -22,23 +22,31 @@ def test_gpu_check_on_cpu_writes_every_stage_with_the_cpu_note(tmp_path):
     assert summary["precision"] == "fp32" and summary["compile"] == ["off"]
     assert summary["sizes"]["images"] == 48 and summary["sizes"]["epochs"] == 3   # 1 warm-up + 6 steps of 3/epoch
     stages = summary["stages"]
-    assert set(stages) == {"saliency", "pretrain", "knn"}
+    assert set(stages) == {"saliency", "saliency_jpeg256", "saliency_jpeg500", "pretrain", "pretrain_online", "knn"}
     for name, stage in stages.items():
         assert math.isfinite(stage["images_per_s"]) and stage["images_per_s"] > 0, name
-        assert stage["peak_gpu_memory_bytes"] is None and stage["batch_size"] == 16 and stage["image_size"] == 64
-    # stage 1: three 16-row shards, the first left out
-    assert (stages["saliency"]["images"], stages["saliency"]["images_timed"]) == (48, 32)
-    assert stages["saliency"]["images_per_s_end_to_end"] > 0
-    # stage 2: 3 epochs of 3 steps, epoch 0 left out
-    assert (stages["pretrain"]["steps"], stages["pretrain"]["steps_timed"], stages["pretrain"]["images_timed"]) == \
-        (9, 6, 96)
-    assert stages["pretrain"]["images_per_s"] == pytest.approx(96 / stages["pretrain"]["seconds_timed"], rel=0.01)
-    assert stages["knn"]["images"] == 48 and 0 <= stages["knn"]["top1"] <= 100
-    assert [f["id"] for f in summary["figures"]] == ["gpu_check.saliency_images_per_s",
-                                                     "gpu_check.pretrain_images_per_s", "gpu_check.knn_images_per_s"]
+        assert stage["peak_gpu_memory_bytes"] is None and stage["batch_size"] == 16, name
+    # stage 1 on each kind of image, with the stage's own figure: steady state after the first 16-image batch
+    for name, kind in (("saliency", "shapes"), ("saliency_jpeg256", "cc3m-like 256x256 JPEG"),
+                       ("saliency_jpeg500", "cc3m-like 500x375 JPEG")):
+        st = stages[name]
+        assert (st["images"], st["images_timed"], st["images_kind"]) == (48, 32, kind), name
+        assert st["images_per_s"] == pytest.approx(32 / st["seconds_timed"], rel=0.01) and st["host_syncs_checked"]
+    # stage 2: 3 epochs of 3 steps, epoch 0 left out, and of epochs 1-2 the first logging window (step 0)
+    for name, mask in (("pretrain", "saliency"), ("pretrain_online", "adaptive")):
+        st = stages[name]
+        assert (st["steps"], st["steps_timed"], st["images_timed"], st["mask"]) == (9, 4, 64, mask), name
+        assert st["images_per_s"] == pytest.approx(64 / st["seconds_timed"], rel=0.01)
+        assert st["host_syncs_checked"] == "recorder" and st["image_size"] == 64
+    assert stages["pretrain_online"]["source"] == "online" and stages["pretrain"]["source"] == "store"
+    assert stages["knn"]["images"] == 48 and stages["knn"]["image_size"] == 64
+    assert stages["knn"]["top1"] == json.loads((out / "gpu-check.json").read_text())["stages"]["knn"]["top1"]
+    assert [f["id"] for f in summary["figures"]] == [f"gpu_check.{k}_images_per_s" for k in
+                                                     ("saliency", "saliency_jpeg256", "saliency_jpeg500", "pretrain",
+                                                      "pretrain_online", "knn")]
     assert all(f["verdict"] == "—" for f in summary["figures"])     # CPU figures are not judged
     assert CPU_NOTE in result.output and CPU_NOTE in (out / "gpu-check.md").read_text()
-    assert result.output.count("\n| ") == 4                          # header + 3 stage rows (after the ruler)
+    assert result.output.count("\n| ") == 7                          # header + 6 stage rows (after the ruler)
     assert not (out / "work").exists()                               # scratch data removed
 
 
@@ -59,7 +67,7 @@ def _stage(rate, **extra):
     return {"images_per_s": rate, "peak_gpu_memory_bytes": 3 * 2**30, "warmup_excluded": "x", "model": "base",
             "image_size": 224, "batch_size": 256, "workers": 8, "images": 8192, "images_timed": 7168,
             "clip_model": "ViT-B-16", "clip_pretrained": "none", "images_per_s_end_to_end": 1.0, "steps": 256,
-            "steps_timed": 224, "top1": 12.5, **extra}
+            "steps_timed": 224, "top1": 12.5, "images_kind": "shapes", "mask": "saliency", "source": "store", **extra}
 
 
 def test_gpu_rows_are_judged_against_the_h100_targets():

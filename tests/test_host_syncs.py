@@ -79,3 +79,26 @@ def store_path(tmp_path_factory, shapes_pattern):
     from test_pretrain_stage import _store
 
     return _store(tmp_path_factory.mktemp("store") / "store.zarr", shapes_pattern, failed_rows=(3, 40))
+
+
+def test_stage1_batches_make_no_host_syncs(tmp_path, shapes_pattern):
+    """Stage 1 with check_syncs on and the loader in the main process (workers 0): normalisation,
+    the text tower and Grad-CAM of every batch run under the recorder and it finds nothing."""
+    from test_saliency_stage import _cfg
+    from stages.saliency import run
+
+    summary = run(_cfg(shapes_pattern, tmp_path / "store.zarr", check_syncs=True))
+    assert summary["counts"] == {"ok": 64} and summary["steady_state"]["images"] == 56   # after the first 8
+
+
+def test_stage1_with_the_old_normalise_is_stopped(tmp_path, shapes_pattern, monkeypatch):
+    from test_saliency_stage import _cfg
+    import stages.saliency as stage
+
+    def old(images, stats):
+        m = torch.as_tensor(transforms.IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        return images.float() - m
+    old.__code__ = old.__code__.replace(co_filename=transforms.__file__)
+    monkeypatch.setattr(stage, "normalise", old)
+    with pytest.raises(SalmaeError, match=r"stage 1 batch 0 would wait for the GPU: torch.as_tensor of Python data"):
+        stage.run(_cfg(shapes_pattern, tmp_path / "store.zarr", check_syncs=True))

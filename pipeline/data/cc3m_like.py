@@ -7,7 +7,8 @@ Keys are 9-digit strings `shard * 10_000 + i` zero-padded (5 digits of shard, 4 
 img2dataset writes them for shards of 10,000; other shard sizes keep the 9 digits and the
 `shard * 10_000 + i` numbering (so `shard_size` must not exceed 10,000).
 
-The images are not drawn per row: a pool of `POOL_SIZE` distinct 32-px JPEGs is encoded once per
+The images are not drawn per row: a pool of `POOL_SIZE` distinct JPEGs (32 px by default; cc3m's
+own sizes on request: img2dataset's 256-px output, or originals of about 500x375) is encoded once per
 process and their bytes are reused across rows (row i gets pool image i mod POOL_SIZE); captions
 have cc3m's length (5 to 20 words, about 10 on average) from a fixed vocabulary, drawn per shard
 from a generator seeded by (seed, shard). Tar headers are written directly (ustar, fixed mtime,
@@ -52,19 +53,21 @@ PARQUET_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", 
 
 
 def write_cc3m_like(out: str | Path, rows: int, shard_size: int = INDEX_SPAN, seed: int = 0,
-                    workers: int | None = None) -> list[str]:
+                    workers: int | None = None, image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> list[str]:
     """Write `rows` samples into `out` as img2dataset shards of `shard_size`; returns the tar paths.
+
+    `image_size` is (width, height) of every JPEG.
 
     A shard whose `_stats.json` already exists is left as it is (img2dataset's resume rule).
     `workers` processes write shards in parallel (default: the CPU count).
     """
-    if rows < 1 or not 1 <= shard_size <= INDEX_SPAN:
-        raise SalmaeError(f"cc3m-like data needs rows >= 1 and 1 <= shard_size <= {INDEX_SPAN} "
-                          f"(got rows={rows}, shard_size={shard_size})")
+    if rows < 1 or not 1 <= shard_size <= INDEX_SPAN or min(image_size) < 4:
+        raise SalmaeError(f"cc3m-like data needs rows >= 1, 1 <= shard_size <= {INDEX_SPAN} and sides of 4 px or more "
+                          f"(got rows={rows}, shard_size={shard_size}, image_size={image_size})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = -(-rows // shard_size)
-    jobs = [(str(out), s, min(shard_size, rows - s * shard_size), seed) for s in range(n_shards)
+    jobs = [(str(out), s, min(shard_size, rows - s * shard_size), seed, tuple(image_size)) for s in range(n_shards)
             if not (out / f"{s:0{SHARD_DIGITS}d}_stats.json").is_file()]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
@@ -89,8 +92,8 @@ def row_key(shard: int, index: int) -> str:
 
 
 # --------------------------------------------------------------------------- one shard
-def _write_shard(out: str, shard: int, count: int, seed: int) -> None:
-    pool = _image_pool(seed)
+def _write_shard(out: str, shard: int, count: int, seed: int, image_size: tuple[int, int]) -> None:
+    pool = _image_pool(seed, image_size)
     rng = random.Random(seed * 1_000_003 + shard)
     name = os.path.join(out, f"{shard:0{SHARD_DIGITS}d}")
     columns: dict[str, list] = {c: [] for c in PARQUET_COLUMNS}
@@ -101,7 +104,7 @@ def _write_shard(out: str, shard: int, count: int, seed: int) -> None:
             jpg, sha = pool[(shard * INDEX_SPAN + i) % len(pool)]
             caption = " ".join(rng.choices(WORDS, k=rng.randint(5, 20)))
             meta = {"url": f"https://cc3m-like.invalid/{key}.jpg", "caption": caption, "key": key,
-                    "status": "success", "error_message": None, "width": IMAGE_SIZE, "height": IMAGE_SIZE,
+                    "status": "success", "error_message": None, "width": image_size[0], "height": image_size[1],
                     "original_width": 200 + rng.randrange(800), "original_height": 200 + rng.randrange(800),
                     "exif": None, "sha256": sha}
             for ext, data in (("jpg", jpg), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
@@ -145,15 +148,15 @@ def tar_member(name: str, data: bytes) -> bytes:
 
 
 @lru_cache(maxsize=4)
-def _image_pool(seed: int) -> list[tuple[bytes, str]]:
-    """`POOL_SIZE` distinct 32-px JPEGs (a smooth colour field plus noise) and their sha256."""
+def _image_pool(seed: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> list[tuple[bytes, str]]:
+    """`POOL_SIZE` distinct JPEGs of `size` (width, height): a smooth colour field plus noise, and their sha256."""
     from PIL import Image
 
     rng = np.random.default_rng([seed, 3])
     pool = []
     for _ in range(POOL_SIZE):
         coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
-        field = np.asarray(Image.fromarray(coarse, "RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+        field = np.asarray(Image.fromarray(coarse, "RGB").resize(size, Image.BILINEAR))
         pixels = np.clip(field + rng.normal(0, 12, size=field.shape), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)

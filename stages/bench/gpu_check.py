@@ -4,19 +4,26 @@ Where `salmae bench` tracks ratios on a laptop, this measures absolute throughpu
 path by running the stages themselves (`stages.saliency.run`, `stages.pretrain.run`,
 `stages.evaluate.run`) on generated shapes:
 
-1. stage 1: fast Grad-CAM with open_clip ViT-B-16 (random weights unless `clip_pretrained`) on
-   8,192 generated 224-px images through the stage's own loader; images/s from the store's
-   per-shard markers without the first shard (CUDA start-up, loader start), and end to end
-   from the stage's summary;
-2. stage 2: MAE ViT-B (`base`) at batch 256 with saliency masks from that store, at least 200
-   steps after a first epoch that is left out (it holds torch.compile's compile time), once
-   with compile off and once on; images/s from `metrics.jsonl`'s epoch records;
+0. preflight (`pipeline.preflight`): Python, torch, torchvision, timm and numpy at least the
+   versions salmae needs (else one line naming the package and the version, nothing run), and a
+   C compiler for torch.compile (else compile is off, and the table says why);
+1. stage 1: fast Grad-CAM with open_clip ViT-B-16 (random weights unless `clip_pretrained`) with
+   the stage's own defaults (batch, loader workers) on 8,192 images of each of three kinds:
+   generated 224-px shapes, and cc3m-like JPEGs at img2dataset's 256-px output and at cc3m's
+   typical original size (500x375), whose decoding costs what a user's does; images/s in the
+   steady state (the stage's own figure: after the first batch) and end to end;
+2. stage 2: MAE ViT-B (`base`) at batch 256 with saliency masks from the shapes store, at least
+   200 steps after a first epoch that is left out (it holds torch.compile's compile time), once
+   with compile off and once on; images/s from `metrics.jsonl`'s steady-state times (each
+   epoch's first logging window, with worker start-up and the first batch, is left out); every
+   step runs under `check_syncs` (`pipeline.host_syncs`: CUDA's sync debug mode, and on every
+   device the recorder of host syncs in salmae's code, eager runs only);
 3. stage 3: kNN on the stage-2 encoder's features over the generated ImageFolder, end to end.
 
 Targets on one H100: stage 1 >= 1,100 img/s (clip-retrieval reports ~1,100 img/s of CLIP
 ViT-B/16 inference per A100), stage 2 >= 1,000 img/s (official MAE ViT-B: ~313 img/s per A6000).
-Without CUDA the smallest configuration runs on the CPU (salmae-tiny CLIP, tiny MAE, 48 64-px
-images, a few steps) so CI and the tests exercise it; the table and the JSON say so.
+Without CUDA the smallest configuration runs on the CPU (salmae-tiny CLIP, tiny MAE, 48 images of
+each kind, a few steps) so CI and the tests exercise it; the table and the JSON say so.
 
 Generated data and stage runs go to DIR/work (deleted afterwards unless `keep`); the results
 are DIR/gpu-check.json and DIR/gpu-check.md, each written atomically.
@@ -44,6 +51,7 @@ from stages.bench.workspace import _quiet
 
 CPU_NOTE = "no CUDA: smallest configuration, not a GPU measurement"
 TARGETS = {"saliency": 1100, "pretrain": 1000}   # images/s on one H100
+JPEG_KINDS = {"saliency_jpeg256": (256, 256), "saliency_jpeg500": (500, 375)}   # cc3m-like (width, height)
 ANCHORS = {"saliency": "clip-retrieval: ~1,100 img/s CLIP ViT-B/16 inference per A100",
            "pretrain": "official MAE ViT-B: ~313 img/s per A6000"}
 
@@ -99,17 +107,40 @@ def check_sizes(cfg: GpuCheckConfig, gpu: bool) -> CheckSizes:
                       epochs=1 + math.ceil(steps / steps_per_epoch), steps_per_epoch=steps_per_epoch, workers=workers)
 
 
+def preflight() -> None:
+    """Refuse, in one line naming each package and the version it needs, a box salmae cannot run on."""
+    from pipeline.preflight import version_problems
+
+    problems = version_problems()
+    if problems:
+        raise SalmaeError("gpu-check: " + "; ".join(problems))
+
+
+def compile_runs(choice: str, gpu: bool, compiler: str | None) -> tuple[list[bool], str | None]:
+    """The stage-2 compile settings to measure, and why compile was left out (None if it was not)."""
+    runs = {"auto": [False, True] if gpu else [False], "off": [False], "on": [True], "both": [False, True]}[choice]
+    if True in runs and compiler is None:
+        missing = "no C compiler (CC, cc, gcc or clang) for torch.compile's Triton/inductor kernels"
+        if choice == "on":
+            raise SalmaeError(f"gpu-check --set compile=on: {missing}; install one (e.g. apt-get install gcc) "
+                              "or use compile=auto")
+        note = f"compile off: {missing}"
+        return [False], note
+    return runs, None
+
+
 def run(cfg: GpuCheckConfig) -> dict[str, Any]:
     """Measure the three stages; write and return the summary (the content of gpu-check.json)."""
     from pipeline.device import pick_device, resolve_precision
+    from pipeline.preflight import compiler_for_compile
 
     start = time.perf_counter()
+    preflight()
     device = pick_device(cfg.device)
     gpu = device.type == "cuda"
     precision = resolve_precision(cfg.precision, device)
     sizes = check_sizes(cfg, gpu)
-    compiles = {"auto": [False, True] if gpu else [False], "off": [False], "on": [True],
-                "both": [False, True]}[cfg.compile]
+    compiles, compile_note = compile_runs(cfg.compile, gpu, compiler_for_compile())
     out = Path(cfg.out)
     work = out / "work"
     if work.exists():   # our own scratch folder from an earlier check: the stages refuse to overwrite
@@ -118,10 +149,17 @@ def run(cfg: GpuCheckConfig) -> dict[str, Any]:
     log.info("gpu-check on %s: %s", device, sizes)
     try:
         data = _generate(work / "shapes", sizes)
-        stages = {"saliency": _stage1(cfg, sizes, data, work / "store.zarr", device, precision)}
+        stages = {"saliency": _stage1(cfg, sizes, data, work / "store.zarr", device, precision, "shapes")}
+        for name, (width, height) in JPEG_KINDS.items():
+            jpegs = _generate_jpegs(work / name, sizes, (width, height))
+            stages[name] = _stage1(cfg, sizes, jpegs, work / f"{name}.zarr", device, precision,
+                                   f"cc3m-like {width}x{height} JPEG")
         for compiled in compiles:
             name = "pretrain_compiled" if compiled else "pretrain"
             stages[name] = _stage2(sizes, data, work / "store.zarr", work / name, device, precision, compiled)
+        # the one plan whose masks are built inside the step (from the model's salience): its syncs checked too
+        stages["pretrain_online"] = _stage2(sizes, data, None, work / "pretrain_online", device, precision, False,
+                                            mask="adaptive")
         ckpt = work / ("pretrain" if False in compiles else "pretrain_compiled") / "checkpoint-latest.pth"
         stages["knn"] = _stage3(sizes, work / "shapes" / "imagefolder", ckpt, work / "knn", device, precision)
     finally:
@@ -129,6 +167,8 @@ def run(cfg: GpuCheckConfig) -> dict[str, Any]:
         if not cfg.keep and work.exists():
             shutil.rmtree(work)
     summary = _summary(cfg, device, precision, sizes, compiles, stages, time.perf_counter() - start)
+    if compile_note:
+        summary["compile_note"] = compile_note
     atomic_write_json(out / "gpu-check.json", summary)
     atomic_write_text(out / "gpu-check.md", render(summary))
     log.info("gpu-check: wrote %s", out / "gpu-check.json")
@@ -144,6 +184,14 @@ def _generate(folder: Path, s: CheckSizes) -> str:
     write_shapes(folder, n=s.images, image_size=s.image_size, seed=0, shard_size=s.rows_per_shard, imagefolder=True)
     names = sorted(p.stem for p in folder.glob("*.tar"))
     return str(folder / (f"{{{names[0]}..{names[-1]}}}.tar" if len(names) > 1 else f"{names[0]}.tar"))
+
+
+def _generate_jpegs(folder: Path, s: CheckSizes, size: tuple[int, int]) -> str:
+    """cc3m-like shards of `size` (width, height) JPEGs, as many as the shapes; returns their pattern."""
+    from pipeline.data.cc3m_like import shard_pattern, write_cc3m_like
+
+    get_logger().info("gpu-check: generating %d cc3m-like %dx%d JPEGs", s.images, *size)
+    return shard_pattern(write_cc3m_like(folder, s.images, shard_size=min(s.rows_per_shard, 10_000), image_size=size))
 
 
 def _known(cls, **values: Any) -> dict[str, Any]:
@@ -164,12 +212,11 @@ def _peak(device: torch.device) -> int | None:
 
 
 def _stage1(cfg: GpuCheckConfig, s: CheckSizes, data: str, store_path: Path, device: torch.device,
-            precision: str) -> dict[str, Any]:
-    from pipeline.store import SaliencyStore
+            precision: str, images_kind: str) -> dict[str, Any]:
     from stages.saliency import SaliencyConfig, run as saliency_run
 
-    get_logger().info("gpu-check: stage 1, %s, batch %d", s.clip_model, s.batch_size)
-    passed = _known(SaliencyConfig, compile=False, precision=precision)
+    get_logger().info("gpu-check: stage 1, %s, batch %d, %s", s.clip_model, s.batch_size, images_kind)
+    passed = _known(SaliencyConfig, compile=False, precision=precision, check_syncs=True)
     scfg = SaliencyConfig(data=data, out=store_path, clip_model=s.clip_model, clip_pretrained=cfg.clip_pretrained,
                           cam="gradcam", batch_size=s.batch_size, workers=s.workers, device=device.type,
                           rows_per_shard=s.rows_per_shard, **passed)
@@ -177,29 +224,30 @@ def _stage1(cfg: GpuCheckConfig, s: CheckSizes, data: str, store_path: Path, dev
     with _quiet():
         summary = saliency_run(scfg)
     peak = _peak(device)
-    markers = [m for _, m in sorted(SaliencyStore.open(store_path).done_markers().items())]
-    steady = markers[1:] or markers   # one shard only: nothing to leave out
-    images, seconds = sum(m["images"] for m in steady), sum(m["seconds"] for m in steady)
-    return {"images_per_s": _rate(images, seconds), "images_per_s_end_to_end": summary["images_per_s"],
-            "images_timed": images, "seconds_timed": round(seconds, 3), "images": summary["images_this_run"],
-            "seconds": summary["seconds"], "warmup_excluded": "the first store shard"
-            if len(markers) > 1 else "nothing (one shard)",
-            "peak_gpu_memory_bytes": peak, "clip_model": s.clip_model, "clip_pretrained": cfg.clip_pretrained,
-            "cam": "gradcam", "batch_size": s.batch_size, "image_size": s.image_size, "grid": summary["grid"],
-            "rows_per_shard": s.rows_per_shard, "workers": s.workers, "compile": False,
-            "stage_fields_given": sorted(passed)}
+    steady = summary["steady_state"]
+    return {"images_per_s": _rate(steady["images"], steady["seconds"]),
+            "images_per_s_end_to_end": summary["images_per_s"], "images_timed": steady["images"],
+            "seconds_timed": round(steady["seconds"], 3), "images": summary["images_this_run"],
+            "seconds": summary["seconds"], "warmup_excluded": "the first batch (model load, loader start-up)",
+            "images_kind": images_kind, "peak_gpu_memory_bytes": peak, "clip_model": s.clip_model,
+            "clip_pretrained": cfg.clip_pretrained, "cam": "gradcam", "batch_size": s.batch_size,
+            "grid": summary["grid"], "rows_per_shard": s.rows_per_shard, "workers": s.workers, "compile": False,
+            "host_syncs_checked": "check_syncs" in passed, "stage_fields_given": sorted(passed)}
 
 
-def _stage2(s: CheckSizes, data: str, store_path: Path, out: Path, device: torch.device, precision: str,
-            compiled: bool) -> dict[str, Any]:
-    from stages.pretrain import PretrainConfig, run as pretrain_run
+def _stage2(s: CheckSizes, data: str, store_path: Path | None, out: Path, device: torch.device, precision: str,
+            compiled: bool, mask: str = "saliency") -> dict[str, Any]:
+    """One stage-2 run; without `store_path` the masks come from the model's own salience (source=online)."""
+    from stages.pretrain import MaskConfig, PretrainConfig, run as pretrain_run
 
-    get_logger().info("gpu-check: stage 2, MAE %s, batch %d, %d epochs, compile %s", s.mae_model, s.batch_size,
-                      s.epochs, "on" if compiled else "off")
+    source = "store" if store_path is not None else "online"
+    get_logger().info("gpu-check: stage 2, MAE %s, %s masks (%s), batch %d, %d epochs, compile %s", s.mae_model,
+                      mask, source, s.batch_size, s.epochs, "on" if compiled else "off")
     passed = _known(PretrainConfig, precision=precision)
-    pcfg = PretrainConfig(data=data, out=out, saliency=str(store_path), mask="saliency", model=s.mae_model,
+    pcfg = PretrainConfig(data=data, out=out, saliency=str(store_path) if store_path else None, mask=mask,
+                          masking=MaskConfig(source=source), model=s.mae_model,
                           epochs=s.epochs, batch_size=s.batch_size, workers=s.workers, device=device.type,
-                          compile=compiled, viz_samples=0, save_every=0, check_syncs=device.type == "cuda",
+                          compile=compiled, viz_samples=0, save_every=0, check_syncs=True,
                           **passed)  # default log_every: a sync every 20 steps, as a real run; none in between
     _reset_peak(device)
     with _quiet():
@@ -209,15 +257,19 @@ def _stage2(s: CheckSizes, data: str, store_path: Path, out: Path, device: torch
     epochs = [r for r in records if r.get("kind") == "epoch"]
     steps = {e["epoch"]: e["images"] // s.batch_size for e in epochs}
     timed = [e for e in epochs if e["epoch"] > 0] or epochs   # epoch 0 holds compile time and cold caches
-    n_steps = sum(steps[e["epoch"]] for e in timed)
-    seconds = sum(e["seconds"] for e in timed)
+    n_steps = sum(e["timed_steps"] for e in timed)            # each epoch's steady state (`steady_state`)
+    seconds = sum(e["timed_seconds"] for e in timed)
     return {"images_per_s": _rate(n_steps * s.batch_size, seconds), "steps_timed": n_steps,
             "images_timed": n_steps * s.batch_size, "seconds_timed": round(seconds, 3),
-            "warmup_excluded": f"epoch 0 ({steps.get(0, 0)} steps, {epochs[0]['seconds']:.1f} s)"
-            if len(epochs) > 1 else "nothing (one epoch)",
+            "warmup_excluded": (f"epoch 0 ({steps.get(0, 0)} steps, {epochs[0]['seconds']:.1f} s) and each "
+                                "later epoch's first logging window" if len(epochs) > 1
+                                else "the first logging window"),
             "steps": sum(steps.values()), "epochs": len(epochs), "peak_gpu_memory_bytes": peak,
-            "model": s.mae_model, "mask": "saliency", "batch_size": s.batch_size, "image_size": _mae_size(s),
-            "workers": s.workers, "compile": compiled, "host_syncs_checked": device.type == "cuda",
+            "model": s.mae_model, "mask": mask, "source": source, "batch_size": s.batch_size,
+            "image_size": _mae_size(s),
+            "workers": s.workers, "compile": compiled,
+            "host_syncs_checked": "CUDA sync debug mode" + ("" if compiled else " + recorder") if device.type == "cuda"
+            else ("recorder" if not compiled else "no (compiled on the CPU)"),
             "stage_fields_given": sorted([*passed, "compile"])}
 
 
@@ -274,8 +326,12 @@ def _summary(cfg: GpuCheckConfig, device: torch.device, precision: str, sizes: C
 def rows(summary: dict[str, Any]) -> list[Row]:
     """One table row per measured stage run, judged against the H100 targets on a GPU only."""
     gpu = summary["device"] == "cuda"
-    names = {"saliency": ("saliency", "stage 1 fast Grad-CAM"), "pretrain": ("pretrain", "stage 2 MAE, compile off"),
-             "pretrain_compiled": ("pretrain", "stage 2 MAE, compile on"), "knn": ("eval", "stage 3 kNN features")}
+    names = {"saliency": ("saliency", "stage 1 fast Grad-CAM, 224-px shapes"),
+             "saliency_jpeg256": ("saliency", "stage 1 fast Grad-CAM, 256-px JPEGs"),
+             "saliency_jpeg500": ("saliency", "stage 1 fast Grad-CAM, 500x375 JPEGs"),
+             "pretrain": ("pretrain", "stage 2 MAE, compile off"),
+             "pretrain_compiled": ("pretrain", "stage 2 MAE, compile on"),
+             "pretrain_online": ("pretrain", "stage 2 MAE, online adaptive masks"), "knn": ("eval", "stage 3 kNN features")}
     out = []
     for key, stage in summary["stages"].items():
         section, figure = names[key]
@@ -294,12 +350,12 @@ def rows(summary: dict[str, Any]) -> list[Row]:
 
 
 def _what(key: str, st: dict[str, Any]) -> str:
-    if key == "saliency":
-        return (f"{st['clip_model']} ({st['clip_pretrained']} weights), {st['image_size']} px, batch {st['batch_size']}, "
+    if key.startswith("saliency"):
+        return (f"{st['clip_model']} ({st['clip_pretrained']} weights), {st['images_kind']}, batch {st['batch_size']}, "
                 f"{st['workers']} workers, {st['images_timed']} of {st['images']} images timed; end to end "
                 f"{st['images_per_s_end_to_end']} img/s")
     if key.startswith("pretrain"):
-        return (f"MAE {st['model']} {st['image_size']} px, saliency masks, batch {st['batch_size']}, "
+        return (f"MAE {st['model']} {st['image_size']} px, {st['mask']} masks ({st['source']}), batch {st['batch_size']}, "
                 f"{st['workers']} workers, {st['steps_timed']} of {st['steps']} steps timed")
     return (f"MAE {st['model']} encoder, {st['image_size']} px, batch {st['batch_size']}, {st['images']} images, "
             f"end to end, top-1 {st['top1']:.1f}%")
@@ -314,4 +370,6 @@ def render(summary: dict[str, Any]) -> str:
             f"wall time {summary['wall_seconds']} s"]
     if "note" in summary:
         head.append(f"- **{summary['note']}**")
+    if "compile_note" in summary:
+        head.append(f"- {summary['compile_note']}")
     return "\n".join(head) + "\n\n" + markdown_table(rows(summary), value_header="Images/s (warm-up left out)")
