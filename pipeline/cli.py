@@ -107,7 +107,7 @@ def manifest() -> None:
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .parquet path.")
 def manifest_build(shards: str, out: str) -> None:
     """Scan SHARDS (brace pattern, paths or pipe: URLs) once and write the manifest."""
-    from pipeline.manifest import build_manifest, describe_manifest
+    from pipeline.data.manifest import build_manifest, describe_manifest
 
     click.echo(describe_manifest(build_manifest(shards, out)))
 
@@ -117,7 +117,7 @@ def manifest_build(shards: str, out: str) -> None:
 @click.argument("shards")
 def manifest_verify(manifest_path: str, shards: str) -> None:
     """Report missing, extra or changed shards between MANIFEST and SHARDS (exit 1 if any)."""
-    from pipeline.manifest import verify_manifest
+    from pipeline.data.manifest import verify_manifest
 
     report = verify_manifest(manifest_path, shards)
     click.echo(report.describe())

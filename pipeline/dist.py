@@ -17,6 +17,7 @@ the main group's `TIMEOUT` would otherwise kill a healthy job whose ranks simply
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import time
 from typing import Any
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import SalmaeError
+
+LOGGER_NAME = "salmae"   # pipeline.logging's logger (which imports this module, so not from there)
 
 # NCCL's own timeout: how long one collective of the main group may wait for a slow rank.
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -111,9 +114,7 @@ def barrier(waiting_for: str | None = None) -> None:
     if not dist.is_initialized():
         return
     if waiting_for and not is_main():
-        from pipeline.logging import get_logger
-
-        get_logger().info("rank %d waits for rank 0: %s", rank(), waiting_for)
+        logging.getLogger(LOGGER_NAME).info("rank %d waits for rank 0: %s", rank(), waiting_for)
     dist.barrier()
 
 
@@ -145,9 +146,7 @@ def wait_for_all(what: str, poll_s: float = 60.0) -> None:
         pause = min(pause * 2, 0.5, poll_s)
         now = time.monotonic()
         if now - last_log >= poll_s:
-            from pipeline.logging import get_logger
-
-            get_logger().info("rank %d waits for %s (%s)", rank(), what, _minutes(now - started))
+            logging.getLogger(LOGGER_NAME).info("rank %d waits for %s (%s)", rank(), what, _minutes(now - started))
             last_log = now
     work.wait()                                                    # raises a failed barrier's error
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import dist
 
-LOGGER_NAME = "salmae"
+LOGGER_NAME = dist.LOGGER_NAME
 
 
 def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:

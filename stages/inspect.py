@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import SalmaeError
-from pipeline.store import STATUS_CODES, STATUS_OK, SaliencyStore
+from pipeline.saliency.store import STATUS_CODES, STATUS_OK, SaliencyStore
 
 EXAMPLE_KEYS = 5   # example keys listed per failure reason
 
@@ -213,11 +213,11 @@ def _rows_to_draw(st: SaliencyStore, ok_rows: np.ndarray, keys: Sequence[str] | 
 
 
 def _mask_for(strategy: str, saliency: np.ndarray, grid: tuple[int, int], seed: int) -> np.ndarray | None:
-    """The mask `strategy` would draw on the store's grid (None if pipeline.masking is unavailable)."""
+    """The mask `strategy` would draw on the store's grid (None if pipeline.pretrain.masking is unavailable)."""
     try:
         import torch
 
-        from pipeline.masking import make_mask
+        from pipeline.pretrain.masking import make_mask
     except ImportError:
         return None
     gen = torch.Generator().manual_seed(seed)
@@ -228,7 +228,7 @@ def _mask_for(strategy: str, saliency: np.ndarray, grid: tuple[int, int], seed: 
 
 def _write_pngs(st: SaliencyStore, rows: list[int], data: str | None, meta: dict[str, dict], out: Path,
                 strategy: str, seed: int) -> list[str]:
-    from pipeline.viz import save_saliency_overlay
+    from pipeline.figures.overlays import save_saliency_overlay
 
     if rows and data is None:
         raise SalmaeError("--png needs --data SHARDS to draw the images under the maps")
@@ -253,7 +253,7 @@ def _read_images(data: str, keys: set[str], st: SaliencyStore) -> dict[str, np.n
     """The images of `keys`: read by byte range through the store's manifest (local tars), else by
     streaming only the shards that hold them; never a scan of every tar for a few keys."""
     from pipeline.data.shards import decode_image, expand_shards, iter_shard, read_member, shard_name
-    from pipeline.manifest import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     manifest_path = Path(st.path) / "manifest.parquet"
     by_name = {shard_name(u): u for u in expand_shards(data)}

@@ -1,7 +1,7 @@
 """Stage 2: MAE pretraining with saliency-capped (or baseline) masks.
 
 `run(cfg)` wires data, model, optimizer and checkpoints; the epoch loop is
-`pipeline.engine_pretrain.train_one_epoch`. The run folder holds `config.yaml`, `run.log`,
+`pipeline.pretrain.engine.train_one_epoch`. The run folder holds `config.yaml`, `run.log`,
 `metrics.jsonl`, `checkpoint-latest.pth`, `checkpoint-EEEE.pth` and `png/epoch-EEEE.png`.
 """
 
@@ -22,11 +22,11 @@ from pipeline.config import config_to_dict, require, resume_differences, save_co
 from pipeline.data.transforms import normalise, pixel_stats
 from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
-from pipeline.engine_pretrain import cosine_lr, train_one_epoch
-from pipeline.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
+from pipeline.pretrain.engine import cosine_lr, train_one_epoch
+from pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
 from pipeline.errors import SalmaeError
 from pipeline.logging import MetricsWriter, get_logger, setup_logging
-from pipeline.masking import RatioSpec
+from pipeline.pretrain.masking import RatioSpec
 from pipeline.models.mae import build_mae
 
 
@@ -308,10 +308,10 @@ def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
 
 
 def _dataset(cfg: PretrainConfig, model):
-    from pipeline.data.pretrain_data import (IndexedPretrainDataset, StreamPretrainDataset,
+    from pipeline.pretrain.data import (IndexedPretrainDataset, StreamPretrainDataset,
                                              load_saliency_table)
     from pipeline.data.shards import expand_shards
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
 
     if not cfg.data:
         raise SalmaeError("no training data: pass --data SHARDS (brace pattern, paths or pipe: URLs)")
@@ -344,7 +344,7 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
     """The manifest of `--data`: `--manifest`, else the saliency store's, else the run folder's
     `manifest.parquet`, built once by rank 0 (a process pool scans the shards) while the other
     ranks wait. A stored manifest is trusted after an O(shards) check of shard sizes and times."""
-    from pipeline.manifest import build_manifest, load_manifest, stale_reason
+    from pipeline.data.manifest import build_manifest, load_manifest, stale_reason
 
     if cfg.manifest:
         manifest = load_manifest(cfg.manifest)
@@ -377,7 +377,7 @@ def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[in
     """DataLoader whose workers decode, augment, pool the maps and build the step's masks."""
     from torch.utils.data import DataLoader
 
-    from pipeline.data.pretrain_data import GlobalBatchSampler
+    from pipeline.pretrain.data import GlobalBatchSampler
 
     world, rank = dist.world_size(), dist.rank()
     kw = dict(num_workers=cfg.workers, pin_memory=pin_memory(device), persistent_workers=False,
@@ -425,7 +425,7 @@ def _viz_batch(cfg: PretrainConfig, dataset) -> dict | None:
 
 @torch.no_grad()
 def _write_png(path: Path, model, batch: dict, plan: MaskPlan, device) -> None:
-    from pipeline.viz_mae import save_mae_grid
+    from pipeline.figures.mae_grid import save_mae_grid
 
     was_training = model.training
     model.eval()

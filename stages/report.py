@@ -40,7 +40,7 @@ from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_text, sha256_file
 from pipeline.logging import read_metrics
 from pipeline.stats import mean_ci, paired_diff
-from pipeline.viz_report import SeedPoints, plot_accuracy_points, plot_loss_curves
+from pipeline.figures.plots import SeedPoints, plot_accuracy_points, plot_loss_curves
 
 PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")  # table order; other protocols follow, sorted
 PROTOCOL_TITLES = {"knn": "kNN top-1", "linear": "linear probe top-1",

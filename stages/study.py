@@ -22,7 +22,6 @@ whole cap sweep. A YAML `--config` (e.g. `configs/cc3m-vitb.yaml`) describes a G
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +33,9 @@ from pipeline.errors import SalmaeError
 from pipeline.logging import get_logger, setup_logging
 from pipeline.steps import Steps, record_config
 from stages.pretrain import ArchConfig
+from stages.study_settings import parse_setting
 
 BASELINE = "random"
-STRATEGIES = ("random", "block", "grid", "adaptive")   # settings without a cap
-CAPPED = ("saliency", "inverse")                       # settings named KIND-CAP, e.g. saliency-0.25
 PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")
 SWEEP = ["random", "saliency-0.1", "saliency-0.25", "saliency-0.5", "saliency-0.75", "inverse-0.25",
          "block", "adaptive"]
@@ -127,21 +125,6 @@ def preset_values(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise SalmaeError(f"unknown study preset {name!r}; use one of {', '.join(PRESETS)}")
     return {"preset": name, **PRESETS[name]}
-
-
-def parse_setting(name: str) -> dict[str, Any]:
-    """'random' -> {mask: random, cap: None, inverse: False}; 'saliency-0.25' / 'inverse-0.25' -> capped."""
-    if name in STRATEGIES:
-        return {"mask": name, "cap": None, "inverse": False}
-    kind, _, cap = name.partition("-")
-    try:
-        value = float(cap)
-    except ValueError:
-        value = math.nan
-    if kind not in CAPPED or not 0 < value <= 1:
-        raise SalmaeError(f"unknown study setting {name!r}; use {', '.join(STRATEGIES)}, saliency-CAP or "
-                          "inverse-CAP with 0 < CAP <= 1 (e.g. saliency-0.25)")
-    return {"mask": "saliency", "cap": value, "inverse": kind == "inverse"}
 
 
 def validate(cfg: StudyConfig) -> None:

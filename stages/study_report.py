@@ -102,11 +102,11 @@ def _check(name: str, protocol: str, value: float | None, target: str, ok: bool)
 def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> dict[str, Any]:
     """Write OUT/study.json, OUT/study.md and OUT/accuracy_vs_cap.png; return their paths."""
     from pipeline.config import config_to_dict
-    from pipeline.viz_report import plot_accuracy_vs_cap
+    from pipeline.figures.plots import plot_accuracy_vs_cap
     from pipeline import dist
     from pipeline.device import pick_device
     from stages.bench.report import machine_info
-    from stages.study import parse_setting
+    from stages.study_settings import parse_setting
 
     out = Path(out)
     table = load_results(out, cfg.settings, cfg.protocols, cfg.seeds, cfg.floor)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data.cc3m_like import IMAGE_SIZE, WORDS, row_key, shard_pattern, tar_member, write_cc3m_like
 from pipeline.data.shards import iter_shard
-from pipeline.manifest import build_manifest
+from pipeline.data.manifest import build_manifest
 from stages.bench import scale
 
 

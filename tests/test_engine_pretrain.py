@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import masking
+from pipeline.pretrain import masking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.device import autocast, default_workers, grad_scaler, resolve_precision
 from pipeline.errors import SalmaeError
 from pipeline.host_syncs import record_host_syncs
 from pipeline.logging import read_metrics
-from pipeline.mask_plan import MaskPlan, batch_masks
+from pipeline.pretrain.mask_plan import MaskPlan, batch_masks
 from pipeline.models.mae import build_mae
 from test_pretrain_stage import _cfg, _store
 
@@ -108,7 +108,7 @@ def test_online_masks_are_built_on_the_device_without_host_syncs(name):
     the device. Nothing may be read back to the host or built there and copied over: on CUDA either
     would make every step wait. The recorder (`pipeline.host_syncs`) is the CPU's proxy; on CUDA,
     `check_syncs` (`torch.cuda.set_sync_debug_mode("error")`, gpu-check) shows it for real."""
-    from pipeline.engine_pretrain import device_masks
+    from pipeline.pretrain.engine import device_masks
 
     plan = ONLINE_PLANS[name]
     torch.manual_seed(0)
@@ -323,9 +323,9 @@ def test_default_workers_from_cpus_per_local_process(monkeypatch, cpus, local_wo
 
 
 def test_saliency_table_is_float16_scaled_to_each_maps_maximum(shapes_pattern, store_path):
-    from pipeline.data.pretrain_data import load_saliency_table
-    from pipeline.manifest import build_manifest
-    from pipeline.store import SaliencyStore
+    from pipeline.pretrain.data import load_saliency_table
+    from pipeline.data.manifest import build_manifest
+    from pipeline.saliency.store import SaliencyStore
 
     table = load_saliency_table(build_manifest(shapes_pattern), SaliencyStore.open(store_path))
     assert table.maps.dtype == np.float16
@@ -337,7 +337,7 @@ def test_saliency_table_is_float16_scaled_to_each_maps_maximum(shapes_pattern, s
 def test_all_zero_maps_fall_back_and_are_counted_on_their_own(tmp_path, shapes_pattern):
     """Issue 11: a map that is zero everywhere (status ok in an older store, or stage 1's zero_map)
     would turn the saliency pick into a random one unseen; it is a fallback, with its own count."""
-    from pipeline.store import CODE_OF, SaliencyStore
+    from pipeline.saliency.store import CODE_OF, SaliencyStore
 
     path = _store(tmp_path / "zeros.zarr", shapes_pattern, failed_rows=(3, 40))
     store = SaliencyStore.open(path, mode="r+")
@@ -419,9 +419,9 @@ def test_stream_mode_delivers_every_batch_with_two_workers(tmp_path, shapes_patt
 
 
 def test_images_over_the_pixel_limit_are_skipped_not_decoded(shapes_pattern):
-    from pipeline.data.pretrain_data import IndexedPretrainDataset
+    from pipeline.pretrain.data import IndexedPretrainDataset
     from pipeline.data.shards import expand_shards
-    from pipeline.manifest import build_manifest
+    from pipeline.data.manifest import build_manifest
 
     manifest = build_manifest(shapes_pattern)               # 64 images of 32 x 32 = 1024 pixels
     kept = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1024)
@@ -440,9 +440,9 @@ def test_cached_images_train_exactly_as_images_read_from_the_tars(tmp_path, shap
 
 
 def test_image_cache_is_refused_above_half_the_memory_and_in_stream_mode(tmp_path, shapes_pattern, monkeypatch):
-    from pipeline.data import pretrain_data
+    from pipeline.pretrain import data as pretrain_data
     from pipeline.data.shards import expand_shards
-    from pipeline.manifest import build_manifest
+    from pipeline.data.manifest import build_manifest
 
     manifest = build_manifest(shapes_pattern)               # 64 images of 32 x 32 x 3 = 196608 bytes
     monkeypatch.setattr(pretrain_data, "physical_memory_bytes", lambda: 2 * 196608)

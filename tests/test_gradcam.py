@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.gradcam import (compile_around_layer, compute_cam, encode_captions, fast_gradcam, library_cam,
+from pipeline.saliency.gradcam import (compile_around_layer, compute_cam, encode_captions, fast_gradcam, library_cam,
                               minmax_per_image, resolve_layer, tokens_to_grid, trim_caption_padding)
 from pipeline.errors import SalmaeError
 from pipeline.models.clip import load_clip

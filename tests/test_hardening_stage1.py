@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import SalmaeError
-from pipeline.store import SaliencyStore
-from pipeline.store_lock import LOCK_DIR, ShardRange, StoreLock
+from pipeline.saliency.store import SaliencyStore
+from pipeline.saliency.store_lock import LOCK_DIR, ShardRange, StoreLock
 from stages.saliency import SaliencyConfig, run
 
 
@@ -50,7 +50,7 @@ def baseline(shapes_pattern, tmp_path_factory):
 _HOLDER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pipeline.store_lock import ShardRange, StoreLock
+    from pipeline.saliency.store_lock import ShardRange, StoreLock
     lo, hi = int(sys.argv[2]), (int(sys.argv[3]) if sys.argv[3] != "-" else None)
     lock = StoreLock(Path(sys.argv[1]), ShardRange(lo, hi)).acquire()
     print("held", flush=True)
@@ -135,7 +135,7 @@ class _Killed(BaseException):
 
 
 def test_killed_between_create_and_manifest_is_recreated(baseline, shapes_pattern, tmp_path, monkeypatch):
-    import stages.saliency as saliency
+    import pipeline.saliency.store_setup as saliency
 
     out = tmp_path / "store.zarr"
     real = saliency.create_store
@@ -214,7 +214,7 @@ def test_full_disk_while_writing_a_shard_is_one_line_and_keeps_finished_shards(b
 
 
 def test_full_disk_while_writing_the_report(baseline, shapes_pattern, tmp_path, monkeypatch):
-    import stages.saliency as saliency
+    import pipeline.saliency.report as saliency
 
     out = tmp_path / "store.zarr"
     shutil.copytree(baseline, out)
@@ -296,7 +296,7 @@ def test_perturbation_cams_of_a_batch_equal_each_image_alone(method):
     import pytorch_grad_cam
     from pytorch_grad_cam.ablation_layer import AblationLayerVit
 
-    from pipeline.gradcam import OwnCaptionSimilarity, SimilarityTarget, library_cam, resolve_layer, tokens_to_grid
+    from pipeline.saliency.gradcam import OwnCaptionSimilarity, SimilarityTarget, library_cam, resolve_layer, tokens_to_grid
     from pipeline.models.clip import load_clip
 
     torch.manual_seed(0)

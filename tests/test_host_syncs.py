@@ -32,7 +32,7 @@ def test_recorder_sees_list_tensors_and_host_reads_from_salmae_code_only():
     with record_host_syncs() as found:
         transforms.normalise(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), transforms.pixel_stats(torch.device("cpu")))
     assert len(found) == 2 and all("transforms.py" in f for f in found)   # pixel_stats' two lists
-    from pipeline.gradcam import trim_caption_padding
+    from pipeline.saliency.gradcam import trim_caption_padding
 
     with record_host_syncs() as found:
         trim_caption_padding(torch.tensor([[1, 2, 0], [3, 0, 0]]))
@@ -69,7 +69,7 @@ def test_pretraining_with_the_old_normalise_is_stopped(tmp_path, shapes_pattern,
         m = torch.as_tensor(t.IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         return images.float() - m
     old.__code__ = old.__code__.replace(co_filename=t.__file__)   # as if it were still in transforms.py
-    monkeypatch.setattr("pipeline.engine_pretrain.normalise", old)
+    monkeypatch.setattr("pipeline.pretrain.engine.normalise", old)
     with pytest.raises(SalmaeError, match=r"epoch 0 step 1 would wait for the GPU: torch.as_tensor of Python data"):
         _run(tmp_path / "run", shapes_pattern, store_path, workers=0, log_every=4, check_syncs=True)
 
@@ -93,7 +93,8 @@ def test_stage1_batches_make_no_host_syncs(tmp_path, shapes_pattern):
 
 def test_stage1_with_the_old_normalise_is_stopped(tmp_path, shapes_pattern, monkeypatch):
     from test_saliency_stage import _cfg
-    import stages.saliency as stage
+    import pipeline.saliency.engine as stage
+    from stages.saliency import run
 
     def old(images, stats):
         m = torch.as_tensor(transforms.IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
@@ -101,4 +102,4 @@ def test_stage1_with_the_old_normalise_is_stopped(tmp_path, shapes_pattern, monk
     old.__code__ = old.__code__.replace(co_filename=transforms.__file__)
     monkeypatch.setattr(stage, "normalise", old)
     with pytest.raises(SalmaeError, match=r"stage 1 batch 0 would wait for the GPU: torch.as_tensor of Python data"):
-        stage.run(_cfg(shapes_pattern, tmp_path / "store.zarr", check_syncs=True))
+        run(_cfg(shapes_pattern, tmp_path / "store.zarr", check_syncs=True))

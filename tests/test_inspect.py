@@ -36,7 +36,7 @@ def _pointing_game(store: Path, data: str) -> float:
     import numpy as np
 
     from pipeline.data.shards import iter_samples
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
 
     st = SaliencyStore.open(store)
     meta = {s.key: s.meta for s in iter_samples(data, decode=False)}
@@ -102,7 +102,7 @@ def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pa
     import numpy as np
 
     from pipeline.data.shards import iter_samples
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
 
     copy = tmp_path / "peaked.zarr"
     shutil.copytree(store, copy)
@@ -130,7 +130,7 @@ def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pa
 def test_map_statistics_streamed_in_chunks_equal_all_at_once(store):
     import numpy as np
 
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
     from stages.inspect import _map_stats, _map_stats_streamed
 
     st = SaliencyStore.open(store)
@@ -148,7 +148,7 @@ def test_overlays_read_only_the_chosen_samples(store, shapes_pattern, tmp_path, 
 
     monkeypatch.setattr(shards, "iter_samples", no_scan)
     monkeypatch.setattr(shards, "iter_shard", no_scan)
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
     from stages.inspect import _read_images
 
     images = _read_images(shapes_pattern, {"0000001", "0000101"}, SaliencyStore.open(store))

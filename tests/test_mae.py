@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import masking
+from pipeline.pretrain import masking
 from pipeline.errors import SalmaeError
 from pipeline.models.mae import MaskedAutoencoderViT, build_mae
 
@@ -132,7 +132,7 @@ def test_key_padding_mask_gives_the_pairwise_masks_results(monkeypatch, fused):
     """Padded (adaptive) batches hide padding by key only ([N, 1, 1, 1+K]: SDPA may keep its
     memory-efficient kernel); real tokens' outputs and the loss equal the pairwise mask's. Both of
     timm's attention paths (SDPA and its own softmax) are run."""
-    from pipeline.mask_plan import MaskPlan, batch_masks
+    from pipeline.pretrain.mask_plan import MaskPlan, batch_masks
     from pipeline.models import mae
 
     model = _model()

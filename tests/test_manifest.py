@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.shapes import write_shapes
-from pipeline.manifest import build_manifest, describe_manifest, load_manifest, verify_manifest
+from pipeline.data.manifest import build_manifest, describe_manifest, load_manifest, verify_manifest
 from pipeline.errors import SalmaeError
 
 
@@ -121,7 +121,7 @@ def _reference_hash(table: pa.Table) -> str:
 
     import numpy as np
 
-    from pipeline.manifest import FORMAT_VERSION, _HASHED
+    from pipeline.data.manifest import FORMAT_VERSION, _HASHED
 
     h = hashlib.sha256(f"salmae-manifest-v{FORMAT_VERSION}\n".encode())
     for name in _HASHED:
@@ -135,8 +135,8 @@ def _reference_hash(table: pa.Table) -> str:
 
 
 def test_vectorised_hash_equals_the_per_value_definition(shapes_pattern, monkeypatch):
-    import pipeline.manifest as manifest_mod
-    from pipeline.manifest import manifest_hash
+    import pipeline.data.manifest as manifest_mod
+    from pipeline.data.manifest import manifest_hash
 
     m = build_manifest(shapes_pattern)
     assert m.hash == _reference_hash(m.table)
@@ -159,7 +159,7 @@ def test_pool_scan_equals_one_process(shapes_pattern):
 def test_stale_reason_from_sizes_and_times(tmp_path, shards_copy):
     import os
 
-    from pipeline.manifest import stale_reason
+    from pipeline.data.manifest import stale_reason
 
     pattern = str(shards_copy / "{00000..00001}.tar")
     m = build_manifest(pattern, tmp_path / "m.parquet")
@@ -178,7 +178,7 @@ def test_stale_reason_from_sizes_and_times(tmp_path, shards_copy):
 
 
 def test_string_columns_are_arrow_backed(shapes_pattern):
-    from pipeline.manifest import StringColumn
+    from pipeline.data.manifest import StringColumn
 
     m = build_manifest(shapes_pattern)
     keys, status = m.keys, m.status

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.manifest as manifest_mod
+import pipeline.data.manifest as manifest_mod
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import SalmaeError
 

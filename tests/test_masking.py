@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import masking
+from pipeline.pretrain import masking
 from pipeline.errors import SalmaeError
 
 GRID = (8, 8)

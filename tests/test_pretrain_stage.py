@@ -26,8 +26,8 @@ def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), man
            oversized_frame_rows=()) -> Path:
     """A saliency store like stage 1's: 4x4 maps with 1 on the cells covering each image's bbox."""
     from pipeline.data.shards import iter_samples
-    from pipeline.manifest import build_manifest
-    from pipeline.store import SaliencyStore, create_store
+    from pipeline.data.manifest import build_manifest
+    from pipeline.saliency.store import SaliencyStore, create_store
 
     manifest = build_manifest(shapes_pattern)
     samples = {s.key: s for s in iter_samples(shapes_pattern, decode=False)}

@@ -18,7 +18,7 @@ from pipeline.cli import cli
 from pipeline.config import resolve_config
 from pipeline.errors import SalmaeError
 from pipeline.files import sha256_file
-from pipeline.viz_report import LOSS_CAVEAT, SeedPoints, accuracy_figure, fitted_ylim, loss_figure
+from pipeline.figures.plots import LOSS_CAVEAT, SeedPoints, accuracy_figure, fitted_ylim, loss_figure
 from stages.report import write_report
 
 T2 = 4.302653   # t_{0.975, 2}

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SalmaeError
-from pipeline.store import SaliencyStore
-from stages.saliency import deal_todo, run
+from pipeline.saliency.store import SaliencyStore
+from pipeline.saliency.engine import deal_todo
+from stages.saliency import run
 from test_saliency_stage import _array_bytes, _cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_wait_for_all_outlasts_the_group_timeout(tmp_path):
 # ---------------------------------------------------------------------------- background writer (item 10)
 def _counting_cams(monkeypatch, on_call=None) -> list[int]:
     """Count the CAM batches launched (and call `on_call(n)` before the n-th, from 1)."""
-    import stages.saliency as saliency
+    import pipeline.saliency.engine as saliency
 
     calls: list[int] = []
     real = saliency.compute_cam

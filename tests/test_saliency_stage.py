@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import SalmaeError
-from pipeline.store import SaliencyStore, scale_to_max
+from pipeline.saliency.store import SaliencyStore, scale_to_max
 from stages.saliency import SaliencyConfig, run
 
 FP16_STEP = 2.0 ** -10   # float16 keeps 10 mantissa bits: one rounding step is <= 2^-10 of the value
@@ -55,7 +55,7 @@ def _assert_same_maps(maps: np.ndarray, reference: np.ndarray) -> int:
 def _recompute_as_before(store: SaliencyStore, shapes_dir: Path) -> np.ndarray:
     """The maps as stage 1 computed them before images crossed as uint8 and captions were tokenized
     in the workers: float images normalised on the host, full-context text encoding, one batch."""
-    from pipeline.gradcam import fast_gradcam, resolve_layer
+    from pipeline.saliency.gradcam import fast_gradcam, resolve_layer
     from pipeline.models.clip import load_clip
 
     members = {}
@@ -77,7 +77,7 @@ def _recompute_as_before(store: SaliencyStore, shapes_dir: Path) -> np.ndarray:
 
 
 def test_store_matches_manifest(baseline):
-    from pipeline.manifest import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     out, summary = baseline
     st = SaliencyStore.open(out)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SalmaeError
-from pipeline.store import STATUS_CODES, SaliencyStore, create_store, status_code
+from pipeline.saliency.store import STATUS_CODES, SaliencyStore, create_store, status_code
 
 
 def _make(path, n=10, rows_per_shard=4):

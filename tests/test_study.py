@@ -142,7 +142,7 @@ def test_load_results_reads_runs_and_floor(tmp_path):
 
 
 def test_cap_figure_draws_means_against_caps():
-    from pipeline.viz_report import cap_figure
+    from pipeline.figures.plots import cap_figure
 
     fig = cap_figure({"knn": {"random": (0.0, {0: 30.0, 1: 32.0}), "saliency-0.25": (0.25, {0: 33.0, 1: 35.0})}},
                      {"knn": {"floor": {0: 20.0, 1: 21.0}}}, chance=12.5)

@@ -1,1 +1,4 @@
-"""Model definitions: the MAE (`mae.py`) and the CLIP loading/registration code (`clip.py`)."""
+"""Models: the MAE (`mae`), the timm ViT encoder read from checkpoints (`encoder`) and open_clip
+loading and registration (`clip`). May import `pipeline`'s root and `pretrain.masking` (MAE's
+masking contract); never `stages`.
+"""

@@ -8,7 +8,7 @@ Keys match facebookresearch/mae (`patch_embed.proj`, `cls_token`, `pos_embed`, `
 `norm`, `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.N.*`,
 `decoder_norm`, `decoder_pred`), so official checkpoints load with `strict=True` and the encoder
 keys load into timm's `VisionTransformer`. Beyond MAE, `forward` accepts a precomputed mask
-triple from `pipeline.masking` (including padded variable-length batches), per-patch loss
+triple from `pipeline.pretrain.masking` (including padded variable-length batches), per-patch loss
 weights, and returns per-image losses on request.
 """
 
@@ -24,7 +24,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from pipeline.errors import SalmaeError
-from pipeline.masking import keep_valid, online_saliency, random_mask
+from pipeline.pretrain.masking import keep_valid, online_saliency, random_mask
 
 # tiny: our test/demo size (64 px shapes, 8 px patches -> 8x8 grid, ~1.2 M parameters).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -221,7 +221,7 @@ class MaskedAutoencoderViT(nn.Module):
         Args:
             imgs: [N, C, H, W].
             mask_ratio, noise: MAE's random masking (noise [N, L] uniform reproduces a mask exactly).
-            masking: a precomputed (ids_keep, mask, ids_restore) from `pipeline.masking`; ids_keep
+            masking: a precomputed (ids_keep, mask, ids_restore) from `pipeline.pretrain.masking`; ids_keep
                 may be padded (variable keep counts): padding is hidden by a key-padding attention mask.
             weight: [N, L] per-patch loss weights (e.g. `masking.boundary_weights`).
             reduction: "mean" -> MAE's mean over all masked patches; "image_mean" -> mean of per-image

@@ -19,13 +19,13 @@ def _step_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
     (`train_one_epoch`: uint8 to the device, forward, backward, AdamW)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.data.pretrain_data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
+    from pipeline.pretrain.data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
     from pipeline.device import pin_memory
-    from pipeline.engine_pretrain import train_one_epoch
-    from pipeline.manifest import build_manifest
-    from pipeline.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
+    from pipeline.pretrain.engine import train_one_epoch
+    from pipeline.data.manifest import build_manifest
+    from pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
     from pipeline.models.mae import build_mae
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
 
     s = ws.sizes
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _step_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
 
 def _encoder_row(s: BenchSizes, repeats: int, device: torch.device) -> list[Row]:
     """Encoder forward + backward over the visible 25% of patches vs over all patches."""
-    from pipeline.masking import random_mask
+    from pipeline.pretrain.masking import random_mask
     from pipeline.models.mae import build_mae
 
     torch.manual_seed(0)
@@ -94,10 +94,10 @@ def _loader_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
     """One pass of IndexedPretrainDataset + DataLoader with vs without the saliency lookup."""
     from torch.utils.data import DataLoader
 
-    from pipeline.data.pretrain_data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
+    from pipeline.pretrain.data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
     from pipeline.device import pin_memory
-    from pipeline.manifest import build_manifest
-    from pipeline.store import SaliencyStore
+    from pipeline.data.manifest import build_manifest
+    from pipeline.saliency.store import SaliencyStore
 
     s = ws.sizes
     store_path = ws.store

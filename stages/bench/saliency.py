@@ -17,7 +17,7 @@ CAPTIONS = ("a red circle next to a blue square", "a green triangle", "a yellow 
 def _clip_paths(name: str, batch: int, batches: int, device: torch.device, library: bool):
     """Timed callables over the same fixed batches: plain forward, fast Grad-CAM, (library GradCAM)."""
     from pipeline.device import autocast
-    from pipeline.gradcam import DEFAULT_LAYER, encode_captions, fast_gradcam, library_cam, resolve_layer
+    from pipeline.saliency.gradcam import DEFAULT_LAYER, encode_captions, fast_gradcam, library_cam, resolve_layer
     from pipeline.models.clip import load_clip
 
     model, info, tokenizer, _ = load_clip(name, "none", device)
@@ -78,7 +78,7 @@ def _clip_rows(name: str, batch: int, batches: int, repeats: int, device: torch.
 def _store_rows(ws: Workspace, repeats: int) -> list[Row]:
     import numpy as np
 
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
 
     store = SaliencyStore.open(ws.store)
     n, (gh, gw) = len(store), store.grid

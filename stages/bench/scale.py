@@ -6,7 +6,7 @@ unless `keep`), then runs each step once, each in a fresh process of its own so 
 resident memory (`VmHWM`) is its own:
 
 - `generate`: the data itself (a process pool over shards);
-- `manifest`: first build, `pipeline.manifest.build_manifest(shards, out)`;
+- `manifest`: first build, `pipeline.data.manifest.build_manifest(shards, out)`;
 - `saliency_slice`: stage 1 (`stages.saliency.run`, micro CLIP `salmae-micro`, random weights, CPU)
   on a separate store over the first `slice_rows` rows, images/s;
 - `saliency_resume`: stage 1 rerun (same command) on a store of all N rows whose shards are all
@@ -60,7 +60,7 @@ STEPS = ("generate", "manifest", "saliency_slice", "saliency_resume", "inspect",
          "pretrain_loader", "knn")
 # imported once by the forkserver, so each step's process starts in milliseconds, not seconds
 _PRELOAD = ["torch", "numpy", "pyarrow.parquet", "zarr", "open_clip", "stages.saliency", "stages.inspect",
-            "pipeline.data.pretrain_data", "pipeline.mask_plan", "pipeline.eval.knn", "stages.bench.scale"]
+            "pipeline.pretrain.data", "pipeline.pretrain.mask_plan", "pipeline.eval.knn", "stages.bench.scale"]
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _generate(data: str, rows: int, shard_size: int) -> dict:
 
 
 def _manifest(pattern: str, out: str) -> dict:
-    from pipeline.manifest import build_manifest
+    from pipeline.data.manifest import build_manifest
 
     return {"manifest_rows": len(build_manifest(pattern, out))}
 
@@ -225,7 +225,7 @@ def _saliency_slice(cfg: ScaleConfig, folder: str, store: str) -> dict:
 
 def _saliency_resume(cfg: ScaleConfig, pattern: str, manifest_path: str, slice_store: str, store: str) -> dict:
     """Make the store done but for its last shards (untimed), then time stage 1's rerun on it."""
-    from pipeline.store import SaliencyStore
+    from pipeline.saliency.store import SaliencyStore
     from stages.saliency import run
 
     setup_start = time.perf_counter()
@@ -251,9 +251,9 @@ def _finished_store(cfg: ScaleConfig, manifest_path: str, slice_store: str, stor
     """
     import numpy as np
 
-    from pipeline.manifest import load_manifest
-    from pipeline.store import STATUS_OK, SaliencyStore, create_store
-    from stages.saliency import MANIFEST_NAME
+    from pipeline.data.manifest import load_manifest
+    from pipeline.saliency.store import STATUS_OK, SaliencyStore, create_store
+    from pipeline.saliency.store_setup import MANIFEST_NAME
 
     manifest = load_manifest(manifest_path)
     attrs = {k: v for k, v in SaliencyStore.open(slice_store).attrs.items()
@@ -287,10 +287,10 @@ def _inspect(store: str) -> dict:
 
 
 def _stage2_dataset(pattern: str, manifest_path: str, store: str):
-    from pipeline.data.pretrain_data import IndexedPretrainDataset, load_saliency_table
+    from pipeline.pretrain.data import IndexedPretrainDataset, load_saliency_table
     from pipeline.data.shards import expand_shards
-    from pipeline.manifest import load_manifest
-    from pipeline.store import SaliencyStore
+    from pipeline.data.manifest import load_manifest
+    from pipeline.saliency.store import SaliencyStore
 
     manifest = load_manifest(manifest_path)
     table = load_saliency_table(manifest, SaliencyStore.open(store))
@@ -308,9 +308,9 @@ def _pretrain_loader(cfg: ScaleConfig, pattern: str, manifest_path: str, store: 
     """One pass of the stage-2 loader over `loader_rows` rows; seconds are the pass only."""
     from torch.utils.data import DataLoader
 
-    from pipeline.data.pretrain_data import GlobalBatchSampler
+    from pipeline.pretrain.data import GlobalBatchSampler
     from pipeline.device import loader_generator, seed_worker
-    from pipeline.mask_plan import MaskingCollate, MaskPlan
+    from pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan
 
     dataset, _ = _stage2_dataset(pattern, manifest_path, store)
     b = cfg.loader_batch

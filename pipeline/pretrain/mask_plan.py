@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import masking
+from pipeline.pretrain import masking
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Layout of `STORE.zarr` (rows in manifest order, N rows):
     frame       float32 [N, 4]       x0, y0, x1, y1 of the image region the map covers (pixels)
     image_size  int32   [N, 2]       W, H of the original image
     _done/NNNNN.json                 completion marker of Zarr shard NNNNN (written last, atomically)
-    _locks/HOST-PID.json             the writers at work now (pipeline/store_lock.py); kept by `create_store`
+    _locks/HOST-PID.json             the writers at work now (pipeline/saliency/store_lock.py); kept by `create_store`
     manifest.parquet, config.yaml, run.log, saliency_report.json   written by stage 1 beside the arrays
 
 Status codes (`STATUS_CODES`, also in the attrs): 0 pending, 1 ok; 2-7 the data layer's damage
@@ -42,7 +42,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from pipeline.errors import SalmaeError
 from pipeline.files import atomic_write_json, fsync_paths
-from pipeline.store_lock import LOCK_DIR
+from pipeline.saliency.store_lock import LOCK_DIR
 
 FORMAT = "salmae-saliency-store/2"
 READABLE_FORMATS = ("salmae-saliency-store/1", FORMAT)   # 1: maps stored raw, no `scale` array

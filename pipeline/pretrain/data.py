@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 from pipeline.data.shards import decode_image, read_member, shard_name
 from pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
 from pipeline.errors import SalmaeError
-from pipeline.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
+from pipeline.saliency.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
 
 
 # --------------------------------------------------------------------------- saliency lookup

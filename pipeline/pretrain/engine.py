@@ -2,7 +2,7 @@
 
 Kept apart from the wiring in `stages/pretrain.py`. A step only moves the loader's tensors to the
 device and runs the model: images arrive as uint8 and are normalised there, masks arrive built
-(`pipeline.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
+(`pipeline.pretrain.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
 device or talks to other processes, except where the algorithm needs it (DDP's gradient
 all-reduce): the loss is summed on the device, and on logging steps (every `log_every` steps and
 the last) one all-reduce of [loss, masked, fallbacks, zero maps] gives every rank the same numbers and the
@@ -26,7 +26,7 @@ from pipeline.device import autocast
 from pipeline.errors import SalmaeError
 from pipeline.host_syncs import no_host_syncs
 from pipeline.logging import MetricsWriter
-from pipeline.mask_plan import MaskPlan, batch_masks, step_seed
+from pipeline.pretrain.mask_plan import MaskPlan, batch_masks, step_seed
 
 MASK_KEYS = ("ids_keep", "mask", "ids_restore")
 
