@@ -23,7 +23,9 @@ NPROC   ?= 1
 PRESET  ?= cpu
 STUDY_CONFIG ?=
 STUDY_OUT ?= $(if $(STUDY_CONFIG),,runs/study/$(PRESET))
-# gpu-check runs on a GPU box that has torch, timm, numpy and pyarrow but maybe no .venv.
+# gpu-check runs on a GPU box that has torch, timm, numpy and pyarrow but maybe no .venv: it imports
+# salmae through IMPORT_DIR/salmae, a link to this folder (the import name without an install).
+IMPORT_DIR ?= build/import
 PYTHON  ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_CHECK_OUT ?= runs/gpu-check
 GPU_CHECK_ARGS ?=
@@ -63,32 +65,33 @@ demo: $(INSTALLED)  ## Whole pipeline on generated data with tiny models; prints
 	$(BIN)/salmae demo --out runs/demo --seeds $(SEEDS)
 
 study: $(INSTALLED)  ## Settings x seeds, paired: PRESET=smoke|cpu|cpu-full or STUDY_CONFIG=configs/….yaml (NPROC) -> study.md
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli study \
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m salmae study \
 	  $(if $(STUDY_CONFIG),--config $(STUDY_CONFIG),--preset $(PRESET)) $(if $(STUDY_OUT),--out $(STUDY_OUT))
 
 saliency: $(INSTALLED)  ## Stage 1 on DATA into STORE (CLIP_MODEL, CLIP_PRETRAINED, CAM=gradcam|hirescam|..., NPROC)
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli saliency --data '$(DATA)' --out $(STORE) \
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m salmae saliency --data '$(DATA)' --out $(STORE) \
 	  --clip-model $(CLIP_MODEL) --clip-pretrained $(CLIP_PRETRAINED) --cam $(CAM)
 
 pretrain: $(INSTALLED)  ## Stage 2 on DATA with MASK from STORE into RUN (MODEL, EPOCHS, NPROC)
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli pretrain --data '$(DATA)' --out $(RUN) \
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m salmae pretrain --data '$(DATA)' --out $(RUN) \
 	  --saliency $(STORE) --mask $(MASK) --model $(MODEL) --epochs $(EPOCHS) --resume latest
 
 eval: $(INSTALLED)  ## Stage 3 PROTOCOL (knn|linear|finetune) of RUN's checkpoint on EVAL_DATA
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline.cli eval $(PROTOCOL) \
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m salmae eval $(PROTOCOL) \
 	  --checkpoint $(RUN)/checkpoint-latest.pth --data $(EVAL_DATA) --out $(RUN)/eval-$(PROTOCOL)
 
 bench: $(INSTALLED)  ## Run the benchmarks and rewrite BENCHMARKS.md (and BENCHMARKS.json)
 	$(BIN)/salmae bench all --out BENCHMARKS.md --json BENCHMARKS.json
 
 gpu-check:  ## Preflight (versions, compiler, wheels' Python), then images/s of stages 1-3 into GPU_CHECK_OUT/gpu-check.json
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pipeline.preflight --wheels $(WHEELS)
+	@mkdir -p $(IMPORT_DIR) && ln -sfn $(CURDIR) $(IMPORT_DIR)/salmae
+	PYTHONPATH=$(abspath $(IMPORT_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m salmae.pipeline.preflight --wheels $(WHEELS)
 	@if [ -f $(WHEELS)/requirements.txt ]; then \
 	  echo "installing $(WHEELS)/ into $(WHEELS)/site (offline, no dependencies)"; \
 	  $(PYTHON) -m pip install -q --no-index --find-links $(WHEELS) --no-deps --upgrade --target $(WHEELS)/site \
 	    -r $(WHEELS)/requirements.txt; fi
-	PYTHONPATH=$(CURDIR)$(if $(wildcard $(WHEELS)/requirements.txt),:$(abspath $(WHEELS)/site))$${PYTHONPATH:+:$$PYTHONPATH} \
-	  $(PYTHON) -m pipeline.cli gpu-check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(abspath $(IMPORT_DIR))$(if $(wildcard $(WHEELS)/requirements.txt),:$(abspath $(WHEELS)/site))$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(PYTHON) -m salmae gpu-check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 wheelhouse: $(INSTALLED)  ## Wheels of WHEEL_PKGS (+ WHEEL_EXTRAS) at .venv's versions for Python PYVER into WHEELS/ (a GPU box)
 	mkdir -p $(WHEELS)

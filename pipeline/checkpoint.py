@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path, free_bytes, pid_alive
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_path, free_bytes, pid_alive
 
 FORMAT_VERSION = 1
 # Classes a checkpoint may hold beyond weights_only's tensors and containers: MAE's `args`.

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from pipeline import __version__
-from pipeline.errors import SalmaeError
+from salmae.pipeline import __version__
+from salmae.pipeline.errors import SalmaeError
 
 
 class _Group(click.Group):
@@ -28,7 +28,7 @@ class _Group(click.Group):
             finally:
                 # leave the process group before the interpreter exits: gloo's threads may otherwise
                 # abort the process at exit ("terminate called without an active exception")
-                from pipeline import dist
+                from salmae.pipeline import dist
 
                 dist.shutdown()
         except SalmaeError as e:
@@ -37,7 +37,7 @@ class _Group(click.Group):
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            from pipeline.checkpoint import write_failure
+            from salmae.pipeline.checkpoint import write_failure
 
             target = e.filename or "a file"
             click.echo(f"salmae: error: could not write {target}: {write_failure(target, e)}", err=True)
@@ -55,7 +55,7 @@ def _config_options(f):
 def _run_stage(module: str, config_cls: str, config_path: str | None, overrides: tuple[str, ...],
                **named: Any) -> Any:
     """Resolve `module.config_cls` from the layers and call `module.run(cfg)`."""
-    from pipeline.config import resolve_config
+    from salmae.pipeline.config import resolve_config
 
     mod = importlib.import_module(module)
     cfg = resolve_config(getattr(mod, config_cls), config_path, overrides, **named)
@@ -90,7 +90,7 @@ def cli() -> None:
 def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float,
            task: str, val_every: int) -> None:
     """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
-    from pipeline.data.shapes import write_shapes
+    from salmae.pipeline.data.shapes import write_shapes
 
     summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
                            imagefolder=imagefolder, same_colour_frac=same_colour, task=task, val_every=val_every)
@@ -107,7 +107,7 @@ def manifest() -> None:
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .parquet path.")
 def manifest_build(shards: str, out: str) -> None:
     """Scan SHARDS (brace pattern, paths or pipe: URLs) once and write the manifest."""
-    from pipeline.data.manifest import build_manifest, describe_manifest
+    from salmae.pipeline.data.manifest import build_manifest, describe_manifest
 
     click.echo(describe_manifest(build_manifest(shards, out)))
 
@@ -117,7 +117,7 @@ def manifest_build(shards: str, out: str) -> None:
 @click.argument("shards")
 def manifest_verify(manifest_path: str, shards: str) -> None:
     """Report missing, extra or changed shards between MANIFEST and SHARDS (exit 1 if any)."""
-    from pipeline.data.manifest import verify_manifest
+    from salmae.pipeline.data.manifest import verify_manifest
 
     report = verify_manifest(manifest_path, shards)
     click.echo(report.describe())
@@ -142,7 +142,7 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
 @_config_options
 def saliency(config_path, overrides, manifest_path, **named) -> None:
     """Stage 1: CLIP + Grad-CAM saliency per image into a resumable Zarr store."""
-    _run_stage("stages.saliency", "SaliencyConfig", config_path, overrides, manifest=manifest_path, **named)
+    _run_stage("salmae.stages.saliency", "SaliencyConfig", config_path, overrides, manifest=manifest_path, **named)
 
 
 @cli.command("clip-train")
@@ -155,7 +155,7 @@ def saliency(config_path, overrides, manifest_path, **named) -> None:
 @_config_options
 def clip_train(config_path, overrides, **named) -> None:
     """Train a tiny open_clip model contrastively on caption shards (the offline CLIP)."""
-    _run_stage("stages.clip_train", "ClipTrainConfig", config_path, overrides, **named)
+    _run_stage("salmae.stages.clip_train", "ClipTrainConfig", config_path, overrides, **named)
 
 
 @cli.command()
@@ -169,7 +169,7 @@ def clip_train(config_path, overrides, **named) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> None:
     """Summarise a saliency store: rows, status counts, grid, attrs, map statistics."""
-    from stages.inspect import format_summary, inspect_store
+    from salmae.stages.inspect import format_summary, inspect_store
 
     summary = inspect_store(store, data=data, png_dir=png_dir,
                             keys=keys.split(",") if keys else None, n_random=n_random,
@@ -192,7 +192,7 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> No
 @_config_options
 def pretrain(config_path, overrides, **named) -> None:
     """Stage 2: MAE pretraining with saliency-capped (or baseline) masks."""
-    _run_stage("stages.pretrain", "PretrainConfig", config_path, overrides, **named)
+    _run_stage("salmae.stages.pretrain", "PretrainConfig", config_path, overrides, **named)
 
 
 # --------------------------------------------------------------------------- stage 3
@@ -209,7 +209,7 @@ def _eval_command(protocol: str):
     def command(config_path, overrides, **named) -> None:
         if "augment" in named:  # --aug/--no-aug sets linear.augment
             named["linear.augment"] = named.pop("augment")
-        _run_stage("stages.evaluate", "EvalConfig", config_path, overrides, protocol=protocol, **named)
+        _run_stage("salmae.stages.evaluate", "EvalConfig", config_path, overrides, protocol=protocol, **named)
 
     if protocol in ("linear", "finetune"):
         command = click.option("--accum-iter", "accum_iter", type=int, default=None,
@@ -249,7 +249,7 @@ for _protocol in ("linear", "knn", "finetune"):
               help="Mask strategy (e.g. random) each row is compared with, seed by seed (paired difference).")
 def report(runs, out, baseline) -> None:
     """Compare pretraining runs (and their evals) in markdown tables with PNG plots."""
-    from stages.report import write_report
+    from salmae.stages.report import write_report
 
     click.echo(write_report(list(runs), out, baseline=baseline))
 
@@ -261,7 +261,7 @@ def report(runs, out, baseline) -> None:
 @_config_options
 def demo(config_path, overrides, out, seeds) -> None:
     """Run the whole pipeline on generated data with tiny models and write report.md."""
-    _run_stage("stages.demo", "DemoConfig", config_path, overrides, out=out, seeds=seeds)
+    _run_stage("salmae.stages.demo", "DemoConfig", config_path, overrides, out=out, seeds=seeds)
 
 
 @cli.command()
@@ -276,8 +276,8 @@ def study(config_path, overrides, preset, out, seeds) -> None:
     """Does saliency masking help, and at which cap? Settings x seeds, paired, into study.md/json."""
     from pathlib import Path
 
-    from pipeline.config import resolve_config
-    from stages import study as study_stage
+    from salmae.pipeline.config import resolve_config
+    from salmae.stages import study as study_stage
 
     name = preset or "cpu"
     base = study_stage.preset_values(name)
@@ -301,13 +301,13 @@ def study(config_path, overrides, preset, out, seeds) -> None:
 def bench(which, out, repeats, json_out, rows, shard_size, keep) -> None:
     """Measure the stage speed ratios and rewrite BENCHMARKS.md (`scale`: time and memory of each step at N rows)."""
     if which == "scale":
-        from stages.bench.scale import ScaleConfig, render, run_scale
-        from stages.bench.workspace import _quick_from_env
+        from salmae.stages.bench.scale import ScaleConfig, render, run_scale
+        from salmae.stages.bench.workspace import _quick_from_env
 
         click.echo(render(run_scale(ScaleConfig(rows=rows, out=out, json_out=json_out, keep=keep,
                                                 shard_size=shard_size, quick=_quick_from_env()))))
         return
-    from stages.bench import run_bench
+    from salmae.stages.bench import run_bench
 
     click.echo(run_bench(which=which, out=out, repeats=repeats, json_out=json_out))
 
@@ -319,9 +319,9 @@ def bench(which, out, repeats, json_out, rows, shard_size, keep) -> None:
 @_config_options
 def gpu_check(config_path, overrides, out, clip_pretrained, device) -> None:
     """Measure images/s and peak memory of stages 1-3 on this machine's GPU into OUT/gpu-check.json."""
-    from stages.bench.gpu_check import render
+    from salmae.stages.bench.gpu_check import render
 
-    click.echo(render(_run_stage("stages.bench.gpu_check", "GpuCheckConfig", config_path, overrides, out=out,
+    click.echo(render(_run_stage("salmae.stages.bench.gpu_check", "GpuCheckConfig", config_path, overrides, out=out,
                                  clip_pretrained=clip_pretrained, device=device)))
 
 

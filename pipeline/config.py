@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_text
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_text
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import dist
-from pipeline.errors import SalmaeError
+from salmae.pipeline import dist
+from salmae.pipeline.errors import SalmaeError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

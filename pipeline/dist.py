@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 LOGGER_NAME = "salmae"   # pipeline.logging's logger (which imports this module, so not from there)
 

@@ -96,7 +96,7 @@ def free_bytes(path: str | os.PathLike) -> int | None:
 def disk_full_as_error(path: str | os.PathLike, what: str = "") -> Iterator[None]:
     """Turn a full disk or quota (ENOSPC, EDQUOT) inside the block into one SalmaeError line naming the
     file being written (the OSError's own filename if it has one, else `path`) and the free space."""
-    from pipeline.errors import SalmaeError
+    from salmae.pipeline.errors import SalmaeError
 
     try:
         yield

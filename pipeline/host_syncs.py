@@ -26,9 +26,11 @@ from typing import Iterator
 
 import torch
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
-_OURS = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "stages"))
+# salmae's folders as imported (also through a link, as `make gpu-check` imports it) and as resolved
+_OURS = tuple({str(base / sub) for base in (Path(__file__).parent.parent, Path(__file__).resolve().parent.parent)
+               for sub in ("pipeline", "stages")})
 _CREATE = ("tensor", "as_tensor")
 _FACTORIES = ("rand", "randn", "randint", "zeros", "ones", "full", "empty", "arange", "eye")
 _READ = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
+from salmae.pipeline import dist
 
 LOGGER_NAME = dist.LOGGER_NAME
 
@@ -121,7 +121,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: str | Path, keep_epochs_below: int) -> int:
     """Drop the records of epochs >= `keep_epochs_below` (a resumed run writes them again) and any
     line cut short; rewrite the file atomically. Returns the number of records dropped."""
-    from pipeline.files import atomic_write_text
+    from salmae.pipeline.files import atomic_write_text
 
     path = Path(path)
     if not path.exists():

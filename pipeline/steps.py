@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline import dist
-from pipeline.config import config_to_dict, resume_differences, save_config
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json
-from pipeline.logging import get_logger
+from salmae.pipeline import dist
+from salmae.pipeline.config import config_to_dict, resume_differences, save_config
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_json
+from salmae.pipeline.logging import get_logger
 
 
 class Steps:

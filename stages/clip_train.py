@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import config_to_dict
-from pipeline.device import pick_device
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path
-from pipeline.logging import MetricsWriter, get_logger, setup_logging
-from pipeline.models.clip import TINY_MODEL, checkpoint_extras, load_clip
+from salmae.pipeline.config import config_to_dict
+from salmae.pipeline.device import pick_device
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_path
+from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
+from salmae.pipeline.models.clip import TINY_MODEL, checkpoint_extras, load_clip
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ def run(cfg: ClipTrainConfig) -> dict[str, Any]:
         raise SalmaeError("clip-train needs a budget: --seconds S, --set steps=N and/or --set epochs=N")
     out = Path(cfg.out)
     log = setup_logging(out.parent)
-    from pipeline.config import save_config
+    from salmae.pipeline.config import save_config
     save_config(cfg, out.parent / "config.yaml")
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
@@ -162,7 +162,7 @@ def _flip_half(x: torch.Tensor, t: torch.Tensor, captions: list[str], idx: torch
 
 def _load_pairs(spec: str, info) -> tuple[torch.Tensor, list[str]]:
     """Decode every usable (image, caption) pair once, resized to the model input: ([N, 3, H, W] uint8, captions)."""
-    from pipeline.data.shards import iter_samples
+    from salmae.pipeline.data.shards import iter_samples
 
     size_wh = (info.input_size[1], info.input_size[0])
     images, captions, skipped = [], [], 0

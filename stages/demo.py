@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
-from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.logging import get_logger, setup_logging
-from pipeline.steps import Steps, record_config
+from salmae.pipeline import dist
+from salmae.pipeline.files import atomic_write_json, atomic_write_text
+from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.steps import Steps, record_config
 
 RESUME_MAY_CHANGE = ("out", "seeds", "strategies", "workers", "device")   # a rerun may add seeds or strategies
 
@@ -74,7 +74,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     step = Steps(out, "demo")
     timings = step.seconds
 
-    from pipeline.data.shapes import write_shapes
+    from salmae.pipeline.data.shapes import write_shapes
 
     step("shapes", lambda: write_shapes(data, n=cfg.n_images, image_size=cfg.image_size, seed=0,
                                         shard_size=cfg.shard_size, imagefolder=True, task=cfg.task))
@@ -107,14 +107,14 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _clip_train(cfg: DemoConfig, shards: str, clip_ckpt: Path) -> dict:
-    from stages import clip_train
+    from salmae.stages import clip_train
 
     return clip_train.run(clip_train.ClipTrainConfig(data=shards, out=clip_ckpt, steps=cfg.clip_steps,
                                                      seconds=cfg.clip_seconds, threads=2, device=cfg.device))
 
 
 def _saliency(cfg: DemoConfig, shards: str, store: Path, clip_ckpt: Path) -> dict:
-    from stages import saliency
+    from salmae.stages import saliency
 
     return saliency.run(saliency.SaliencyConfig(
         data=shards, out=store, clip_model="salmae-tiny", clip_pretrained=str(clip_ckpt), cam=cfg.cam,
@@ -122,7 +122,7 @@ def _saliency(cfg: DemoConfig, shards: str, store: Path, clip_ckpt: Path) -> dic
 
 
 def _inspect(store: Path, shards: str, png_dir: Path) -> dict:
-    from stages.inspect import format_summary, inspect_store
+    from salmae.stages.inspect import format_summary, inspect_store
 
     summary = inspect_store(store, data=shards, png_dir=png_dir, n_random=6, strategy="saliency")
     print(format_summary(summary))
@@ -131,8 +131,8 @@ def _inspect(store: Path, shards: str, png_dir: Path) -> dict:
 
 
 def _pretrain(cfg: DemoConfig, shards: str, store: Path, strategy: str, seed: int, run_dir: Path) -> dict:
-    from pipeline.config import resolve_config
-    from stages import pretrain
+    from salmae.pipeline.config import resolve_config
+    from salmae.stages import pretrain
 
     pcfg = resolve_config(pretrain.PretrainConfig, None,
                           [f"masking.cap={cfg.cap}", f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}"],
@@ -143,7 +143,7 @@ def _pretrain(cfg: DemoConfig, shards: str, store: Path, strategy: str, seed: in
 
 
 def _evaluate(cfg: DemoConfig, protocol: str, run_dir: Path, root: Path, seed: int) -> dict:
-    from stages import evaluate
+    from salmae.stages import evaluate
 
     ecfg = evaluate.EvalConfig(protocol=protocol, checkpoint=str(run_dir / "checkpoint-latest.pth"),
                                data=str(root), out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
@@ -157,7 +157,7 @@ def _evaluate(cfg: DemoConfig, protocol: str, run_dir: Path, root: Path, seed: i
 
 def _write_report(runs: list[Path], report: Path, inspect: dict | None, out: Path) -> None:
     """The comparison report of `stages.report`, plus the stage-1 section (pointing game, overlays)."""
-    from stages.report import write_report
+    from salmae.stages.report import write_report
 
     write_report([str(r) for r in runs], str(report))
     lines = [report.read_text().rstrip(), "", "## Stage 1: saliency of the tiny CLIP", ""]

@@ -36,26 +36,26 @@ from typing import Any, Callable, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import __version__, dist
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import config_to_dict, require, resume_differences, save_config
-from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
+from salmae.pipeline import __version__, dist
+from salmae.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from salmae.pipeline.config import config_to_dict, require, resume_differences, save_config
+from salmae.pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
-from pipeline.errors import SalmaeError
-from pipeline.eval.accumulation import Accumulation, plan_accumulation
-from pipeline.eval.data import EvalData, open_eval_data
-from pipeline.eval.features import Features, cached_features, extract_features
-from pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints, init_finetune_head
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.eval.knn import knn_hits
-from pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.eval.accumulation import Accumulation, plan_accumulation
+from salmae.pipeline.eval.data import EvalData, open_eval_data
+from salmae.pipeline.eval.features import Features, cached_features, extract_features
+from salmae.pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints, init_finetune_head
+from salmae.pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from salmae.pipeline.eval.knn import knn_hits
+from salmae.pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
                                   train_linear_head)
-from pipeline.eval.metrics import topk_correct
-from pipeline.eval.recipes import FINETUNE_GLOBAL_BATCH, FinetuneRecipe, resolve_recipe
-from pipeline.eval.transforms import eval_transform, finetune_train_transform, linear_train_transform
-from pipeline.files import atomic_write_json, sha256_file
-from pipeline.logging import MetricsWriter, get_logger, setup_logging
-from pipeline.models.encoder import EncoderSpec, load_encoder
+from salmae.pipeline.eval.metrics import topk_correct
+from salmae.pipeline.eval.recipes import FINETUNE_GLOBAL_BATCH, FinetuneRecipe, resolve_recipe
+from salmae.pipeline.eval.transforms import eval_transform, finetune_train_transform, linear_train_transform
+from salmae.pipeline.files import atomic_write_json, sha256_file
+from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
+from salmae.pipeline.models.encoder import EncoderSpec, load_encoder
 
 DEFAULT_EPOCHS = {"linear": 90, "knn": 0}  # finetune: the recipe's (pipeline.eval.recipes)
 DEFAULT_BATCH = {"linear": 512, "knn": 256, "finetune": 64}  # linear: MAE's per-GPU 512 (the head's BatchNorm batch)
@@ -234,8 +234,8 @@ def _check_resume(cfg: EvalConfig, out: Path) -> dict | None:
 def _settle_eval_folder(out: Path, resumed: dict | None) -> None:
     """Remove temp files a killed save left behind; drop metrics a killed run wrote after its last
     checkpoint (a fresh run starts its metrics anew)."""
-    from pipeline.checkpoint import remove_stale_temp_files
-    from pipeline.logging import truncate_metrics
+    from salmae.pipeline.checkpoint import remove_stale_temp_files
+    from salmae.pipeline.logging import truncate_metrics
 
     remove_stale_temp_files(out)
     truncate_metrics(out / "metrics.jsonl", keep_epochs_below=int(resumed["epoch"]) + 1 if resumed else 0)

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.errors import SalmaeError
-from pipeline.saliency.store import STATUS_CODES, STATUS_OK, SaliencyStore
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.store import STATUS_CODES, STATUS_OK, SaliencyStore
 
 EXAMPLE_KEYS = 5   # example keys listed per failure reason
 
@@ -193,7 +193,7 @@ def _contains(box: Sequence[float], x: float, y: float) -> bool:
 
 # ---------------------------------------------------------------------------- data and figures
 def _read_meta(data: str, keys: set[str]) -> dict[str, dict]:
-    from pipeline.data.shards import iter_samples
+    from salmae.pipeline.data.shards import iter_samples
 
     return {s.key: s.meta for s in iter_samples(data, decode=False) if s.key in keys}
 
@@ -217,7 +217,7 @@ def _mask_for(strategy: str, saliency: np.ndarray, grid: tuple[int, int], seed: 
     try:
         import torch
 
-        from pipeline.pretrain.masking import make_mask
+        from salmae.pipeline.pretrain.masking import make_mask
     except ImportError:
         return None
     gen = torch.Generator().manual_seed(seed)
@@ -228,7 +228,7 @@ def _mask_for(strategy: str, saliency: np.ndarray, grid: tuple[int, int], seed: 
 
 def _write_pngs(st: SaliencyStore, rows: list[int], data: str | None, meta: dict[str, dict], out: Path,
                 strategy: str, seed: int) -> list[str]:
-    from pipeline.figures.overlays import save_saliency_overlay
+    from salmae.pipeline.figures.overlays import save_saliency_overlay
 
     if rows and data is None:
         raise SalmaeError("--png needs --data SHARDS to draw the images under the maps")
@@ -252,8 +252,8 @@ def _write_pngs(st: SaliencyStore, rows: list[int], data: str | None, meta: dict
 def _read_images(data: str, keys: set[str], st: SaliencyStore) -> dict[str, np.ndarray]:
     """The images of `keys`: read by byte range through the store's manifest (local tars), else by
     streaming only the shards that hold them; never a scan of every tar for a few keys."""
-    from pipeline.data.shards import decode_image, expand_shards, iter_shard, read_member, shard_name
-    from pipeline.data.manifest import load_manifest
+    from salmae.pipeline.data.shards import decode_image, expand_shards, iter_shard, read_member, shard_name
+    from salmae.pipeline.data.manifest import load_manifest
 
     manifest_path = Path(st.path) / "manifest.parquet"
     by_name = {shard_name(u): u for u in expand_shards(data)}
@@ -275,7 +275,7 @@ def _read_images(data: str, keys: set[str], st: SaliencyStore) -> dict[str, np.n
         for url, wanted in streamed.items():
             raw.update({s.key: s.image_bytes for s in iter_shard(url, decode=False, keys=wanted) if s.image_bytes})
     else:  # a store without its manifest (older tooling): stream the data once
-        from pipeline.data.shards import iter_samples
+        from salmae.pipeline.data.shards import iter_samples
 
         raw = {s.key: s.image_bytes for s in iter_samples(data, decode=False) if s.key in keys and s.image_bytes}
     images = {}

@@ -16,18 +16,18 @@ from typing import Literal
 import torch
 from timm.optim import param_groups_weight_decay
 
-from pipeline import dist
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import config_to_dict, require, resume_differences, save_config
-from pipeline.data.transforms import normalise, pixel_stats
-from pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
+from salmae.pipeline import dist
+from salmae.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from salmae.pipeline.config import config_to_dict, require, resume_differences, save_config
+from salmae.pipeline.data.transforms import normalise, pixel_stats
+from salmae.pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
-from pipeline.pretrain.engine import cosine_lr, train_one_epoch
-from pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
-from pipeline.errors import SalmaeError
-from pipeline.logging import MetricsWriter, get_logger, setup_logging
-from pipeline.pretrain.masking import RatioSpec
-from pipeline.models.mae import build_mae
+from salmae.pipeline.pretrain.engine import cosine_lr, train_one_epoch
+from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
+from salmae.pipeline.pretrain.masking import RatioSpec
+from salmae.pipeline.models.mae import build_mae
 
 
 @dataclass
@@ -279,8 +279,8 @@ def _check_resume(cfg: PretrainConfig, state: dict, path: Path) -> None:
 def _settle_run_folder(out: Path, state: dict | None) -> None:
     """Before a (resumed) run writes: remove temp files that a killed save left behind, and drop the
     metrics a killed run wrote after its last checkpoint (they would be written again)."""
-    from pipeline.checkpoint import remove_stale_temp_files
-    from pipeline.logging import truncate_metrics
+    from salmae.pipeline.checkpoint import remove_stale_temp_files
+    from salmae.pipeline.logging import truncate_metrics
 
     out.mkdir(parents=True, exist_ok=True)
     if _staged_manifest(out).is_file():
@@ -308,10 +308,10 @@ def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
 
 
 def _dataset(cfg: PretrainConfig, model):
-    from pipeline.pretrain.data import (IndexedPretrainDataset, StreamPretrainDataset,
+    from salmae.pipeline.pretrain.data import (IndexedPretrainDataset, StreamPretrainDataset,
                                              load_saliency_table)
-    from pipeline.data.shards import expand_shards
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.data.shards import expand_shards
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     if not cfg.data:
         raise SalmaeError("no training data: pass --data SHARDS (brace pattern, paths or pipe: URLs)")
@@ -344,7 +344,7 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
     """The manifest of `--data`: `--manifest`, else the saliency store's, else the run folder's
     `manifest.parquet`, built once by rank 0 (a process pool scans the shards) while the other
     ranks wait. A stored manifest is trusted after an O(shards) check of shard sizes and times."""
-    from pipeline.data.manifest import build_manifest, load_manifest, stale_reason
+    from salmae.pipeline.data.manifest import build_manifest, load_manifest, stale_reason
 
     if cfg.manifest:
         manifest = load_manifest(cfg.manifest)
@@ -377,7 +377,7 @@ def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[in
     """DataLoader whose workers decode, augment, pool the maps and build the step's masks."""
     from torch.utils.data import DataLoader
 
-    from pipeline.pretrain.data import GlobalBatchSampler
+    from salmae.pipeline.pretrain.data import GlobalBatchSampler
 
     world, rank = dist.world_size(), dist.rank()
     kw = dict(num_workers=cfg.workers, pin_memory=pin_memory(device), persistent_workers=False,
@@ -425,7 +425,7 @@ def _viz_batch(cfg: PretrainConfig, dataset) -> dict | None:
 
 @torch.no_grad()
 def _write_png(path: Path, model, batch: dict, plan: MaskPlan, device) -> None:
-    from pipeline.figures.mae_grid import save_mae_grid
+    from salmae.pipeline.figures.mae_grid import save_mae_grid
 
     was_training = model.training
     model.eval()

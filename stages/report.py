@@ -35,12 +35,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import flat_items
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_text, sha256_file
-from pipeline.logging import read_metrics
-from pipeline.stats import mean_ci, paired_diff
-from pipeline.figures.plots import SeedPoints, plot_accuracy_points, plot_loss_curves
+from salmae.pipeline.config import flat_items
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_text, sha256_file
+from salmae.pipeline.logging import read_metrics
+from salmae.pipeline.stats import mean_ci, paired_diff
+from salmae.pipeline.figures.plots import SeedPoints, plot_accuracy_points, plot_loss_curves
 
 PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")  # table order; other protocols follow, sorted
 PROTOCOL_TITLES = {"knn": "kNN top-1", "linear": "linear probe top-1",

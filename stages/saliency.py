@@ -27,18 +27,18 @@ from typing import Any
 
 import torch
 
-from pipeline import dist
-from pipeline.device import default_workers, pick_device, resolve_precision
-from pipeline.errors import SalmaeError
-from pipeline.files import disk_full_as_error
-from pipeline.logging import setup_logging
-from pipeline.models.clip import load_clip
-from pipeline.saliency.engine import compute_shards, deal_todo, job_shards, parse_shards
-from pipeline.saliency.gradcam import CAM_METHODS, DEFAULT_LAYER, check_layer, compile_around_layer, resolve_layer
-from pipeline.saliency.report import summarise
-from pipeline.saliency.store import SaliencyStore
-from pipeline.saliency.store_lock import StoreLock
-from pipeline.saliency.store_setup import DEFAULT_MAX_PIXELS, MANIFEST_NAME, open_manifest, prepare_store
+from salmae.pipeline import dist
+from salmae.pipeline.device import default_workers, pick_device, resolve_precision
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import disk_full_as_error
+from salmae.pipeline.logging import setup_logging
+from salmae.pipeline.models.clip import load_clip
+from salmae.pipeline.saliency.engine import compute_shards, deal_todo, job_shards, parse_shards
+from salmae.pipeline.saliency.gradcam import CAM_METHODS, DEFAULT_LAYER, check_layer, compile_around_layer, resolve_layer
+from salmae.pipeline.saliency.report import summarise
+from salmae.pipeline.saliency.store import SaliencyStore
+from salmae.pipeline.saliency.store_lock import StoreLock
+from salmae.pipeline.saliency.store_setup import DEFAULT_MAX_PIXELS, MANIFEST_NAME, open_manifest, prepare_store
 
 
 @dataclasses.dataclass

@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
-from pipeline.config import require
-from pipeline.errors import SalmaeError
-from pipeline.logging import get_logger, setup_logging
-from pipeline.steps import Steps, record_config
-from stages.pretrain import ArchConfig
-from stages.study_settings import parse_setting
+from salmae.pipeline import dist
+from salmae.pipeline.config import require
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.steps import Steps, record_config
+from salmae.stages.pretrain import ArchConfig
+from salmae.stages.study_settings import parse_setting
 
 BASELINE = "random"
 PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")
@@ -149,7 +149,7 @@ def validate(cfg: StudyConfig) -> None:
 
 def run(cfg: StudyConfig) -> dict[str, Any]:
     """Run every study step that has not finished yet; write study.md and study.json; return their paths."""
-    from pipeline.device import pick_device
+    from salmae.pipeline.device import pick_device
 
     validate(cfg)
     dist.init(pick_device(cfg.device))   # under torchrun, so that rank 0's steps (data, CLIP) are waited for
@@ -163,7 +163,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
 
     step = Steps(out, "study")
 
-    from pipeline.data.shapes import write_shapes
+    from salmae.pipeline.data.shapes import write_shapes
 
     if not cfg.data:
         step("data", lambda: write_shapes(out / "data", n=cfg.n_images, image_size=cfg.image_size, seed=0,
@@ -195,7 +195,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
 
     summary = None
     if dist.is_main():
-        from stages.study_report import write_study
+        from salmae.stages.study_report import write_study
 
         summary = write_study(cfg, out, inspect, wall_seconds=round(time.time() - start, 1))
         log.info("study finished: %s", summary["study_md"])
@@ -217,7 +217,7 @@ def _paths(cfg: StudyConfig, out: Path) -> dict[str, Any]:
 
 
 def _clip_train(cfg: StudyConfig, shards: str, clip_ckpt: Path) -> dict:
-    from stages import clip_train
+    from salmae.stages import clip_train
 
     return clip_train.run(clip_train.ClipTrainConfig(data=shards, out=clip_ckpt, clip_model=cfg.clip_model,
                                                      steps=cfg.clip_steps, seconds=cfg.clip_seconds, threads=2,
@@ -225,7 +225,7 @@ def _clip_train(cfg: StudyConfig, shards: str, clip_ckpt: Path) -> dict:
 
 
 def _saliency(cfg: StudyConfig, paths: dict[str, Any]) -> dict:
-    from stages import saliency
+    from salmae.stages import saliency
 
     return saliency.run(saliency.SaliencyConfig(
         data=paths["data"], out=paths["store"], clip_model=cfg.clip_model, clip_pretrained=str(paths["clip"]),
@@ -233,7 +233,7 @@ def _saliency(cfg: StudyConfig, paths: dict[str, Any]) -> dict:
 
 
 def _inspect(paths: dict[str, Any], png_dir: Path, labelled: bool) -> dict:
-    from stages.inspect import inspect_store
+    from salmae.stages.inspect import inspect_store
 
     summary = inspect_store(paths["store"], data=paths["data"], png_dir=png_dir, n_random=6, strategy="saliency",
                             localise=labelled)   # the user's data: no boxes to score, images read by byte range
@@ -242,8 +242,8 @@ def _inspect(paths: dict[str, Any], png_dir: Path, labelled: bool) -> dict:
 
 def pretrain_config(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, run_dir: Path):
     """The stage-2 config of one (setting, seed): only the mask differs between settings."""
-    from pipeline.config import resolve_config
-    from stages import pretrain
+    from salmae.pipeline.config import resolve_config
+    from salmae.stages import pretrain
 
     spec = parse_setting(setting)
     items = [f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}", f"masking.inverse={spec['inverse']}"]
@@ -257,7 +257,7 @@ def pretrain_config(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed:
 
 
 def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, run_dir: Path) -> dict:
-    from stages import pretrain
+    from salmae.stages import pretrain
 
     result = pretrain.run(pretrain_config(cfg, paths, setting, seed, run_dir))
     return {k: result.get(k) for k in ("epochs", "loss")} if isinstance(result, dict) else result
@@ -265,9 +265,9 @@ def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, 
 
 def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, folder: Path) -> dict:
     """Seed s's initial MAE weights (what every setting's pretraining starts from), as a checkpoint."""
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.device import seed_everything
-    from pipeline.models.mae import build_mae
+    from salmae.pipeline.checkpoint import save_checkpoint
+    from salmae.pipeline.device import seed_everything
+    from salmae.pipeline.models.mae import build_mae
 
     arch = pretrain_config(cfg, paths, BASELINE, seed, folder).arch   # pretrain_set's arch.* included
     seed_everything(seed)                                              # as stage 2 seeds, then builds
@@ -280,8 +280,8 @@ def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, fo
 def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int):
     """The stage-3 config of one probe: the same for every setting and the floor. The frozen-feature
     probes of one checkpoint share RUN/features/ (kNN extracts, the linear probe reuses)."""
-    from pipeline.config import resolve_config
-    from stages import evaluate
+    from salmae.pipeline.config import resolve_config
+    from salmae.stages import evaluate
 
     name = "linear" if protocol == "linear-noaug" else protocol
     items = ([f"global_pool={cfg.global_pool}"] if protocol != "finetune" else []) + list(cfg.eval_set)
@@ -300,7 +300,7 @@ def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str,
 
 
 def _evaluate(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int) -> dict:
-    from stages import evaluate
+    from salmae.stages import evaluate
 
     result = evaluate.run(eval_config(cfg, protocol, run_dir, paths, seed))
     return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.stats import mean_ci, paired_diff
+from salmae.pipeline.files import atomic_write_json, atomic_write_text
+from salmae.pipeline.stats import mean_ci, paired_diff
 
 # The targets a CPU study must reach to answer its question (issue 14); reported, never tuned to pass.
 CHANCE_FACTOR = 3.0     # the baseline's linear probe >= 3x chance
@@ -101,12 +101,12 @@ def _check(name: str, protocol: str, value: float | None, target: str, ok: bool)
 
 def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> dict[str, Any]:
     """Write OUT/study.json, OUT/study.md and OUT/accuracy_vs_cap.png; return their paths."""
-    from pipeline.config import config_to_dict
-    from pipeline.figures.plots import plot_accuracy_vs_cap
-    from pipeline import dist
-    from pipeline.device import pick_device
-    from stages.bench.report import machine_info
-    from stages.study_settings import parse_setting
+    from salmae.pipeline.config import config_to_dict
+    from salmae.pipeline.figures.plots import plot_accuracy_vs_cap
+    from salmae.pipeline import dist
+    from salmae.pipeline.device import pick_device
+    from salmae.stages.bench.report import machine_info
+    from salmae.stages.study_settings import parse_setting
 
     out = Path(out)
     table = load_results(out, cfg.settings, cfg.protocols, cfg.seeds, cfg.floor)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 STRATEGIES = ("random", "block", "grid", "adaptive")   # settings without a cap
 CAPPED = ("saliency", "inverse")                       # settings named KIND-CAP, e.g. saliency-0.25

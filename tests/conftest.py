@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """64 captioned 32-px shapes in 2 img2dataset shards (00000.tar, 00001.tar) + ImageFolder split."""
-    from pipeline.data.shapes import write_shapes
+    from salmae.pipeline.data.shapes import write_shapes
 
     out = tmp_path_factory.mktemp("shapes")
     write_shapes(out, n=64, image_size=32, seed=0, shard_size=32, imagefolder=True)

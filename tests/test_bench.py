@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.errors import SalmaeError
-from stages import bench
-from stages.bench import Row, Timing, report, suite
+from salmae.pipeline.errors import SalmaeError
+from salmae.stages import bench
+from salmae.stages.bench import Row, Timing, report, suite
 
 REQUIRED_IDS = {"saliency.fast_over_forward", "pretrain.step_saliency_over_random", "pretrain.visible_over_full",
                 "pretrain.loader_with_over_without", "eval.linear_cached_over_uncached"}

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.data.cc3m_like import IMAGE_SIZE, WORDS, row_key, shard_pattern, tar_member, write_cc3m_like
-from pipeline.data.shards import iter_shard
-from pipeline.data.manifest import build_manifest
-from stages.bench import scale
+from salmae.pipeline.cli import cli
+from salmae.pipeline.data.cc3m_like import IMAGE_SIZE, WORDS, row_key, shard_pattern, tar_member, write_cc3m_like
+from salmae.pipeline.data.shards import iter_shard
+from salmae.pipeline.data.manifest import build_manifest
+from salmae.stages.bench import scale
 
 
 def test_tar_member_header_is_the_one_tarfile_writes_in_ustar():

@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from salmae.pipeline.cli import cli
 
 
 
@@ -58,6 +58,6 @@ def test_shapes_then_manifest_build_and_verify(tmp_path):
 
 
 def test_python_dash_m_works():
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "salmae.pipeline.cli", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "Usage:" in result.stdout and "manifest" in result.stdout

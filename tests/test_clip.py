@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.errors import SalmaeError
-from pipeline.models.clip import checkpoint_extras, load_clip
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.models.clip import checkpoint_extras, load_clip
 
 
 def test_tiny_configs_registered_and_random_weights_recorded():

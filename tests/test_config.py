@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from pipeline.config import config_to_dict, resolve_config, save_config
-from pipeline.errors import SalmaeError
+from salmae.pipeline.config import config_to_dict, resolve_config, save_config
+from salmae.pipeline.errors import SalmaeError
 
 
 @dataclass

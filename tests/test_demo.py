@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from pipeline.errors import SalmaeError
-from stages.demo import DemoConfig, run
+from salmae.pipeline.errors import SalmaeError
+from salmae.stages.demo import DemoConfig, run
 
 
 def test_demo_runs_end_to_end_and_resumes_without_redoing_steps(tmp_path, capsys):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import SalmaeError
-from pipeline.models.encoder import infer_vit_args, load_encoder
+from salmae.pipeline.checkpoint import load_checkpoint
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.models.encoder import infer_vit_args, load_encoder
 
 # ViT-Ti's width (192 -> 3 heads by the table), 2 blocks, 32 px: small enough for the CPU
 ARCH = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, mlp_ratio=2.0)
@@ -231,7 +231,7 @@ def test_not_a_vit_checkpoint(tmp_path):
 
 def test_stage2_mae_checkpoint_encoder_equals_mae_forward_encoder(tmp_path):
     """Our stage-2 MAE (pipeline.models.mae) -> timm ViT: same latent tokens as MAE's own encoder."""
-    mae_mod = pytest.importorskip("pipeline.models.mae")
+    mae_mod = pytest.importorskip("salmae.pipeline.models.mae")
     torch.manual_seed(0)
     mae = mae_mod.build_mae("tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1).eval()

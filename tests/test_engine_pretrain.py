@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.pretrain import masking
-from pipeline.checkpoint import load_checkpoint
-from pipeline.device import autocast, default_workers, grad_scaler, resolve_precision
-from pipeline.errors import SalmaeError
-from pipeline.host_syncs import record_host_syncs
-from pipeline.logging import read_metrics
-from pipeline.pretrain.mask_plan import MaskPlan, batch_masks
-from pipeline.models.mae import build_mae
+from salmae.pipeline.pretrain import masking
+from salmae.pipeline.checkpoint import load_checkpoint
+from salmae.pipeline.device import autocast, default_workers, grad_scaler, resolve_precision
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.host_syncs import record_host_syncs
+from salmae.pipeline.logging import read_metrics
+from salmae.pipeline.pretrain.mask_plan import MaskPlan, batch_masks
+from salmae.pipeline.models.mae import build_mae
 from test_pretrain_stage import _cfg, _store
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
@@ -108,7 +108,7 @@ def test_online_masks_are_built_on_the_device_without_host_syncs(name):
     the device. Nothing may be read back to the host or built there and copied over: on CUDA either
     would make every step wait. The recorder (`pipeline.host_syncs`) is the CPU's proxy; on CUDA,
     `check_syncs` (`torch.cuda.set_sync_debug_mode("error")`, gpu-check) shows it for real."""
-    from pipeline.pretrain.engine import device_masks
+    from salmae.pipeline.pretrain.engine import device_masks
 
     plan = ONLINE_PLANS[name]
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def test_online_masks_are_built_on_the_device_without_host_syncs(name):
 
 # --------------------------------------------------------------------------- the loop, end to end
 def _run(tmp, pattern, store, **over):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     kw = dict(saliency=str(store), mask="saliency", epochs=1, batch_size=8, viz_samples=0)
     kw.update(over)
@@ -161,7 +161,7 @@ def test_masks_do_not_depend_on_the_worker_count(tmp_path, shapes_pattern, store
 def test_online_source_trains_without_a_store(tmp_path, shapes_pattern):
     """source=online end to end: masks from the model's salience in the step; the counts reach the
     step records (fallbacks and zero maps are device tensors here, summed on logging steps)."""
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "online"
     summary = run(_cfg(out, shapes_pattern, mask="adaptive", epochs=1, batch_size=8, viz_samples=2, log_every=1,
@@ -195,7 +195,7 @@ def test_two_processes_call_collectives_only_on_logging_steps(tmp_path, shapes_p
     script.write_text(textwrap.dedent(f"""
         import json, os, sys
         import torch.distributed as td
-        import stages.pretrain as sp
+        import salmae.stages.pretrain as sp
         from test_pretrain_stage import _cfg
         calls, inside = [], [False]
         for name in ("all_reduce", "all_gather", "broadcast", "barrier", "all_gather_object",
@@ -217,7 +217,7 @@ def test_two_processes_call_collectives_only_on_logging_steps(tmp_path, shapes_p
                     epochs=2, batch_size=8, viz_samples=0, log_every=100))
         with open({str(tmp_path)!r} + f"/calls-{{os.environ['RANK']}}.json", "w") as f:
             json.dump(calls, f)
-        from pipeline import dist
+        from salmae.pipeline import dist
         dist.shutdown()   # as the CLI does: gloo's threads may abort a process that exits inside its group
     """))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -292,7 +292,7 @@ def test_fp16_run_uses_a_grad_scaler_and_checkpoints_it(tmp_path, shapes_pattern
 
 
 def test_fused_adamw_matches_the_default_kernel():
-    from stages.pretrain import build_optimizer
+    from salmae.stages.pretrain import build_optimizer
 
     torch.manual_seed(0)
     a = build_mae("tiny", **TINY)
@@ -323,9 +323,9 @@ def test_default_workers_from_cpus_per_local_process(monkeypatch, cpus, local_wo
 
 
 def test_saliency_table_is_float16_scaled_to_each_maps_maximum(shapes_pattern, store_path):
-    from pipeline.pretrain.data import load_saliency_table
-    from pipeline.data.manifest import build_manifest
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.pretrain.data import load_saliency_table
+    from salmae.pipeline.data.manifest import build_manifest
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     table = load_saliency_table(build_manifest(shapes_pattern), SaliencyStore.open(store_path))
     assert table.maps.dtype == np.float16
@@ -337,7 +337,7 @@ def test_saliency_table_is_float16_scaled_to_each_maps_maximum(shapes_pattern, s
 def test_all_zero_maps_fall_back_and_are_counted_on_their_own(tmp_path, shapes_pattern):
     """Issue 11: a map that is zero everywhere (status ok in an older store, or stage 1's zero_map)
     would turn the saliency pick into a random one unseen; it is a fallback, with its own count."""
-    from pipeline.saliency.store import CODE_OF, SaliencyStore
+    from salmae.pipeline.saliency.store import CODE_OF, SaliencyStore
 
     path = _store(tmp_path / "zeros.zarr", shapes_pattern, failed_rows=(3, 40))
     store = SaliencyStore.open(path, mode="r+")
@@ -354,7 +354,7 @@ def test_all_zero_maps_fall_back_and_are_counted_on_their_own(tmp_path, shapes_p
 
 # --------------------------------------------------------------------------- MAE's choices (issue 11)
 def test_weight_decay_groups_follow_maes_add_weight_decay():
-    from stages.pretrain import build_optimizer
+    from salmae.stages.pretrain import build_optimizer
 
     model = build_mae("tiny", **TINY)
     # MAE (old timm add_weight_decay): skip frozen params; no decay for 1-d params and biases
@@ -419,9 +419,9 @@ def test_stream_mode_delivers_every_batch_with_two_workers(tmp_path, shapes_patt
 
 
 def test_images_over_the_pixel_limit_are_skipped_not_decoded(shapes_pattern):
-    from pipeline.pretrain.data import IndexedPretrainDataset
-    from pipeline.data.shards import expand_shards
-    from pipeline.data.manifest import build_manifest
+    from salmae.pipeline.pretrain.data import IndexedPretrainDataset
+    from salmae.pipeline.data.shards import expand_shards
+    from salmae.pipeline.data.manifest import build_manifest
 
     manifest = build_manifest(shapes_pattern)               # 64 images of 32 x 32 = 1024 pixels
     kept = IndexedPretrainDataset(manifest, expand_shards(shapes_pattern), 32, (4, 4), max_pixels=1024)
@@ -440,9 +440,9 @@ def test_cached_images_train_exactly_as_images_read_from_the_tars(tmp_path, shap
 
 
 def test_image_cache_is_refused_above_half_the_memory_and_in_stream_mode(tmp_path, shapes_pattern, monkeypatch):
-    from pipeline.pretrain import data as pretrain_data
-    from pipeline.data.shards import expand_shards
-    from pipeline.data.manifest import build_manifest
+    from salmae.pipeline.pretrain import data as pretrain_data
+    from salmae.pipeline.data.shards import expand_shards
+    from salmae.pipeline.data.manifest import build_manifest
 
     manifest = build_manifest(shapes_pattern)               # 64 images of 32 x 32 x 3 = 196608 bytes
     monkeypatch.setattr(pretrain_data, "physical_memory_bytes", lambda: 2 * 196608)

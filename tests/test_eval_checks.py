@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import SalmaeError
-from stages.evaluate import run
+from salmae.pipeline.errors import SalmaeError
+from salmae.stages.evaluate import run
 from test_evaluate import _cfg, colour_folder, mae_checkpoint  # noqa: F401 (fixtures)
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.eval.knn import knn_hits, knn_predict
-from pipeline.eval.metrics import topk_correct, topk_hits
+from salmae.pipeline.eval.knn import knn_hits, knn_predict
+from salmae.pipeline.eval.metrics import topk_correct, topk_hits
 
 
 def _reference_knn(train, labels, test, num_classes, k, temperature):

@@ -7,9 +7,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 
-from pipeline.errors import SalmaeError
-from pipeline.eval.accumulation import plan_accumulation
-from pipeline.eval.recipes import finetune_recipe, resolve_recipe
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.eval.accumulation import plan_accumulation
+from salmae.pipeline.eval.recipes import finetune_recipe, resolve_recipe
 
 
 @pytest.mark.parametrize("width, size, exact, layer_decay, drop_path, blr, epochs", [

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.eval.finetune import finetune_one_epoch
-from pipeline.eval.linear import LinearProbeHead, train_linear_head
+from salmae.pipeline.eval.finetune import finetune_one_epoch
+from salmae.pipeline.eval.linear import LinearProbeHead, train_linear_head
 
 IMG, CLASSES, FEAT = 32, 4, 6
 
@@ -167,7 +167,7 @@ def _write_folder(root: Path) -> int:
 
 def _open_folder_counting_probes(root: Path) -> dict:
     """Open the split with check=header, counting the files this process probes."""
-    import pipeline.data.imagefolder as imagefolder
+    import salmae.pipeline.data.imagefolder as imagefolder
 
     calls, real_probe = [], imagefolder.probe_file
     imagefolder.probe_file = lambda path: (calls.append(path), real_probe(path))[1]

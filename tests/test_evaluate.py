@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.config import resolve_config
-from pipeline.errors import SalmaeError
-from pipeline.files import sha256_file
-from pipeline.logging import read_metrics
-from stages.evaluate import EvalConfig, run
+from salmae.pipeline.config import resolve_config
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import sha256_file
+from salmae.pipeline.logging import read_metrics
+from salmae.stages.evaluate import EvalConfig, run
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -143,7 +143,7 @@ def test_knn_and_linear_share_a_feature_folder_only_for_the_same_checkpoint(colo
                                                                             tmp_path):
     """`features=DIR`: the second protocol reads the first's features (no extraction: its results equal a run
     with its own cache), and another checkpoint's features in the same folder are recomputed, not reused."""
-    import stages.evaluate as evaluate
+    import salmae.stages.evaluate as evaluate
 
     sets = {"epochs": 4, "batch_size": 16, "global_batch": 16, "linear.blr": 1024, "linear.warmup_epochs": 1,
             "linear.augment": False}
@@ -248,7 +248,7 @@ def test_torchrun_two_processes_match_one(colour_folder, mae_checkpoint, tmp_pat
     """`torchrun --nproc-per-node 2 -m pipeline.cli eval knn` (gloo) gives the single-process metrics."""
     one = run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "one", batch_size=8))
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "eval", "knn",
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "salmae.pipeline.cli", "eval", "knn",
            "--checkpoint", str(mae_checkpoint), "--data", str(colour_folder), "--out", str(tmp_path / "two"),
            "--batch-size", "8", "--device", "cpu", "--set", "workers=0", "--set", "num_heads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -306,7 +306,7 @@ class _Interrupted(Exception):
 
 
 def test_finetune_resumed_equals_uninterrupted(colour_folder, mae_checkpoint, tmp_path, monkeypatch):
-    import stages.evaluate as evaluate
+    import salmae.stages.evaluate as evaluate
 
     whole = run(_cfg("finetune", mae_checkpoint, colour_folder, tmp_path / "whole", epochs=3, **FT_SETS))
     real_epoch = evaluate.finetune_one_epoch
@@ -397,7 +397,7 @@ def test_torchrun_two_process_finetune(colour_folder, mae_checkpoint, tmp_path):
 def _torchrun_finetune(ckpt: Path, data: Path, out: Path, epochs: int, *sets: str) -> dict:
     """Run `eval finetune` as 2 gloo processes (batch 8 each) and return its results.json."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "eval", "finetune",
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "salmae.pipeline.cli", "eval", "finetune",
            "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--batch-size", "8",
            "--epochs", str(epochs), "--device", "cpu", "--set", "workers=0", "--set", "num_heads=1",
            *[f"--set={k}={v}" for k, v in FT_SETS.items() if k != "batch_size"], *[f"--set={s}" for s in sets]]
@@ -438,7 +438,7 @@ def test_linear_defaults_are_maes_probe_with_accumulation(colour_folder, mae_che
 def test_cli_no_aug_is_the_named_linear_noaug_variant(colour_folder, mae_checkpoint, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from salmae.pipeline.cli import cli
 
     out = tmp_path / "noaug"
     result = CliRunner().invoke(cli, ["eval", "linear", "--no-aug", "--accum-iter", "2", "--checkpoint",
@@ -459,7 +459,7 @@ def test_finetune_defaults_follow_maes_recipe_for_the_width(colour_folder, mae_c
     """Width 32 gets ViT-B's recipe (MAE has none smaller): layer decay 0.65, drop path 0.1, blr 5e-4, 100 epochs
     (1 here), global batch 1024 by accumulation (capped at the 3 micro-batches of an epoch); the new head's bias
     is 0 when training starts (nn.Linear's default init is not)."""
-    import stages.evaluate as evaluate
+    import salmae.stages.evaluate as evaluate
 
     seen = []
     real_epoch = evaluate.finetune_one_epoch
@@ -487,7 +487,7 @@ def test_unset_workers_take_the_default_recorded_and_a_resume_may_change_them(co
     and a fine-tune resumed with another count (or unset again) is accepted."""
     import yaml
 
-    from pipeline.device import default_workers
+    from salmae.pipeline.device import default_workers
 
     assert EvalConfig().workers is None
     out = tmp_path / "ft"

@@ -8,9 +8,9 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.errors import SalmaeError
-from stages.bench.gpu_check import CPU_NOTE, GpuCheckConfig, check_sizes, render, rows
+from salmae.pipeline.cli import cli
+from salmae.pipeline.errors import SalmaeError
+from salmae.stages.bench.gpu_check import CPU_NOTE, GpuCheckConfig, check_sizes, render, rows
 
 
 def test_gpu_check_on_cpu_writes_every_stage_with_the_cpu_note(tmp_path):

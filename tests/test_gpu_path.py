@@ -19,9 +19,9 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.device import configure_cuda_math, pick_device
-from pipeline.eval.accumulation import gradient_sync
-from pipeline.eval.empty_batch import readable_rows
+from salmae.pipeline.device import configure_cuda_math, pick_device
+from salmae.pipeline.eval.accumulation import gradient_sync
+from salmae.pipeline.eval.empty_batch import readable_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,8 @@ def test_a_process_group_that_cannot_form_is_one_line_naming_the_interface_varia
     script = tmp_path / "join.py"
     script.write_text(textwrap.dedent("""
         import torch
-        from pipeline import dist
-        from pipeline.errors import SalmaeError
+        from salmae.pipeline import dist
+        from salmae.pipeline.errors import SalmaeError
         try:
             dist.init(torch.device("cpu"))
             print("JOINED")
@@ -97,7 +97,7 @@ def test_features_are_extracted_under_the_runs_autocast():
     """bf16 features are float32 tensors equal to the encoder's bf16 output, and differ from fp32 ones."""
     import timm
 
-    from pipeline.eval.features import encode, extract_features
+    from salmae.pipeline.eval.features import encode, extract_features
 
     encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0,
                                 depth=1, embed_dim=64, num_heads=2).eval()

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.saliency.gradcam import (compile_around_layer, compute_cam, encode_captions, fast_gradcam, library_cam,
+from salmae.pipeline.saliency.gradcam import (compile_around_layer, compute_cam, encode_captions, fast_gradcam, library_cam,
                               minmax_per_image, resolve_layer, tokens_to_grid, trim_caption_padding)
-from pipeline.errors import SalmaeError
-from pipeline.models.clip import load_clip
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.models.clip import load_clip
 
 CAPTIONS = ["a red circle", "a blue square on the left", "a small green triangle", "a yellow star",
             "a large purple cross", "an orange hexagon"]

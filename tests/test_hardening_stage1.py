@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import SalmaeError
-from pipeline.saliency.store import SaliencyStore
-from pipeline.saliency.store_lock import LOCK_DIR, ShardRange, StoreLock
-from stages.saliency import SaliencyConfig, run
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.store import SaliencyStore
+from salmae.pipeline.saliency.store_lock import LOCK_DIR, ShardRange, StoreLock
+from salmae.stages.saliency import SaliencyConfig, run
 
 
 def _cfg(data, out, **kw):
@@ -50,7 +50,7 @@ def baseline(shapes_pattern, tmp_path_factory):
 _HOLDER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pipeline.saliency.store_lock import ShardRange, StoreLock
+    from salmae.pipeline.saliency.store_lock import ShardRange, StoreLock
     lo, hi = int(sys.argv[2]), (int(sys.argv[3]) if sys.argv[3] != "-" else None)
     lock = StoreLock(Path(sys.argv[1]), ShardRange(lo, hi)).acquire()
     print("held", flush=True)
@@ -135,7 +135,7 @@ class _Killed(BaseException):
 
 
 def test_killed_between_create_and_manifest_is_recreated(baseline, shapes_pattern, tmp_path, monkeypatch):
-    import pipeline.saliency.store_setup as saliency
+    import salmae.pipeline.saliency.store_setup as saliency
 
     out = tmp_path / "store.zarr"
     real = saliency.create_store
@@ -214,7 +214,7 @@ def test_full_disk_while_writing_a_shard_is_one_line_and_keeps_finished_shards(b
 
 
 def test_full_disk_while_writing_the_report(baseline, shapes_pattern, tmp_path, monkeypatch):
-    import pipeline.saliency.report as saliency
+    import salmae.pipeline.saliency.report as saliency
 
     out = tmp_path / "store.zarr"
     shutil.copytree(baseline, out)
@@ -273,7 +273,7 @@ def _register(tmp_path, name: str, vision_cfg: dict) -> str:
 def test_resnet_and_timm_towers_are_refused_in_one_line(tmp_path):
     import open_clip
 
-    from pipeline.models.clip import check_vision_tower, load_clip
+    from salmae.pipeline.models.clip import check_vision_tower, load_clip
 
     resnet = _register(tmp_path, "salmae-test-rn", {"layers": [1, 1, 1, 1], "width": 8, "patch_size": None})
     timm_name = _register(tmp_path, "salmae-test-timm", {"timm_model_name": "resnet10t", "timm_model_pretrained": False,
@@ -296,8 +296,8 @@ def test_perturbation_cams_of_a_batch_equal_each_image_alone(method):
     import pytorch_grad_cam
     from pytorch_grad_cam.ablation_layer import AblationLayerVit
 
-    from pipeline.saliency.gradcam import OwnCaptionSimilarity, SimilarityTarget, library_cam, resolve_layer, tokens_to_grid
-    from pipeline.models.clip import load_clip
+    from salmae.pipeline.saliency.gradcam import OwnCaptionSimilarity, SimilarityTarget, library_cam, resolve_layer, tokens_to_grid
+    from salmae.pipeline.models.clip import load_clip
 
     torch.manual_seed(0)
     model, info, tokenizer, _ = load_clip("salmae-micro", "none")
@@ -337,7 +337,7 @@ def test_images_over_the_pixel_limit_are_too_large_and_never_decoded(shapes_dir,
                 m.name, payload = "0000002.png", big
             m.size = len(payload)
             dst.addfile(m, io.BytesIO(payload))
-    import pipeline.data.shards as shards
+    import salmae.pipeline.data.shards as shards
 
     decoded: list[tuple[int, int]] = []
     real_load = Image.Image.load
@@ -359,7 +359,7 @@ def test_images_over_the_pixel_limit_are_too_large_and_never_decoded(shapes_dir,
 
 
 def test_jpeg_draft_decodes_at_a_reduced_scale():
-    from pipeline.data.shards import decode_image
+    from salmae.pipeline.data.shards import decode_image
 
     buf = io.BytesIO()
     Image.new("RGB", (800, 600), (10, 120, 240)).save(buf, format="JPEG")

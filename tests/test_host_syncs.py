@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data import transforms
-from pipeline.errors import SalmaeError
-from pipeline.host_syncs import no_host_syncs, record_host_syncs
+from salmae.pipeline.data import transforms
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.host_syncs import no_host_syncs, record_host_syncs
 from test_engine_pretrain import _run
 
 
@@ -32,7 +32,7 @@ def test_recorder_sees_list_tensors_and_host_reads_from_salmae_code_only():
     with record_host_syncs() as found:
         transforms.normalise(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), transforms.pixel_stats(torch.device("cpu")))
     assert len(found) == 2 and all("transforms.py" in f for f in found)   # pixel_stats' two lists
-    from pipeline.saliency.gradcam import trim_caption_padding
+    from salmae.pipeline.saliency.gradcam import trim_caption_padding
 
     with record_host_syncs() as found:
         trim_caption_padding(torch.tensor([[1, 2, 0], [3, 0, 0]]))
@@ -63,13 +63,13 @@ def test_pretraining_steps_make_no_host_syncs(tmp_path, shapes_pattern, store_pa
 
 def test_pretraining_with_the_old_normalise_is_stopped(tmp_path, shapes_pattern, store_path, monkeypatch):
     """The same run fails at its first non-logging step when a step builds its constants from lists."""
-    import pipeline.data.transforms as t
+    import salmae.pipeline.data.transforms as t
 
     def old(images, stats):
         m = torch.as_tensor(t.IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         return images.float() - m
     old.__code__ = old.__code__.replace(co_filename=t.__file__)   # as if it were still in transforms.py
-    monkeypatch.setattr("pipeline.pretrain.engine.normalise", old)
+    monkeypatch.setattr("salmae.pipeline.pretrain.engine.normalise", old)
     with pytest.raises(SalmaeError, match=r"epoch 0 step 1 would wait for the GPU: torch.as_tensor of Python data"):
         _run(tmp_path / "run", shapes_pattern, store_path, workers=0, log_every=4, check_syncs=True)
 
@@ -85,7 +85,7 @@ def test_stage1_batches_make_no_host_syncs(tmp_path, shapes_pattern):
     """Stage 1 with check_syncs on and the loader in the main process (workers 0): normalisation,
     the text tower and Grad-CAM of every batch run under the recorder and it finds nothing."""
     from test_saliency_stage import _cfg
-    from stages.saliency import run
+    from salmae.stages.saliency import run
 
     summary = run(_cfg(shapes_pattern, tmp_path / "store.zarr", check_syncs=True))
     assert summary["counts"] == {"ok": 64} and summary["steady_state"]["images"] == 56   # after the first 8
@@ -93,8 +93,8 @@ def test_stage1_batches_make_no_host_syncs(tmp_path, shapes_pattern):
 
 def test_stage1_with_the_old_normalise_is_stopped(tmp_path, shapes_pattern, monkeypatch):
     from test_saliency_stage import _cfg
-    import pipeline.saliency.engine as stage
-    from stages.saliency import run
+    import salmae.pipeline.saliency.engine as stage
+    from salmae.stages.saliency import run
 
     def old(images, stats):
         m = torch.as_tensor(transforms.IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from pipeline.data.imagefolder import LabelledShards, load_imagefolder_splits
-from pipeline.data.shapes import SHAPES
-from pipeline.data.shards import DamagedSampleError, iter_samples
-from pipeline.eval.data import IndexedImages
-from pipeline.errors import SalmaeError
+from salmae.pipeline.data.imagefolder import LabelledShards, load_imagefolder_splits
+from salmae.pipeline.data.shapes import SHAPES
+from salmae.pipeline.data.shards import DamagedSampleError, iter_samples
+from salmae.pipeline.eval.data import IndexedImages
+from salmae.pipeline.errors import SalmaeError
 
 TO_TENSOR = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.inspect import format_summary, inspect_store
-from stages.saliency import SaliencyConfig, run
+from salmae.stages.inspect import format_summary, inspect_store
+from salmae.stages.saliency import SaliencyConfig, run
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ def _pointing_game(store: Path, data: str) -> float:
     """Independent count: is the centre of each map's top patch inside the named object's bbox?"""
     import numpy as np
 
-    from pipeline.data.shards import iter_samples
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.data.shards import iter_samples
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     st = SaliencyStore.open(store)
     meta = {s.key: s.meta for s in iter_samples(data, decode=False)}
@@ -54,7 +54,7 @@ def _pointing_game(store: Path, data: str) -> float:
 def test_cli_inspect(store):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from salmae.pipeline.cli import cli
 
     res = CliRunner().invoke(cli, ["inspect", str(store), "--json"])
     assert res.exit_code == 0, res.output
@@ -72,9 +72,9 @@ def test_trained_tiny_clip_points_at_the_named_object(tmp_path):
     """
     import torch
 
-    from pipeline.data.shapes import write_shapes
-    from stages.clip_train import ClipTrainConfig
-    from stages.clip_train import run as clip_train
+    from salmae.pipeline.data.shapes import write_shapes
+    from salmae.stages.clip_train import ClipTrainConfig
+    from salmae.stages.clip_train import run as clip_train
 
     torch.set_num_threads(1)
     write_shapes(tmp_path / "train", n=32768, image_size=64, seed=1, shard_size=4096)
@@ -101,8 +101,8 @@ def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pa
 
     import numpy as np
 
-    from pipeline.data.shards import iter_samples
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.data.shards import iter_samples
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     copy = tmp_path / "peaked.zarr"
     shutil.copytree(store, copy)
@@ -130,8 +130,8 @@ def test_maps_peaked_on_the_distractor_score_as_distractor_hits(store, shapes_pa
 def test_map_statistics_streamed_in_chunks_equal_all_at_once(store):
     import numpy as np
 
-    from pipeline.saliency.store import SaliencyStore
-    from stages.inspect import _map_stats, _map_stats_streamed
+    from salmae.pipeline.saliency.store import SaliencyStore
+    from salmae.stages.inspect import _map_stats, _map_stats_streamed
 
     st = SaliencyStore.open(store)
     rows = np.arange(len(st))
@@ -141,15 +141,15 @@ def test_map_statistics_streamed_in_chunks_equal_all_at_once(store):
 
 
 def test_overlays_read_only_the_chosen_samples(store, shapes_pattern, tmp_path, monkeypatch):
-    import pipeline.data.shards as shards
+    import salmae.pipeline.data.shards as shards
 
     def no_scan(*a, **k):
         raise AssertionError("inspect scanned a shard to find a few keys")
 
     monkeypatch.setattr(shards, "iter_samples", no_scan)
     monkeypatch.setattr(shards, "iter_shard", no_scan)
-    from pipeline.saliency.store import SaliencyStore
-    from stages.inspect import _read_images
+    from salmae.pipeline.saliency.store import SaliencyStore
+    from salmae.stages.inspect import _read_images
 
     images = _read_images(shapes_pattern, {"0000001", "0000101"}, SaliencyStore.open(store))
     assert set(images) == {"0000001", "0000101"} and images["0000001"].shape == (32, 32, 3)

@@ -12,7 +12,7 @@ OURS = ("pipeline", "stages")
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = ["salmae", *path.relative_to(ROOT).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -31,9 +31,12 @@ def imports(path: Path, known: set[str]) -> set[str]:
             names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
                      for a in node.names]
         for name in names:
-            while name and name not in known:      # `from pipeline import dist` -> pipeline.dist
+            if name.split(".")[0] in OURS:          # the old top-level names: flagged as such
+                found.add(name.split(".")[0])
+                continue
+            while name and name not in known:      # `from salmae.pipeline import dist` -> salmae.pipeline.dist
                 name = name.rpartition(".")[0]
-            if name and name.split(".")[0] in OURS:
+            if name.startswith(("salmae.pipeline", "salmae.stages")):
                 found.add(name)
     return found
 
@@ -44,15 +47,16 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_library_never_imports_a_stage():
-    bad = {m: sorted(d for d in deps if d.startswith("stages")) for m, deps in graph().items()
-           if m.startswith("pipeline") and m != "pipeline.cli"}
+    bad = {m: sorted(d for d in deps if d.startswith("salmae.stages")) for m, deps in graph().items()
+           if m.startswith("salmae.pipeline") and m != "salmae.pipeline.cli"}
     assert {m: d for m, d in bad.items() if d} == {}
 
 
 def test_infrastructure_imports_no_package_of_its_own():
-    packages = {m for m, p in modules().items() if p.name == "__init__.py" and m.count(".") == 1}
-    root = {m: deps for m, deps in graph().items() if m.count(".") == 1 and m.startswith("pipeline.")
-            and m not in packages and m != "pipeline.cli"}
+    packages = {m for m, p in modules().items() if p.name == "__init__.py" and m.count(".") == 2
+                and m.startswith("salmae.pipeline.")}
+    root = {m: deps for m, deps in graph().items() if m.count(".") == 2 and m.startswith("salmae.pipeline.")
+            and m not in packages and m != "salmae.pipeline.cli"}
     assert {m: sorted(d for d in deps if any(d == p or d.startswith(p + ".") for p in packages))
             for m, deps in root.items() if any(d == p or d.startswith(p + ".") for p in packages for d in deps)} == {}
 
@@ -82,17 +86,32 @@ def test_no_import_circles():
 
 def test_the_checker_sees_a_circle_and_a_stage_import(tmp_path, monkeypatch):
     """The checks above can fail: a made-up tree with both faults."""
-    for name, text in {"pipeline/__init__.py": "", "pipeline/a.py": "from pipeline import b\n",
-                       "pipeline/b.py": "def f():\n    from pipeline.a import x\n    import stages.s\n",
+    for name, text in {"pipeline/__init__.py": "", "pipeline/a.py": "from salmae.pipeline import b\n",
+                       "pipeline/b.py": "def f():\n    from salmae.pipeline.a import x\n    import salmae.stages.s\n",
                        "stages/__init__.py": "", "stages/s.py": ""}.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     g = graph()
-    assert g["pipeline.a"] == {"pipeline.b"} and g["pipeline.b"] == {"pipeline.a", "stages.s"}
+    assert g["salmae.pipeline.a"] == {"salmae.pipeline.b"}
+    assert g["salmae.pipeline.b"] == {"salmae.pipeline.a", "salmae.stages.s"}
     import pytest
 
     with pytest.raises(AssertionError):
         test_no_import_circles()
     with pytest.raises(AssertionError):
         test_the_library_never_imports_a_stage()
+
+
+def test_code_imports_salmae_never_the_bare_folder_names():
+    """`import pipeline` would load a second copy of every module (and only works from the repo root)."""
+    bare = {m: sorted(d for d in deps if d in OURS) for m, deps in graph().items()}
+    assert {m: d for m, d in bare.items() if d} == {}
+
+
+def test_every_package_folder_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {module_name(p) for top in OURS for p in (ROOT / top).rglob("__init__.py")}
+    assert folders | {"salmae"} == listed

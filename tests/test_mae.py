@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.pretrain import masking
-from pipeline.errors import SalmaeError
-from pipeline.models.mae import MaskedAutoencoderViT, build_mae
+from salmae.pipeline.pretrain import masking
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.models.mae import MaskedAutoencoderViT, build_mae
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -82,7 +82,7 @@ def test_sincos_position_embedding_golden_values():
     [sin c, cos c, sin r, cos r] (and the cls row zeros)."""
     import math
 
-    from pipeline.models.mae import sincos_pos_embed_2d
+    from salmae.pipeline.models.mae import sincos_pos_embed_2d
 
     emb = sincos_pos_embed_2d(4, (2, 2))
     s1, c1 = math.sin(1.0), math.cos(1.0)
@@ -132,8 +132,8 @@ def test_key_padding_mask_gives_the_pairwise_masks_results(monkeypatch, fused):
     """Padded (adaptive) batches hide padding by key only ([N, 1, 1, 1+K]: SDPA may keep its
     memory-efficient kernel); real tokens' outputs and the loss equal the pairwise mask's. Both of
     timm's attention paths (SDPA and its own softmax) are run."""
-    from pipeline.pretrain.mask_plan import MaskPlan, batch_masks
-    from pipeline.models import mae
+    from salmae.pipeline.pretrain.mask_plan import MaskPlan, batch_masks
+    from salmae.pipeline.models import mae
 
     model = _model()
     for blk in model.blocks:
@@ -197,7 +197,7 @@ def test_weights_and_online_salience():
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base", "large", "huge"])
 def test_presets(preset):
-    from pipeline.models.mae import PRESETS
+    from salmae.pipeline.models.mae import PRESETS
 
     args = PRESETS[preset]
     assert args["embed_dim"] % args["num_heads"] == 0

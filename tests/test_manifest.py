@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.shapes import write_shapes
-from pipeline.data.manifest import build_manifest, describe_manifest, load_manifest, verify_manifest
-from pipeline.errors import SalmaeError
+from salmae.pipeline.data.shapes import write_shapes
+from salmae.pipeline.data.manifest import build_manifest, describe_manifest, load_manifest, verify_manifest
+from salmae.pipeline.errors import SalmaeError
 
 
 @pytest.fixture()
@@ -121,7 +121,7 @@ def _reference_hash(table: pa.Table) -> str:
 
     import numpy as np
 
-    from pipeline.data.manifest import FORMAT_VERSION, _HASHED
+    from salmae.pipeline.data.manifest import FORMAT_VERSION, _HASHED
 
     h = hashlib.sha256(f"salmae-manifest-v{FORMAT_VERSION}\n".encode())
     for name in _HASHED:
@@ -135,8 +135,8 @@ def _reference_hash(table: pa.Table) -> str:
 
 
 def test_vectorised_hash_equals_the_per_value_definition(shapes_pattern, monkeypatch):
-    import pipeline.data.manifest as manifest_mod
-    from pipeline.data.manifest import manifest_hash
+    import salmae.pipeline.data.manifest as manifest_mod
+    from salmae.pipeline.data.manifest import manifest_hash
 
     m = build_manifest(shapes_pattern)
     assert m.hash == _reference_hash(m.table)
@@ -159,7 +159,7 @@ def test_pool_scan_equals_one_process(shapes_pattern):
 def test_stale_reason_from_sizes_and_times(tmp_path, shards_copy):
     import os
 
-    from pipeline.data.manifest import stale_reason
+    from salmae.pipeline.data.manifest import stale_reason
 
     pattern = str(shards_copy / "{00000..00001}.tar")
     m = build_manifest(pattern, tmp_path / "m.parquet")
@@ -178,7 +178,7 @@ def test_stale_reason_from_sizes_and_times(tmp_path, shards_copy):
 
 
 def test_string_columns_are_arrow_backed(shapes_pattern):
-    from pipeline.data.manifest import StringColumn
+    from salmae.pipeline.data.manifest import StringColumn
 
     m = build_manifest(shapes_pattern)
     keys, status = m.keys, m.status

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.data.manifest as manifest_mod
-from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import SalmaeError
+import salmae.pipeline.data.manifest as manifest_mod
+from salmae.pipeline.checkpoint import load_checkpoint
+from salmae.pipeline.errors import SalmaeError
 
 
 @pytest.fixture()
@@ -41,7 +41,7 @@ def _touch(path: Path) -> None:
 
 
 def test_pretrain_builds_the_manifest_once_and_trusts_it_on_resume(tmp_path, shards, count_builds):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
     from test_pretrain_stage import _cfg
 
     out = tmp_path / "run"
@@ -57,7 +57,7 @@ def test_pretrain_builds_the_manifest_once_and_trusts_it_on_resume(tmp_path, sha
 
 
 def test_pretrain_refuses_a_manifest_of_other_shards(tmp_path, shards, shapes_pattern):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
     from test_pretrain_stage import _cfg
 
     manifest_mod.build_manifest(shapes_pattern, tmp_path / "other.parquet")    # the same names, other files
@@ -67,7 +67,7 @@ def test_pretrain_refuses_a_manifest_of_other_shards(tmp_path, shards, shapes_pa
 
 
 def test_saliency_restart_reuses_the_stores_manifest(tmp_path, shards, count_builds):
-    from stages.saliency import SaliencyConfig, run
+    from salmae.stages.saliency import SaliencyConfig, run
 
     cfg = SaliencyConfig(data=shards, out=tmp_path / "store.zarr", clip_model="salmae-micro", clip_pretrained="none",
                          rows_per_shard=32, batch_size=16, workers=0, device="cpu")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.pretrain import masking
-from pipeline.errors import SalmaeError
+from salmae.pipeline.pretrain import masking
+from salmae.pipeline.errors import SalmaeError
 
 GRID = (8, 8)
 L = 64

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import preflight
-from pipeline.errors import SalmaeError
+from salmae.pipeline import preflight
+from salmae.pipeline.errors import SalmaeError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def test_wheels_for_another_python_are_refused_in_one_line(tmp_path, capsys):
 
 
 def test_gpu_check_refuses_an_old_box_before_any_work(tmp_path, monkeypatch):
-    from stages.bench.gpu_check import GpuCheckConfig, run
+    from salmae.stages.bench.gpu_check import GpuCheckConfig, run
 
     monkeypatch.setattr(preflight, "installed_version", lambda name: "1.0.15" if name == "timm" else "99")
     with pytest.raises(SalmaeError, match=r"^gpu-check: timm 1.0.15 is too old; salmae needs timm>=1.0.16 "):
@@ -76,7 +76,7 @@ def test_gpu_check_refuses_an_old_box_before_any_work(tmp_path, monkeypatch):
 
 
 def test_compile_is_left_out_without_a_compiler_and_said_so():
-    from stages.bench.gpu_check import compile_runs
+    from salmae.stages.bench.gpu_check import compile_runs
 
     assert compile_runs("auto", True, "/usr/bin/cc") == ([False, True], None)
     runs, note = compile_runs("auto", True, None)

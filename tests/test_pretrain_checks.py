@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import SalmaeError
-from pipeline.logging import read_metrics
+from salmae.pipeline.checkpoint import load_checkpoint
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.logging import read_metrics
 from test_pretrain_stage import _cfg
 
 
@@ -26,7 +26,7 @@ from test_pretrain_stage import _cfg
     ({"log_every": 0}, r"'log_every' = 0 must be at least 1"),
 ])
 def test_options_out_of_range_are_refused_before_anything_is_created(tmp_path, shapes_pattern, override, match):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "run"
     kw = {"mask": "random", "epochs": 1, "batch_size": 8, **override}
@@ -38,7 +38,7 @@ def test_options_out_of_range_are_refused_before_anything_is_created(tmp_path, s
 def test_cli_prints_one_line_and_exits_2(tmp_path, shapes_pattern):
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from salmae.pipeline.cli import cli
 
     res = CliRunner().invoke(cli, ["pretrain", "--data", shapes_pattern, "--out", str(tmp_path / "r"),
                                    "--mask", "random", "--batch-size", "0", "--device", "cpu"])
@@ -47,7 +47,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, shapes_pattern):
 
 
 def test_a_resume_that_changes_the_run_is_refused_and_config_kept(tmp_path, shapes_pattern):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "run"
     run(_cfg(out, shapes_pattern, mask="random", epochs=1, batch_size=8, viz_samples=0))
@@ -70,7 +70,7 @@ def test_a_resume_that_changes_the_run_is_refused_and_config_kept(tmp_path, shap
 
 
 def test_resume_cleans_up_after_a_killed_run(tmp_path, shapes_pattern):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "run"
     run(_cfg(out, shapes_pattern, mask="random", epochs=1, batch_size=8, viz_samples=0, log_every=1))
@@ -99,7 +99,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp
 
     import torch
 
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "run"
     run(_cfg(out, shapes_pattern, mask="random", epochs=1, batch_size=8, viz_samples=0))
@@ -125,13 +125,13 @@ def test_cli_turns_enospc_into_one_line(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    import stages.report
-    from pipeline.cli import cli
+    import salmae.stages.report as report_stage
+    from salmae.pipeline.cli import cli
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.md"))
 
-    monkeypatch.setattr(stages.report, "write_report", full)
+    monkeypatch.setattr(report_stage, "write_report", full)
     res = CliRunner().invoke(cli, ["report", str(tmp_path), "-o", str(tmp_path / "report.md")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert f"could not write {tmp_path / 'report.md'}: disk full" in res.output

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import resolve_config
-from pipeline.errors import SalmaeError
-from pipeline.logging import read_metrics
+from salmae.pipeline.checkpoint import load_checkpoint
+from salmae.pipeline.config import resolve_config
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.logging import read_metrics
 
 TINY_ARCH = {"arch.img_size": 32, "arch.patch_size": 8, "arch.embed_dim": 32, "arch.depth": 1,
              "arch.num_heads": 2, "arch.decoder_embed_dim": 32, "arch.decoder_depth": 1,
@@ -25,9 +25,9 @@ TINY_ARCH = {"arch.img_size": 32, "arch.patch_size": 8, "arch.embed_dim": 32, "a
 def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), manifest_hash=None,
            oversized_frame_rows=()) -> Path:
     """A saliency store like stage 1's: 4x4 maps with 1 on the cells covering each image's bbox."""
-    from pipeline.data.shards import iter_samples
-    from pipeline.data.manifest import build_manifest
-    from pipeline.saliency.store import SaliencyStore, create_store
+    from salmae.pipeline.data.shards import iter_samples
+    from salmae.pipeline.data.manifest import build_manifest
+    from salmae.pipeline.saliency.store import SaliencyStore, create_store
 
     manifest = build_manifest(shapes_pattern)
     samples = {s.key: s for s in iter_samples(shapes_pattern, decode=False)}
@@ -60,7 +60,7 @@ def store_path(tmp_path_factory, shapes_pattern) -> Path:
 
 
 def _cfg(out, data, **over):
-    from stages.pretrain import PretrainConfig
+    from salmae.stages.pretrain import PretrainConfig
 
     base = dict(TINY_ARCH, **{"workers": 0, "viz_samples": 2, "optim.warmup_epochs": 1, "optim.blr": 1e-3})
     base.update(over)
@@ -71,7 +71,7 @@ def _cfg(out, data, **over):
 
 
 def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "run"
     summary = run(_cfg(out, shapes_pattern, saliency=str(store_path), mask="saliency", epochs=2, batch_size=8,
@@ -100,7 +100,7 @@ def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
 
 @pytest.mark.parametrize("mask", ["random", "adaptive"])
 def test_resume_equivalence(tmp_path, shapes_pattern, store_path, mask):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     kw = dict(saliency=str(store_path), mask=mask, batch_size=16, viz_samples=0)
     run(_cfg(tmp_path / "straight", shapes_pattern, epochs=2, **kw))
@@ -113,7 +113,7 @@ def test_resume_equivalence(tmp_path, shapes_pattern, store_path, mask):
 
 
 def test_store_checks(tmp_path, shapes_pattern):
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     pending = _store(tmp_path / "pending.zarr", shapes_pattern, pending_rows=(33, 34, 35))
     with pytest.raises(SalmaeError, match=r"misses 3 of \d+ rows .*00001\.tar \(3\)"):
@@ -131,14 +131,14 @@ def test_store_checks(tmp_path, shapes_pattern):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(tmp_path, shapes_pattern, store_path):
     """torchrun with 2 gloo processes x batch 8 == 1 process x batch 16 (same global batch)."""
-    from stages.pretrain import run
+    from salmae.stages.pretrain import run
 
     kw = dict(saliency=str(store_path), mask="saliency", epochs=1, viz_samples=0)
     run(_cfg(tmp_path / "one", shapes_pattern, batch_size=16, **kw))
     sets = [f"{k}={v}" for k, v in dict(TINY_ARCH, workers=0, viz_samples=0, **{"optim.warmup_epochs": 1,
                                                                                  "optim.blr": 1e-3}).items()]
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline.cli", "pretrain", "--data", shapes_pattern, "--out", str(tmp_path / "two"),
+           "-m", "salmae.pipeline.cli", "pretrain", "--data", shapes_pattern, "--out", str(tmp_path / "two"),
            "--saliency", str(store_path), "--mask", "saliency", "--epochs", "1", "--batch-size", "8",
            "--device", "cpu"] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -151,8 +151,8 @@ def test_ddp_two_processes_equal_one(tmp_path, shapes_pattern, store_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_pattern, monkeypatch):
-    from pipeline.models.mae import MaskedAutoencoderViT
-    from stages.pretrain import run
+    from salmae.pipeline.models.mae import MaskedAutoencoderViT
+    from salmae.stages.pretrain import run
 
     out = tmp_path / "run"
     run(_cfg(out, shapes_pattern, mask="random", epochs=1, batch_size=8, viz_samples=0))

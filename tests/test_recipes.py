@@ -25,9 +25,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.device import default_workers
-from stages import study
+from salmae.pipeline.cli import cli
+from salmae.pipeline.device import default_workers
+from salmae.stages import study
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -38,7 +38,7 @@ TINY_ARCH = {"arch.img_size": 32, "arch.patch_size": 8, "arch.decoder_embed_dim"
 @pytest.fixture(scope="module")
 def micro_clip(tmp_path_factory) -> Path:
     """Random salmae-micro weights as a checkpoint file (a recipe's CLIP is a tag or a file)."""
-    from pipeline.models.clip import checkpoint_extras, load_clip
+    from salmae.pipeline.models.clip import checkpoint_extras, load_clip
 
     model, info, _, _ = load_clip("salmae-micro", "none")
     path = tmp_path_factory.mktemp("clip") / "clip.pt"

@@ -14,12 +14,12 @@ import yaml
 from click.testing import CliRunner
 from matplotlib.collections import PathCollection
 
-from pipeline.cli import cli
-from pipeline.config import resolve_config
-from pipeline.errors import SalmaeError
-from pipeline.files import sha256_file
-from pipeline.figures.plots import LOSS_CAVEAT, SeedPoints, accuracy_figure, fitted_ylim, loss_figure
-from stages.report import write_report
+from salmae.pipeline.cli import cli
+from salmae.pipeline.config import resolve_config
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import sha256_file
+from salmae.pipeline.figures.plots import LOSS_CAVEAT, SeedPoints, accuracy_figure, fitted_ylim, loss_figure
+from salmae.stages.report import write_report
 
 T2 = 4.302653   # t_{0.975, 2}
 T1 = 12.706205  # t_{0.975, 1}
@@ -252,7 +252,7 @@ def test_eval_of_an_older_checkpoint_is_flagged(tmp_path):
 def test_results_record_the_pretrain_epoch_and_the_report_flags_further_training(tmp_path, shapes_dir,
                                                                                  shapes_pattern):
     """End to end: a 1-epoch tiny pretraining evaluated with kNN, then trained on to 2 epochs."""
-    from stages import evaluate, pretrain
+    from salmae.stages import evaluate, pretrain
 
     tiny = {"arch.img_size": 32, "arch.patch_size": 8, "arch.embed_dim": 32, "arch.depth": 1,
             "arch.num_heads": 2, "arch.decoder_embed_dim": 32, "arch.decoder_depth": 1,
@@ -281,7 +281,7 @@ def test_results_record_the_pretrain_epoch_and_the_report_flags_further_training
 
 def test_pretrain_epoch_of_an_official_mae_checkpoint(tmp_path):
     """MAE's main_pretrain.py saves `args` as an argparse.Namespace next to `epoch`."""
-    from stages.evaluate import _pretrain_epoch
+    from salmae.stages.evaluate import _pretrain_epoch
 
     path = tmp_path / "mae.pth"
     torch.save({"model": {"w": torch.zeros(2)}, "epoch": 799, "args": argparse.Namespace(blr=1.5e-4)}, path)

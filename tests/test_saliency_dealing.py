@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import SalmaeError
-from pipeline.saliency.store import SaliencyStore
-from pipeline.saliency.engine import deal_todo
-from stages.saliency import run
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.store import SaliencyStore
+from salmae.pipeline.saliency.engine import deal_todo
+from salmae.stages.saliency import run
 from test_saliency_stage import _array_bytes, _cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_resume_deals_what_is_left_evenly_over_two_ranks(full_store, shapes_patt
     out = tmp_path / "store.zarr"
     run(_cfg(shapes_pattern, out, shards="0:2"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline.cli", "saliency", "--data", shapes_pattern, "--out", str(out),
+           "-m", "salmae.pipeline.cli", "saliency", "--data", shapes_pattern, "--out", str(out),
            "--clip-model", "salmae-micro", "--clip-pretrained", "none", "--batch-size", "8", "--workers", "0",
            "--device", "cpu", "--set", "rows_per_shard=16"]
     proc = subprocess.run(cmd, env=_torchrun_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
@@ -71,8 +71,8 @@ def test_resume_deals_what_is_left_evenly_over_two_ranks(full_store, shapes_patt
 WAIT_WORKER = """
 import datetime, time
 import torch
-from pipeline import dist
-from pipeline.logging import setup_logging
+from salmae.pipeline import dist
+from salmae.pipeline.logging import setup_logging
 
 torch.set_num_threads(1)
 dist.TIMEOUT = datetime.timedelta(seconds=2)        # the main group's collectives fail after 2 s
@@ -103,7 +103,7 @@ def test_wait_for_all_outlasts_the_group_timeout(tmp_path):
 # ---------------------------------------------------------------------------- background writer (item 10)
 def _counting_cams(monkeypatch, on_call=None) -> list[int]:
     """Count the CAM batches launched (and call `on_call(n)` before the n-th, from 1)."""
-    import pipeline.saliency.engine as saliency
+    import salmae.pipeline.saliency.engine as saliency
 
     calls: list[int] = []
     real = saliency.compute_cam

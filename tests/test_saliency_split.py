@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import SalmaeError
-from pipeline.saliency.engine import deal_tars_to_workers, deal_todo, job_shards
-from stages.saliency import run
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.engine import deal_tars_to_workers, deal_todo, job_shards
+from salmae.stages.saliency import run
 from test_saliency_stage import _array_bytes, _cfg
 
 
@@ -36,7 +36,7 @@ def test_each_streamed_tar_goes_to_one_worker():
 def test_pipe_shards_with_two_workers_read_each_tar_once(shapes_dir, tmp_path):
     log = tmp_path / "opened.log"
     urls = [f"pipe:sh -c 'echo {n} >> {log}; cat {shapes_dir / n}'" for n in ("00000.tar", "00001.tar")]
-    from pipeline.data.manifest import build_manifest
+    from salmae.pipeline.data.manifest import build_manifest
 
     build_manifest(urls, tmp_path / "m.parquet", workers=1)
     log.unlink()

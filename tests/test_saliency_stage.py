@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import SalmaeError
-from pipeline.saliency.store import SaliencyStore, scale_to_max
-from stages.saliency import SaliencyConfig, run
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.store import SaliencyStore, scale_to_max
+from salmae.stages.saliency import SaliencyConfig, run
 
 FP16_STEP = 2.0 ** -10   # float16 keeps 10 mantissa bits: one rounding step is <= 2^-10 of the value
 
@@ -55,8 +55,8 @@ def _assert_same_maps(maps: np.ndarray, reference: np.ndarray) -> int:
 def _recompute_as_before(store: SaliencyStore, shapes_dir: Path) -> np.ndarray:
     """The maps as stage 1 computed them before images crossed as uint8 and captions were tokenized
     in the workers: float images normalised on the host, full-context text encoding, one batch."""
-    from pipeline.saliency.gradcam import fast_gradcam, resolve_layer
-    from pipeline.models.clip import load_clip
+    from salmae.pipeline.saliency.gradcam import fast_gradcam, resolve_layer
+    from salmae.pipeline.models.clip import load_clip
 
     members = {}
     for tar in sorted(shapes_dir.glob("*.tar")):
@@ -77,7 +77,7 @@ def _recompute_as_before(store: SaliencyStore, shapes_dir: Path) -> np.ndarray:
 
 
 def test_store_matches_manifest(baseline):
-    from pipeline.data.manifest import load_manifest
+    from salmae.pipeline.data.manifest import load_manifest
 
     out, summary = baseline
     st = SaliencyStore.open(out)
@@ -127,7 +127,7 @@ def test_two_processes_equal_one(baseline, shapes_pattern, tmp_path):
     out2 = tmp_path / "store.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline.cli", "saliency", "--data", shapes_pattern, "--out", str(out2),
+           "-m", "salmae.pipeline.cli", "saliency", "--data", shapes_pattern, "--out", str(out2),
            "--clip-model", "salmae-micro", "--clip-pretrained", "none", "--batch-size", "8", "--workers", "0",
            "--device", "cpu", "--set", "rows_per_shard=16"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -290,7 +290,7 @@ def test_resume_with_other_precision_is_refused_unless_allowed(baseline, shapes_
 
 
 def test_resume_with_other_library_versions_is_refused(baseline, shapes_pattern, tmp_path, monkeypatch):
-    import stages.saliency as saliency
+    import salmae.stages.saliency as saliency
 
     out, _ = baseline
     copy = _interrupted_copy(out, tmp_path / "store.zarr")
@@ -304,7 +304,7 @@ def test_unset_workers_take_the_default_recorded_and_a_resume_may_change_them(ba
     """`workers: null` (the GPU recipes') is the CPUs per process less one; config.yaml records the number."""
     import yaml
 
-    from pipeline.device import default_workers
+    from salmae.pipeline.device import default_workers
 
     assert SaliencyConfig().workers is None
     out = tmp_path / "store.zarr"

@@ -10,8 +10,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.shapes import COLOURS, SHAPES, write_shapes
-from pipeline.data.shards import iter_samples
+from salmae.pipeline.data.shapes import COLOURS, SHAPES, write_shapes
+from salmae.pipeline.data.shards import iter_samples
 
 
 def _members(path) -> list[str]:
@@ -108,8 +108,8 @@ def test_main_object_task_one_large_labelled_object_among_small_clutter(tmp_path
 
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
-    from pipeline.data.shapes import SHAPES
+    from salmae.pipeline.cli import cli
+    from salmae.pipeline.data.shapes import SHAPES
 
     res = CliRunner().invoke(cli, ["shapes", str(tmp_path), "--n", "32", "--image-size", "64", "--shard-size", "16",
                                    "--task", "main-object", "--imagefolder"])
@@ -133,7 +133,7 @@ def test_main_object_task_one_large_labelled_object_among_small_clutter(tmp_path
 
 
 def test_val_every_sets_the_split_and_nothing_else(tmp_path):
-    from pipeline.errors import SalmaeError
+    from salmae.pipeline.errors import SalmaeError
 
     write_shapes(tmp_path / "five", n=160, image_size=32, seed=2, shard_size=160, imagefolder=True, task="main-object")
     write_shapes(tmp_path / "two", n=160, image_size=32, seed=2, shard_size=160, imagefolder=True, task="main-object",

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data.shards import (DAMAGE_REASONS, DamagedSampleError, decode_image, expand_shards, iter_samples,
+from salmae.pipeline.data.shards import (DAMAGE_REASONS, DamagedSampleError, decode_image, expand_shards, iter_samples,
                                   iter_shard, read_member, shard_name)
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 
 def _jpeg(mode: str = "RGB", size=(20, 16), fmt: str = "JPEG") -> bytes:

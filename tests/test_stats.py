@@ -1,4 +1,4 @@
-"""pipeline.stats against values computed by hand (and against scipy's t quantiles where installed)."""
+"""salmae.pipeline.stats against values computed by hand (and against scipy's t quantiles where installed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.stats import mean_ci, paired_diff, t_quantile_975
+from salmae.pipeline.stats import mean_ci, paired_diff, t_quantile_975
 
 
 def test_mean_ci_of_three_values_by_hand():

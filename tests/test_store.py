@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.errors import SalmaeError
-from pipeline.saliency.store import STATUS_CODES, SaliencyStore, create_store, status_code
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.store import STATUS_CODES, SaliencyStore, create_store, status_code
 
 
 def _make(path, n=10, rows_per_shard=4):
@@ -94,7 +94,7 @@ def test_shards_are_separate_files_per_array(tmp_path):
 
 
 def test_status_codes_cover_damage_reasons():
-    from pipeline.data.shards import DAMAGE_REASONS
+    from salmae.pipeline.data.shards import DAMAGE_REASONS
 
     assert set(DAMAGE_REASONS) <= set(STATUS_CODES.values())
     assert status_code("ok") == 1 and status_code("truncated_tar") == 7 and status_code("weird") == 9

@@ -10,12 +10,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import config_to_dict, resolve_config
-from pipeline.errors import SalmaeError
-from pipeline.stats import t_quantile_975
-from stages import study
-from stages.study_report import checks, load_results, summarise
+from salmae.pipeline.cli import cli
+from salmae.pipeline.config import config_to_dict, resolve_config
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.stats import t_quantile_975
+from salmae.stages import study
+from salmae.stages.study_report import checks, load_results, summarise
 
 
 def test_settings_parse_into_masks_and_caps():
@@ -142,7 +142,7 @@ def test_load_results_reads_runs_and_floor(tmp_path):
 
 
 def test_cap_figure_draws_means_against_caps():
-    from pipeline.figures.plots import cap_figure
+    from salmae.pipeline.figures.plots import cap_figure
 
     fig = cap_figure({"knn": {"random": (0.0, {0: 30.0, 1: 32.0}), "saliency-0.25": (0.25, {0: 33.0, 1: 35.0})}},
                      {"knn": {"floor": {0: 20.0, 1: 21.0}}}, chance=12.5)
@@ -207,7 +207,7 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_a_rerun_may_add_seeds_and_settings_but_not_change_the_finished_steps(tmp_path):
-    from pipeline.steps import record_config
+    from salmae.pipeline.steps import record_config
 
     def saved():
         return yaml.safe_load((tmp_path / "config.yaml").read_text())
@@ -230,7 +230,7 @@ def test_a_rerun_may_add_seeds_and_settings_but_not_change_the_finished_steps(tm
 
 
 def test_pretrain_set_reaches_the_runs_and_the_floor(tmp_path):
-    from pipeline.checkpoint import load_checkpoint
+    from salmae.pipeline.checkpoint import load_checkpoint
 
     cfg = study.StudyConfig(out=tmp_path, pretrain_set=["arch.depth=2", "optim.warmup_epochs=3"])
     paths = study._paths(cfg, tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.transforms import crop_flip_image, crop_flip_saliency, resize_saliency, sample_crop_box
+from salmae.pipeline.data.transforms import crop_flip_image, crop_flip_saliency, resize_saliency, sample_crop_box
 
 W, H = 96, 64          # image size
 OBJ = (56, 12, 80, 36)  # object box x0, y0, x1, y1 (pixels)
@@ -82,7 +82,7 @@ def test_area_pooling_is_exact_mean_over_each_patch():
 
 
 def test_batched_pooling_equals_one_sample_at_a_time():
-    from pipeline.data.transforms import crop_flip_saliency_batch
+    from salmae.pipeline.data.transforms import crop_flip_saliency_batch
 
     g = torch.Generator().manual_seed(3)
     sal = torch.rand(5, 7, 9, generator=g)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.models.mae import build_mae
-from pipeline.figures.mae_grid import COLUMNS, SHORT, save_mae_grid, title_strip
+from salmae.pipeline.models.mae import build_mae
+from salmae.pipeline.figures.mae_grid import COLUMNS, SHORT, save_mae_grid, title_strip
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)

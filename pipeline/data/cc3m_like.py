@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 IMAGE_SIZE = 32          # generated side in pixels
 POOL_SIZE = 256          # distinct JPEGs reused across rows
@@ -125,7 +125,7 @@ def _write_parquet(path: str, columns: dict[str, list]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data.shapes import PARQUET_SCHEMA
+    from salmae.pipeline.data.shapes import PARQUET_SCHEMA
 
     pq.write_table(pa.table(columns, schema=PARQUET_SCHEMA), f"{path}.tmp")
     os.replace(f"{path}.tmp", path)

@@ -38,9 +38,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from pipeline import dist
-from pipeline.data.shards import DamagedSampleError, decode_image, iter_samples
-from pipeline.errors import SalmaeError
+from salmae.pipeline import dist
+from salmae.pipeline.data.shards import DamagedSampleError, decode_image, iter_samples
+from salmae.pipeline.errors import SalmaeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 Check = Literal["header", "none"]

@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import expand_shards, iter_shard, shard_name
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path
+from salmae.pipeline.data.shards import expand_shards, iter_shard, shard_name
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_path
 
 FORMAT_VERSION = "1"
 SCHEMA = pa.schema([

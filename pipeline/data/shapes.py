@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path, atomic_write_json
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_path, atomic_write_json
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "heart")
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 DAMAGE_REASONS: dict[str, str] = {
     "unreadable_image": "the image bytes do not decode",

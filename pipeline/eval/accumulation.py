@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 
 @dataclass(frozen=True)

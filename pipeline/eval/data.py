@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.imagefolder import ImageFolderSplit, LabelledShards
-from pipeline.errors import SalmaeError
+from salmae.pipeline.data.imagefolder import ImageFolderSplit, LabelledShards
+from salmae.pipeline.errors import SalmaeError
 
 
 class IndexedImages(Dataset):

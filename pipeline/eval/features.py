@@ -21,9 +21,9 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from pipeline import dist
-from pipeline.device import autocast, pin_memory
-from pipeline.files import atomic_path
+from salmae.pipeline import dist
+from salmae.pipeline.device import autocast, pin_memory
+from salmae.pipeline.files import atomic_path
 
 CACHE_VERSION = 1
 

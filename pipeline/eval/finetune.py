@@ -10,12 +10,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from pipeline import dist
-from pipeline.device import autocast, pin_memory
-from pipeline.eval.accumulation import gradient_sync
-from pipeline.eval.empty_batch import readable_rows, zero_loss
-from pipeline.eval.metrics import mean_over_ranks, topk_hits
-from pipeline.eval.schedule import cosine_lr, set_lr
+from salmae.pipeline import dist
+from salmae.pipeline.device import autocast, pin_memory
+from salmae.pipeline.eval.accumulation import gradient_sync
+from salmae.pipeline.eval.empty_batch import readable_rows, zero_loss
+from salmae.pipeline.eval.metrics import mean_over_ranks, topk_hits
+from salmae.pipeline.eval.schedule import cosine_lr, set_lr
 
 
 def init_finetune_head(model: nn.Module, num_classes: int) -> None:

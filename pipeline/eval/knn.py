@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline import dist
-from pipeline.eval.metrics import topk_hits
+from salmae.pipeline import dist
+from salmae.pipeline.eval.metrics import topk_hits
 
 # Test rows per similarity block: a [chunk, N] fp32 matrix, 1.3 GB against ImageNet's 1.28M rows.
 DEFAULT_CHUNK = 256

@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from timm.optim import Lars
 from tqdm import tqdm
 
-from pipeline import dist
-from pipeline.device import autocast, pin_memory
-from pipeline.eval.accumulation import gradient_sync
-from pipeline.eval.empty_batch import readable_rows, zero_loss
-from pipeline.eval.features import encode
-from pipeline.eval.metrics import mean_over_ranks
-from pipeline.eval.schedule import cosine_lr, set_lr
+from salmae.pipeline import dist
+from salmae.pipeline.device import autocast, pin_memory
+from salmae.pipeline.eval.accumulation import gradient_sync
+from salmae.pipeline.eval.empty_batch import readable_rows, zero_loss
+from salmae.pipeline.eval.features import encode
+from salmae.pipeline.eval.metrics import mean_over_ranks
+from salmae.pipeline.eval.schedule import cosine_lr, set_lr
 
 
 class LinearProbeHead(nn.Module):

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from pipeline import dist
+from salmae.pipeline import dist
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:

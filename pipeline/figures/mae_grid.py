@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.files import atomic_path
+from salmae.pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from salmae.pipeline.files import atomic_path
 
 
 def _to_uint8(imgs: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.files import atomic_path  # noqa: E402
+from salmae.pipeline.files import atomic_path  # noqa: E402
 
 
 def upsample_map(saliency: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

@@ -99,7 +99,7 @@ def cap_figure(curves: Mapping[str, Mapping[str, tuple[float, Mapping[int, float
     lines: protocol -> setting -> {seed: top1}, drawn as dashed horizontal means (settings without
         a cap, the untrained floor). chance: a dotted line, if given and inside the fitted y-range.
     """
-    from pipeline.stats import mean_ci
+    from salmae.pipeline.stats import mean_ci
 
     n = max(len(curves), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), dpi=100, squeeze=False)

@@ -35,8 +35,8 @@ from typing import Any, Callable
 import open_clip
 import torch
 
-from pipeline.errors import SalmaeError
-from pipeline.files import sha256_file
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import sha256_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "salmae-tiny"

@@ -34,8 +34,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import SalmaeError
+from salmae.pipeline.checkpoint import load_checkpoint
+from salmae.pipeline.errors import SalmaeError
 
 # Keys of an MAE checkpoint that belong to pretraining only, never to the encoder.
 _PRETRAIN_ONLY = re.compile(r"^(mask_token|decoder_.*|head\..*)$")

@@ -1,6 +1,6 @@
 """Masked Autoencoder ViT (He et al., 2021) with the official `models_mae.py` state-dict layout.
 
-    from pipeline.models.mae import build_mae
+    from salmae.pipeline.models.mae import build_mae
     model = build_mae("base")                       # MAE ViT-B/16, decoder 512 x 8
     loss, pred, mask = model(imgs, mask_ratio=0.75)  # imgs [N, 3, 224, 224]
 
@@ -23,8 +23,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from pipeline.errors import SalmaeError
-from pipeline.pretrain.masking import keep_valid, online_saliency, random_mask
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.pretrain.masking import keep_valid, online_saliency, random_mask
 
 # tiny: our test/demo size (64 px shapes, 8 px patches -> 8x8 grid, ~1.2 M parameters).
 PRESETS: dict[str, dict[str, Any]] = {

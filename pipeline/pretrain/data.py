@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
-from pipeline.data.shards import decode_image, read_member, shard_name
-from pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
-from pipeline.errors import SalmaeError
-from pipeline.saliency.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
+from salmae.pipeline.data.shards import decode_image, read_member, shard_name
+from salmae.pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
 
 
 # --------------------------------------------------------------------------- saliency lookup
@@ -403,7 +403,7 @@ class StreamPretrainDataset(IterableDataset):
     def _one_pass(self, round_: int) -> Iterator[dict]:
         import webdataset as wds
 
-        from pipeline import dist
+        from salmae.pipeline import dist
 
         nodesplitter = wds.split_by_node if dist.world_size() > 1 else wds.single_node_only
         seed = self.seed * 1009 + self.epoch * 31 + round_

@@ -20,13 +20,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pipeline import dist
-from pipeline.data.transforms import normalise, pixel_stats
-from pipeline.device import autocast
-from pipeline.errors import SalmaeError
-from pipeline.host_syncs import no_host_syncs
-from pipeline.logging import MetricsWriter
-from pipeline.pretrain.mask_plan import MaskPlan, batch_masks, step_seed
+from salmae.pipeline import dist
+from salmae.pipeline.data.transforms import normalise, pixel_stats
+from salmae.pipeline.device import autocast
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.host_syncs import no_host_syncs
+from salmae.pipeline.logging import MetricsWriter
+from salmae.pipeline.pretrain.mask_plan import MaskPlan, batch_masks, step_seed
 
 MASK_KEYS = ("ids_keep", "mask", "ids_restore")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.pretrain import masking
+from salmae.pipeline.pretrain import masking
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Rows = tuple[int, int] | None

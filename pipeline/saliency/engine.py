@@ -29,16 +29,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import dist
-from pipeline.data.transforms import normalise, pixel_stats
-from pipeline.device import autocast, pin_memory
-from pipeline.errors import SalmaeError
-from pipeline.files import disk_full_as_error
-from pipeline.host_syncs import no_host_syncs
-from pipeline.logging import get_logger
-from pipeline.saliency.gradcam import compute_cam, encode_captions, trim_caption_padding
-from pipeline.saliency.store import CODE_OF, STATUS_OK, SaliencyStore, status_code
-from pipeline.saliency.store_lock import ShardRange
+from salmae.pipeline import dist
+from salmae.pipeline.data.transforms import normalise, pixel_stats
+from salmae.pipeline.device import autocast, pin_memory
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import disk_full_as_error
+from salmae.pipeline.host_syncs import no_host_syncs
+from salmae.pipeline.logging import get_logger
+from salmae.pipeline.saliency.gradcam import compute_cam, encode_captions, trim_caption_padding
+from salmae.pipeline.saliency.store import CODE_OF, STATUS_OK, SaliencyStore, status_code
+from salmae.pipeline.saliency.store_lock import ShardRange
 
 
 def parse_shards(spec: str, n_shards: int | None = None) -> ShardRange:
@@ -98,7 +98,7 @@ class _RowImages(Dataset):
         return len(self.rows)
 
     def __getitem__(self, row: int):
-        from pipeline.data.shards import DamagedSampleError, decode_image
+        from salmae.pipeline.data.shards import DamagedSampleError, decode_image
 
         key, url, offset, nbytes, caption = self.rows[row]
         try:
@@ -111,7 +111,7 @@ class _RowImages(Dataset):
         return row, pixels, self.tokenizer([caption])[0], None
 
     def _image_bytes(self, key: str, url: str, offset: int, nbytes: int) -> bytes:
-        from pipeline.data.shards import DamagedSampleError, iter_shard, read_member
+        from salmae.pipeline.data.shards import DamagedSampleError, iter_shard, read_member
 
         if _is_local_tar(url) and offset >= 0:
             return read_member(url, offset, nbytes)
@@ -186,7 +186,7 @@ class _MapsToHost:
 
 
 def _shard_urls(cfg, manifest) -> dict[str, str]:
-    from pipeline.data.shards import expand_shards, shard_name
+    from salmae.pipeline.data.shards import expand_shards, shard_name
 
     urls = expand_shards(cfg.data) if cfg.data else list(manifest.shard_urls)
     return {shard_name(u): u for u in urls}

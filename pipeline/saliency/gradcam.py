@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 DEFAULT_LAYER = "transformer.resblocks.-1.ln_1"   # relative to model.visual
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.files import atomic_write_json, disk_full_as_error
-from pipeline.logging import get_logger
-from pipeline.saliency.store import STATUS_CODES, SaliencyStore
+from salmae.pipeline.files import atomic_write_json, disk_full_as_error
+from salmae.pipeline.logging import get_logger
+from salmae.pipeline.saliency.store import STATUS_CODES, SaliencyStore
 
 REPORT_NAME = "saliency_report.json"
 

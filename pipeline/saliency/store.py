@@ -40,9 +40,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json, fsync_paths
-from pipeline.saliency.store_lock import LOCK_DIR
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_json, fsync_paths
+from salmae.pipeline.saliency.store_lock import LOCK_DIR
 
 FORMAT = "salmae-saliency-store/2"
 READABLE_FORMATS = ("salmae-saliency-store/1", FORMAT)   # 1: maps stored raw, no `scale` array

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import SalmaeError
-from pipeline.files import pid_alive
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import pid_alive
 
 LOCK_DIR = "_locks"
 STALE_AFTER_S = 7 * 24 * 3600     # a foreign host's lock counts as live for this long

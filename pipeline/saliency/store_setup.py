@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.config import save_config
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_path, fsync_paths, pid_alive
-from pipeline.logging import get_logger
-from pipeline.saliency.gradcam import cam_normalisation
-from pipeline.saliency.store import CREATING, DONE_DIR, READABLE_FORMATS
-from pipeline.saliency.store import FORMAT as STORE_FORMAT
-from pipeline.saliency.store import SaliencyStore, create_store, finish_store, read_attrs
-from pipeline.saliency.store_lock import StoreLock
+from salmae.pipeline import __version__
+from salmae.pipeline.config import save_config
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_path, fsync_paths, pid_alive
+from salmae.pipeline.logging import get_logger
+from salmae.pipeline.saliency.gradcam import cam_normalisation
+from salmae.pipeline.saliency.store import CREATING, DONE_DIR, READABLE_FORMATS
+from salmae.pipeline.saliency.store import FORMAT as STORE_FORMAT
+from salmae.pipeline.saliency.store import SaliencyStore, create_store, finish_store, read_attrs
+from salmae.pipeline.saliency.store_lock import StoreLock
 
 MANIFEST_NAME = "manifest.parquet"
 FRAME_CONVENTION = "whole image resized (squashed, aspect not kept) to input_size; frame = [0, 0, W, H]"
@@ -163,7 +163,7 @@ def _check_provenance(cfg, out: Path, begun: dict, now: dict) -> None:
 
 def _resolve_manifest(cfg, out: Path):
     """The manifest this run describes, and a file holding it (None if it must still be written)."""
-    from pipeline.data.manifest import build_manifest, load_manifest, stale_reason, verify_manifest
+    from salmae.pipeline.data.manifest import build_manifest, load_manifest, stale_reason, verify_manifest
 
     if cfg.manifest is not None:
         manifest = open_manifest(cfg.manifest)
@@ -195,7 +195,7 @@ def _resolve_manifest(cfg, out: Path):
 
 
 def open_manifest(path: Path):
-    from pipeline.data.manifest import load_manifest
+    from salmae.pipeline.data.manifest import load_manifest
 
     if not Path(path).is_file():
         raise SalmaeError(f"manifest {path} not found; build one with `salmae manifest build SHARDS -o {path}`")

@@ -26,10 +26,10 @@ written, atomically, and only the blocks of the sections that ran are replaced, 
 table says so).
 """
 
-from stages.bench.demo import demo_row
-from stages.bench.report import Row, block, judge, markdown_table, merge_blocks, ratio_row
-from stages.bench.suite import SECTIONS, run_bench
-from stages.bench.timing import Timing, fmt_rate, fmt_time, paired_ratio, time_interleaved, time_median
+from salmae.stages.bench.demo import demo_row
+from salmae.stages.bench.report import Row, block, judge, markdown_table, merge_blocks, ratio_row
+from salmae.stages.bench.suite import SECTIONS, run_bench
+from salmae.stages.bench.timing import Timing, fmt_rate, fmt_time, paired_ratio, time_interleaved, time_median
 
 __all__ = ["SECTIONS", "Row", "Timing", "block", "demo_row", "fmt_rate", "fmt_time", "judge", "markdown_table",
            "merge_blocks", "paired_ratio", "ratio_row", "run_bench", "time_interleaved", "time_median"]

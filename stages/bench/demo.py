@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from stages.bench.report import Row, judge
+from salmae.stages.bench.report import Row, judge
 
 DEMO_TIME = Path("runs/demo/demo_time.json")
 DEMO_TARGET_S = 15 * 60   # issue 6: `make demo` within 15 minutes on a 2-core laptop

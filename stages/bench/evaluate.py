@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.logging import get_logger
-from stages.bench.report import Row, ratio_row
-from stages.bench.timing import fmt_time, paired_ratio, time_interleaved
-from stages.bench.workspace import Workspace, _quiet
+from salmae.pipeline.logging import get_logger
+from salmae.stages.bench.report import Row, ratio_row
+from salmae.stages.bench.timing import fmt_time, paired_ratio, time_interleaved
+from salmae.stages.bench.workspace import Workspace, _quiet
 
 
 def bench_eval(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
     """Stage 3: `salmae eval linear` wall time with cached features vs re-encoding every epoch."""
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.config import resolve_config
-    from pipeline.data.shapes import write_shapes
-    from pipeline.models.mae import build_mae
-    from stages.evaluate import EvalConfig, run
+    from salmae.pipeline.checkpoint import save_checkpoint
+    from salmae.pipeline.config import resolve_config
+    from salmae.pipeline.data.shapes import write_shapes
+    from salmae.pipeline.models.mae import build_mae
+    from salmae.stages.evaluate import EvalConfig, run
 
     s = ws.sizes
     get_logger().info("bench eval: linear probe, %d epochs", s.eval_epochs)

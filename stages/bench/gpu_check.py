@@ -43,11 +43,11 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.logging import get_logger, read_metrics, setup_logging
-from stages.bench.report import Row, figure_record, judge, markdown_table
-from stages.bench.workspace import _quiet
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_json, atomic_write_text
+from salmae.pipeline.logging import get_logger, read_metrics, setup_logging
+from salmae.stages.bench.report import Row, figure_record, judge, markdown_table
+from salmae.stages.bench.workspace import _quiet
 
 CPU_NOTE = "no CUDA: smallest configuration, not a GPU measurement"
 TARGETS = {"saliency": 1100, "pretrain": 1000}   # images/s on one H100
@@ -90,7 +90,7 @@ class CheckSizes:
 
 def check_sizes(cfg: GpuCheckConfig, gpu: bool) -> CheckSizes:
     """The GPU or CPU configuration, with `cfg`'s overrides."""
-    from pipeline.device import default_workers
+    from salmae.pipeline.device import default_workers
 
     images = cfg.images or (8192 if gpu else 48)
     batch = cfg.batch_size or (256 if gpu else 16)
@@ -109,7 +109,7 @@ def check_sizes(cfg: GpuCheckConfig, gpu: bool) -> CheckSizes:
 
 def preflight() -> None:
     """Refuse, in one line naming each package and the version it needs, a box salmae cannot run on."""
-    from pipeline.preflight import version_problems
+    from salmae.pipeline.preflight import version_problems
 
     problems = version_problems()
     if problems:
@@ -131,8 +131,8 @@ def compile_runs(choice: str, gpu: bool, compiler: str | None) -> tuple[list[boo
 
 def run(cfg: GpuCheckConfig) -> dict[str, Any]:
     """Measure the three stages; write and return the summary (the content of gpu-check.json)."""
-    from pipeline.device import pick_device, resolve_precision
-    from pipeline.preflight import compiler_for_compile
+    from salmae.pipeline.device import pick_device, resolve_precision
+    from salmae.pipeline.preflight import compiler_for_compile
 
     start = time.perf_counter()
     preflight()
@@ -178,7 +178,7 @@ def run(cfg: GpuCheckConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the stages
 def _generate(folder: Path, s: CheckSizes) -> str:
     """Shapes shards (+ ImageFolder) for every stage; returns the brace pattern over the shards."""
-    from pipeline.data.shapes import write_shapes
+    from salmae.pipeline.data.shapes import write_shapes
 
     get_logger().info("gpu-check: generating %d %d-px images", s.images, s.image_size)
     write_shapes(folder, n=s.images, image_size=s.image_size, seed=0, shard_size=s.rows_per_shard, imagefolder=True)
@@ -188,7 +188,7 @@ def _generate(folder: Path, s: CheckSizes) -> str:
 
 def _generate_jpegs(folder: Path, s: CheckSizes, size: tuple[int, int]) -> str:
     """cc3m-like shards of `size` (width, height) JPEGs, as many as the shapes; returns their pattern."""
-    from pipeline.data.cc3m_like import shard_pattern, write_cc3m_like
+    from salmae.pipeline.data.cc3m_like import shard_pattern, write_cc3m_like
 
     get_logger().info("gpu-check: generating %d cc3m-like %dx%d JPEGs", s.images, *size)
     return shard_pattern(write_cc3m_like(folder, s.images, shard_size=min(s.rows_per_shard, 10_000), image_size=size))
@@ -213,7 +213,7 @@ def _peak(device: torch.device) -> int | None:
 
 def _stage1(cfg: GpuCheckConfig, s: CheckSizes, data: str, store_path: Path, device: torch.device,
             precision: str, images_kind: str) -> dict[str, Any]:
-    from stages.saliency import SaliencyConfig, run as saliency_run
+    from salmae.stages.saliency import SaliencyConfig, run as saliency_run
 
     get_logger().info("gpu-check: stage 1, %s, batch %d, %s", s.clip_model, s.batch_size, images_kind)
     passed = _known(SaliencyConfig, compile=False, precision=precision, check_syncs=True)
@@ -238,7 +238,7 @@ def _stage1(cfg: GpuCheckConfig, s: CheckSizes, data: str, store_path: Path, dev
 def _stage2(s: CheckSizes, data: str, store_path: Path | None, out: Path, device: torch.device, precision: str,
             compiled: bool, mask: str = "saliency") -> dict[str, Any]:
     """One stage-2 run; without `store_path` the masks come from the model's own salience (source=online)."""
-    from stages.pretrain import MaskConfig, PretrainConfig, run as pretrain_run
+    from salmae.stages.pretrain import MaskConfig, PretrainConfig, run as pretrain_run
 
     source = "store" if store_path is not None else "online"
     get_logger().info("gpu-check: stage 2, MAE %s, %s masks (%s), batch %d, %d epochs, compile %s", s.mae_model,
@@ -274,7 +274,7 @@ def _stage2(s: CheckSizes, data: str, store_path: Path | None, out: Path, device
 
 
 def _stage3(s: CheckSizes, root: Path, ckpt: Path, out: Path, device: torch.device, precision: str) -> dict[str, Any]:
-    from stages.evaluate import EvalConfig, run as eval_run
+    from salmae.stages.evaluate import EvalConfig, run as eval_run
 
     get_logger().info("gpu-check: stage 3, kNN on %s", root)
     passed = _known(EvalConfig, precision=precision)
@@ -297,7 +297,7 @@ def _rate(images: int, seconds: float) -> float | None:
 
 
 def _mae_size(s: CheckSizes) -> int:
-    from pipeline.models.mae import PRESETS
+    from salmae.pipeline.models.mae import PRESETS
 
     return int(PRESETS[s.mae_model]["img_size"])
 

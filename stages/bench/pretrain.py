@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from pipeline.logging import get_logger
-from stages.bench.report import Row, ratio_row
-from stages.bench.timing import fmt_rate, fmt_time, paired_ratio, time_interleaved
-from stages.bench.workspace import BenchSizes, Workspace
+from salmae.pipeline.logging import get_logger
+from salmae.stages.bench.report import Row, ratio_row
+from salmae.stages.bench.timing import fmt_rate, fmt_time, paired_ratio, time_interleaved
+from salmae.stages.bench.workspace import BenchSizes, Workspace
 
 
 def _step_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
@@ -19,13 +19,13 @@ def _step_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
     (`train_one_epoch`: uint8 to the device, forward, backward, AdamW)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.pretrain.data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
-    from pipeline.device import pin_memory
-    from pipeline.pretrain.engine import train_one_epoch
-    from pipeline.data.manifest import build_manifest
-    from pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
-    from pipeline.models.mae import build_mae
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.pretrain.data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
+    from salmae.pipeline.device import pin_memory
+    from salmae.pipeline.pretrain.engine import train_one_epoch
+    from salmae.pipeline.data.manifest import build_manifest
+    from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
+    from salmae.pipeline.models.mae import build_mae
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     s = ws.sizes
     torch.manual_seed(0)
@@ -64,8 +64,8 @@ def _step_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
 
 def _encoder_row(s: BenchSizes, repeats: int, device: torch.device) -> list[Row]:
     """Encoder forward + backward over the visible 25% of patches vs over all patches."""
-    from pipeline.pretrain.masking import random_mask
-    from pipeline.models.mae import build_mae
+    from salmae.pipeline.pretrain.masking import random_mask
+    from salmae.pipeline.models.mae import build_mae
 
     torch.manual_seed(0)
     model = build_mae(s.encoder_model, decoder_depth=1).to(device).train()  # decoder unused here
@@ -94,10 +94,10 @@ def _loader_row(ws: Workspace, repeats: int, device: torch.device) -> list[Row]:
     """One pass of IndexedPretrainDataset + DataLoader with vs without the saliency lookup."""
     from torch.utils.data import DataLoader
 
-    from pipeline.pretrain.data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
-    from pipeline.device import pin_memory
-    from pipeline.data.manifest import build_manifest
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.pretrain.data import GlobalBatchSampler, IndexedPretrainDataset, load_saliency_table
+    from salmae.pipeline.device import pin_memory
+    from salmae.pipeline.data.manifest import build_manifest
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     s = ws.sizes
     store_path = ws.store

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.logging import get_logger
-from stages.bench.report import Row, ratio_row
-from stages.bench.timing import fmt_rate, fmt_time, paired_ratio, time_interleaved, time_median
-from stages.bench.workspace import Workspace
+from salmae.pipeline.logging import get_logger
+from salmae.stages.bench.report import Row, ratio_row
+from salmae.stages.bench.timing import fmt_rate, fmt_time, paired_ratio, time_interleaved, time_median
+from salmae.stages.bench.workspace import Workspace
 
 CAPTIONS = ("a red circle next to a blue square", "a green triangle", "a yellow star on the left",
             "a small purple square", "a blue circle above a red triangle", "an orange star",
@@ -16,9 +16,9 @@ CAPTIONS = ("a red circle next to a blue square", "a green triangle", "a yellow 
 
 def _clip_paths(name: str, batch: int, batches: int, device: torch.device, library: bool):
     """Timed callables over the same fixed batches: plain forward, fast Grad-CAM, (library GradCAM)."""
-    from pipeline.device import autocast
-    from pipeline.saliency.gradcam import DEFAULT_LAYER, encode_captions, fast_gradcam, library_cam, resolve_layer
-    from pipeline.models.clip import load_clip
+    from salmae.pipeline.device import autocast
+    from salmae.pipeline.saliency.gradcam import DEFAULT_LAYER, encode_captions, fast_gradcam, library_cam, resolve_layer
+    from salmae.pipeline.models.clip import load_clip
 
     model, info, tokenizer, _ = load_clip(name, "none", device)
     layer, _ = resolve_layer(model, DEFAULT_LAYER)
@@ -78,7 +78,7 @@ def _clip_rows(name: str, batch: int, batches: int, repeats: int, device: torch.
 def _store_rows(ws: Workspace, repeats: int) -> list[Row]:
     import numpy as np
 
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     store = SaliencyStore.open(ws.store)
     n, (gh, gw) = len(store), store.grid

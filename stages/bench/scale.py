@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 TARGET_ROWS = 3_300_000          # the targets below are for this many rows
 TIME_TARGETS_S = {"saliency_resume": 60.0, "pretrain_table": 120.0}
@@ -59,8 +59,8 @@ SETUP_RUN_ID = "bench-scale-setup"  # run id in the markers of the store shards 
 STEPS = ("generate", "manifest", "saliency_slice", "saliency_resume", "inspect", "pretrain_table",
          "pretrain_loader", "knn")
 # imported once by the forkserver, so each step's process starts in milliseconds, not seconds
-_PRELOAD = ["torch", "numpy", "pyarrow.parquet", "zarr", "open_clip", "stages.saliency", "stages.inspect",
-            "pipeline.pretrain.data", "pipeline.pretrain.mask_plan", "pipeline.eval.knn", "stages.bench.scale"]
+_PRELOAD = ["torch", "numpy", "pyarrow.parquet", "zarr", "open_clip", "salmae.stages.saliency", "salmae.stages.inspect",
+            "salmae.pipeline.pretrain.data", "salmae.pipeline.pretrain.mask_plan", "salmae.pipeline.eval.knn", "salmae.stages.bench.scale"]
 
 
 @dataclass
@@ -102,9 +102,9 @@ def run_scale(cfg: ScaleConfig) -> dict[str, Any]:
     """Generate the data, run every step in its own process, write the block (and JSON); return the JSON."""
     import torch
 
-    from pipeline.files import atomic_write_json, atomic_write_text
-    from pipeline.logging import setup_logging
-    from stages.bench.report import block, figure_record, machine_info, merge_blocks
+    from salmae.pipeline.files import atomic_write_json, atomic_write_text
+    from salmae.pipeline.logging import setup_logging
+    from salmae.stages.bench.report import block, figure_record, machine_info, merge_blocks
 
     cfg = cfg.sized()
     log = setup_logging(None)
@@ -143,7 +143,7 @@ def run_scale(cfg: ScaleConfig) -> dict[str, Any]:
 
 
 def _check_disk(cfg: ScaleConfig) -> None:
-    from pipeline.data.cc3m_like import BYTES_PER_ROW
+    from salmae.pipeline.data.cc3m_like import BYTES_PER_ROW
 
     need = cfg.rows * BYTES_PER_ROW * 1.1 + 2**30                # tars + parquet + store, with room
     free = shutil.disk_usage(tempfile.gettempdir()).free
@@ -157,7 +157,7 @@ def _run_steps(cfg: ScaleConfig, work: Path, log) -> dict[str, dict]:
     """Each step in its own process; a step whose input failed is skipped (recorded as such)."""
     data, manifest = work / "data", work / "manifest.parquet"
     slice_store, store = work / "slice" / "store.zarr", work / "store" / "store.zarr"
-    from pipeline.data.cc3m_like import shard_pattern
+    from salmae.pipeline.data.cc3m_like import shard_pattern
 
     n_shards = -(-cfg.rows // cfg.shard_size)
     pattern = shard_pattern([str(data / f"{s:05d}.tar") for s in range(n_shards)])
@@ -189,7 +189,7 @@ def _run_steps(cfg: ScaleConfig, work: Path, log) -> dict[str, dict]:
 
 
 def _generate(data: str, rows: int, shard_size: int) -> dict:
-    from pipeline.data.cc3m_like import write_cc3m_like
+    from salmae.pipeline.data.cc3m_like import write_cc3m_like
 
     paths = write_cc3m_like(data, rows, shard_size)
     nbytes = sum(os.path.getsize(p) for p in Path(data).iterdir())
@@ -197,13 +197,13 @@ def _generate(data: str, rows: int, shard_size: int) -> dict:
 
 
 def _manifest(pattern: str, out: str) -> dict:
-    from pipeline.data.manifest import build_manifest
+    from salmae.pipeline.data.manifest import build_manifest
 
     return {"manifest_rows": len(build_manifest(pattern, out))}
 
 
 def _saliency_config(cfg: ScaleConfig, data: str, out: str):
-    from stages.saliency import SaliencyConfig
+    from salmae.stages.saliency import SaliencyConfig
 
     return SaliencyConfig(data=data, out=Path(out), clip_model=CLIP_MODEL, clip_pretrained="none",
                           batch_size=cfg.clip_batch, workers=cfg.clip_workers, device="cpu",
@@ -212,8 +212,8 @@ def _saliency_config(cfg: ScaleConfig, data: str, out: str):
 
 def _saliency_slice(cfg: ScaleConfig, folder: str, store: str) -> dict:
     """Stage 1 over a separate store of the first `slice_rows` rows (generated here, untimed)."""
-    from pipeline.data.cc3m_like import shard_pattern, write_cc3m_like
-    from stages.saliency import run
+    from salmae.pipeline.data.cc3m_like import shard_pattern, write_cc3m_like
+    from salmae.stages.saliency import run
 
     paths = write_cc3m_like(folder, cfg.slice_rows, cfg.shard_size)
     start = time.perf_counter()
@@ -225,8 +225,8 @@ def _saliency_slice(cfg: ScaleConfig, folder: str, store: str) -> dict:
 
 def _saliency_resume(cfg: ScaleConfig, pattern: str, manifest_path: str, slice_store: str, store: str) -> dict:
     """Make the store done but for its last shards (untimed), then time stage 1's rerun on it."""
-    from pipeline.saliency.store import SaliencyStore
-    from stages.saliency import run
+    from salmae.pipeline.saliency.store import SaliencyStore
+    from salmae.stages.saliency import run
 
     setup_start = time.perf_counter()
     pending = _finished_store(cfg, manifest_path, slice_store, store)
@@ -251,9 +251,9 @@ def _finished_store(cfg: ScaleConfig, manifest_path: str, slice_store: str, stor
     """
     import numpy as np
 
-    from pipeline.data.manifest import load_manifest
-    from pipeline.saliency.store import STATUS_OK, SaliencyStore, create_store
-    from pipeline.saliency.store_setup import MANIFEST_NAME
+    from salmae.pipeline.data.manifest import load_manifest
+    from salmae.pipeline.saliency.store import STATUS_OK, SaliencyStore, create_store
+    from salmae.pipeline.saliency.store_setup import MANIFEST_NAME
 
     manifest = load_manifest(manifest_path)
     attrs = {k: v for k, v in SaliencyStore.open(slice_store).attrs.items()
@@ -278,7 +278,7 @@ def _finished_store(cfg: ScaleConfig, manifest_path: str, slice_store: str, stor
 
 
 def _inspect(store: str) -> dict:
-    from stages.inspect import inspect_store
+    from salmae.stages.inspect import inspect_store
 
     summary = inspect_store(store)
     counts = summary["status"]
@@ -287,10 +287,10 @@ def _inspect(store: str) -> dict:
 
 
 def _stage2_dataset(pattern: str, manifest_path: str, store: str):
-    from pipeline.pretrain.data import IndexedPretrainDataset, load_saliency_table
-    from pipeline.data.shards import expand_shards
-    from pipeline.data.manifest import load_manifest
-    from pipeline.saliency.store import SaliencyStore
+    from salmae.pipeline.pretrain.data import IndexedPretrainDataset, load_saliency_table
+    from salmae.pipeline.data.shards import expand_shards
+    from salmae.pipeline.data.manifest import load_manifest
+    from salmae.pipeline.saliency.store import SaliencyStore
 
     manifest = load_manifest(manifest_path)
     table = load_saliency_table(manifest, SaliencyStore.open(store))
@@ -308,9 +308,9 @@ def _pretrain_loader(cfg: ScaleConfig, pattern: str, manifest_path: str, store: 
     """One pass of the stage-2 loader over `loader_rows` rows; seconds are the pass only."""
     from torch.utils.data import DataLoader
 
-    from pipeline.pretrain.data import GlobalBatchSampler
-    from pipeline.device import loader_generator, seed_worker
-    from pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan
+    from salmae.pipeline.pretrain.data import GlobalBatchSampler
+    from salmae.pipeline.device import loader_generator, seed_worker
+    from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan
 
     dataset, _ = _stage2_dataset(pattern, manifest_path, store)
     b = cfg.loader_batch
@@ -339,7 +339,7 @@ def _pretrain_loader(cfg: ScaleConfig, pattern: str, manifest_path: str, store: 
 def _knn(cfg: ScaleConfig) -> dict:
     import torch
 
-    from pipeline.eval.knn import knn_predict
+    from salmae.pipeline.eval.knn import knn_predict
 
     g = torch.Generator().manual_seed(0)
     train = torch.randn(cfg.knn_train, cfg.knn_dim, generator=g)
@@ -482,7 +482,7 @@ def _extrapolated(seconds: float, rows: int) -> float:
 
 def rows(summary: dict[str, Any]):
     """The table: one row per step, then the largest peak RSS and the largest loader worker."""
-    from stages.bench.report import Row, judge
+    from salmae.stages.bench.report import Row, judge
 
     n, steps = summary["rows"], summary["steps"]
     full = n >= TARGET_ROWS
@@ -557,7 +557,7 @@ def _detail(name: str, st: dict, n: int) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     """The `scale-N` block's text: what ran, where, then the table."""
-    from stages.bench.report import markdown_table
+    from salmae.stages.bench.report import markdown_table
 
     m = summary["machine"]
     lines = [f"## Scale rehearsal — {summary['rows']:,} rows", "",

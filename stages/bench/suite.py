@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import SalmaeError
-from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.logging import setup_logging
-from stages.bench.demo import demo_row
-from stages.bench.evaluate import bench_eval
-from stages.bench.pretrain import bench_pretrain
-from stages.bench.report import Row, header_block, machine_info, merge_blocks, merge_figures, section_block
-from stages.bench.saliency import bench_saliency
-from stages.bench.workspace import BenchSizes, Workspace, _quick_from_env
+from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_json, atomic_write_text
+from salmae.pipeline.logging import setup_logging
+from salmae.stages.bench.demo import demo_row
+from salmae.stages.bench.evaluate import bench_eval
+from salmae.stages.bench.pretrain import bench_pretrain
+from salmae.stages.bench.report import Row, header_block, machine_info, merge_blocks, merge_figures, section_block
+from salmae.stages.bench.saliency import bench_saliency
+from salmae.stages.bench.workspace import BenchSizes, Workspace, _quick_from_env
 
 SECTIONS = ("saliency", "pretrain", "eval")
 RUNNERS = {"saliency": bench_saliency, "pretrain": bench_pretrain, "eval": bench_eval}
@@ -37,7 +37,7 @@ def run_bench(which: str = "all", out: str = "BENCHMARKS.md", repeats: int = 5, 
         raise SalmaeError(f"unknown bench {which!r}; use all, {', '.join(SECTIONS)}")
     if repeats < 1:
         raise SalmaeError(f"--repeats must be at least 1 (got {repeats})")
-    from pipeline.device import pick_device
+    from salmae.pipeline.device import pick_device
 
     old_json = _read_json(json_out) if json_out else {}   # before the work: a bad file fails fast
     sizes = BenchSizes.for_run(_quick_from_env() if quick is None else quick)

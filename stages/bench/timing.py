@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.errors import SalmaeError
+from salmae.pipeline.errors import SalmaeError
 
 
 @dataclass

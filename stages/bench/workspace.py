@@ -69,7 +69,7 @@ class Workspace:
     @property
     def shards(self) -> str:
         """Brace pattern over the generated shards (written on first use)."""
-        from pipeline.data.shapes import write_shapes
+        from salmae.pipeline.data.shapes import write_shapes
 
         folder = self.root / "shapes"
         if not folder.exists():
@@ -79,7 +79,7 @@ class Workspace:
 
     @property
     def shard_list(self) -> list[str]:
-        from pipeline.data.shards import expand_shards
+        from salmae.pipeline.data.shards import expand_shards
 
         return expand_shards(self.shards)
 
@@ -87,7 +87,7 @@ class Workspace:
     def store(self) -> Path:
         """The store stage 1 writes over the shapes with a random-weight salmae-tiny CLIP."""
         if self._store is None:
-            from stages.saliency import SaliencyConfig, run
+            from salmae.stages.saliency import SaliencyConfig, run
 
             path = self.root / "saliency" / "store.zarr"
             cfg = SaliencyConfig(data=self.shards, out=path, clip_model="salmae-tiny", clip_pretrained="none",
