@@ -2,7 +2,7 @@
 
 Every stage command takes `--config FILE.yaml` and repeatable `--set key=value`, layered over
 the stage's config dataclass (see `pipeline.config`). Stage modules are imported lazily so that
-`salmae --help` stays fast. `python -m pipeline.cli` (and so `torchrun -m pipeline.cli`) works too.
+`salmae --help` stays fast. `python -m salmae` (and so `torchrun -m salmae`) works too.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def test_missing_data_folders_are_one_line_errors(colour_folder, mae_checkpoint,
 
 
 def test_torchrun_two_processes_match_one(colour_folder, mae_checkpoint, tmp_path):
-    """`torchrun --nproc-per-node 2 -m pipeline.cli eval knn` (gloo) gives the single-process metrics."""
+    """`torchrun --nproc-per-node 2 -m salmae.pipeline.cli eval knn` (gloo) gives the single-process metrics."""
     one = run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "one", batch_size=8))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "salmae.pipeline.cli", "eval", "knn",
