@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -117,3 +118,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safe_file_name(name: str, max_chars: int = 100) -> str:
+    """A file name made from data (a sample key, a caption, a class) that cannot leave its folder.
+
+    Letters, digits, '.', '_' and '-' are kept; anything else (a '/', a NUL, ...) becomes '_',
+    and leading dots go ('..', hidden files). A name that had to change, or was too long, gets the
+    first 8 hex digits of its sha256, so two different keys never share a file. img2dataset's
+    keys (digit strings) come back unchanged.
+    """
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:max_chars]
+    if clean == name and clean:
+        return clean
+    return f"{clean or 'key'}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def confined(folder: str | os.PathLike, name: str, suffix: str = "") -> Path:
+    """`folder / (safe_file_name(name) + suffix)`, checked to lie directly inside `folder`."""
+    folder = Path(folder)
+    path = folder / (safe_file_name(name) + suffix)
+    if path.resolve().parent != folder.resolve():
+        raise AssertionError(f"{path} is not inside {folder}")   # unreachable: safe_file_name has no separator
+    return path

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_json, confined
 from salmae.pipeline.saliency.store import STATUS_CODES, STATUS_OK, SaliencyStore
 
 EXAMPLE_KEYS = 5   # example keys listed per failure reason
@@ -234,18 +235,21 @@ def _write_pngs(st: SaliencyStore, rows: list[int], data: str | None, meta: dict
         raise SalmaeError("--png needs --data SHARDS to draw the images under the maps")
     wanted = {str(st.keys[r]): r for r in rows}
     images = _read_images(data, set(wanted), st) if rows else {}
-    written = []
+    written, index = [], {}
     out.mkdir(parents=True, exist_ok=True)
     for key, row in wanted.items():
         if key not in images:
             continue
         sal = st.read([row])[0]
         mask = _mask_for(strategy, sal, st.grid, seed) if st.status[row] == STATUS_OK else None
-        path = out / f"{key}.png"
+        path = confined(out, key, ".png")        # keys come from tar member names: never a path of their own
         save_saliency_overlay(path, images[key], sal, frame=tuple(st.frames([row])[0]), mask=mask,
                               bbox=meta.get(key, {}).get("bbox"), mask_label=f"{strategy} mask",
                               title=f"{key} [{STATUS_CODES[int(st.status[row])]}]")
         written.append(str(path))
+        index[path.name] = key
+    if index:
+        atomic_write_json(out / "index.json", index)   # file name -> the sample's key, as stored
     return written
 
 

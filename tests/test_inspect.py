@@ -153,3 +153,46 @@ def test_overlays_read_only_the_chosen_samples(store, shapes_pattern, tmp_path, 
 
     images = _read_images(shapes_pattern, {"0000001", "0000101"}, SaliencyStore.open(store))
     assert set(images) == {"0000001", "0000101"} and images["0000001"].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("hostile", ["../escape", "/abs/path", "a/../../x", "..", "sub/dir/key", "nul\x00key"])
+def test_overlay_file_names_from_keys_stay_inside_their_folder(store, tmp_path, monkeypatch, hostile):
+    """Keys come from tar member names: `../escape`, `/abs/path`, `a/../../x` must not write outside
+    `--png DIR` (issue 23, item 9). The file name is sanitised; the key stays in the title and in
+    DIR/index.json."""
+    import json
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    import salmae.stages.inspect as inspect_stage
+    from salmae.pipeline.saliency.store import SaliencyStore
+
+    copy = tmp_path / "hostile.zarr"
+    shutil.copytree(store, copy)
+    keys = zarr.open_group(str(copy), mode="r+")["key"]
+    keys[0] = hostile
+    keys[1] = "0000001"
+    monkeypatch.setattr(inspect_stage, "_read_images",
+                        lambda data, wanted, st: {k: np.zeros((32, 32, 3), np.uint8) for k in wanted})
+    st = SaliencyStore.open(copy)
+    assert st.keys[0] == hostile
+    out = tmp_path / "deep" / "png"
+    written = inspect_stage._write_pngs(st, [0, 1], "unused", {}, out, "saliency", 0)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(written) == 2 and all(Path(w).parent == out for w in written)
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == sorted(f for f in files if f.endswith(".png"))
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index.values()) == sorted([hostile, "0000001"]) and index["0000001.png"] == "0000001"
+    name = next(n for n, k in index.items() if k == hostile)
+    assert "/" not in name and not name.startswith(".") and name.endswith(".png")
+
+
+def test_safe_file_names_keep_plain_keys_and_never_collide():
+    from salmae.pipeline.files import safe_file_name
+
+    assert safe_file_name("000123456") == "000123456" and safe_file_name("a.b-c_d") == "a.b-c_d"
+    names = [safe_file_name(k) for k in ("a/b", "a_b", "a:b", "../a_b", ".a_b")]
+    assert len(set(names)) == 5 and names[1] == "a_b"
+    assert len(safe_file_name("k" * 500)) == 100 + 9
