@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,46 @@ from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import atomic_write_text
 
 T = TypeVar("T")
+SHOWN_CHARS = 200   # a value echoed in an error message is cut to this many characters
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` for an error message, cut to `SHOWN_CHARS` (a huge value stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for configs: no anchors or aliases (an alias bomb expands to gigabytes) and no key twice
+    in one mapping (the second would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            mark = self.peek_event().start_mark
+            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases (&, *) are not allowed in "
+                                                    "salmae configs; write the values out", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse config YAML strictly (`_StrictLoader`); a SalmaeError naming `source`, the line and what to fix."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or e.__class__.__name__
+        raise SalmaeError(f"{source}{where}: {' '.join(str(problem).split())[:SHOWN_CHARS]}; fix the YAML") from None
 
 
 def resolve_config(
@@ -43,9 +84,10 @@ def resolve_config(
         if not path.is_file():
             raise SalmaeError(f"config file {path} not found; pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SalmaeError(f"config file {path} is not valid YAML ({e.__class__.__name__}); fix its syntax") from e
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SalmaeError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        loaded = load_yaml(text, f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise SalmaeError(f"config file {path} must hold a mapping of keys to values")
         _merge(values, loaded)
@@ -54,9 +96,9 @@ def resolve_config(
             _set_dotted(values, key, value)
     for item in overrides:
         if "=" not in item:
-            raise SalmaeError(f"--set {item!r} must look like key=value (e.g. --set optim.lr=1e-3)")
+            raise SalmaeError(f"--set {shown(item)} must look like key=value (e.g. --set optim.lr=1e-3)")
         key, raw = item.split("=", 1)
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(values, key.strip(), load_yaml(raw, f"--set {key.strip()}") if raw.strip() else "")
     return _build(cls, values, prefix="")
 
 
@@ -132,16 +174,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except SalmaeError as e:
                 errors.append(str(e))
-        raise SalmaeError(errors[0] if errors else f"config key '{key}' has an invalid value {value!r}")
+        raise SalmaeError(errors[0] if errors else f"config key '{key}' has an invalid value {shown(value)}")
     if origin is typing.Literal:
         if value not in args:
-            raise SalmaeError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+            raise SalmaeError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got {shown(value)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise SalmaeError(f"config key '{key}' expects a list, got {value!r}")
+            raise SalmaeError(f"config key '{key}' expects a list, got {shown(value)}")
         inner = args[0] if args else Any
         items = [_coerce(v, inner, key) for v in value] if inner is not Any else list(value)
         return tuple(items) if origin is tuple else items
@@ -152,25 +194,29 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise SalmaeError(f"config key '{key}' expects true/false, got {value!r}")
+        raise SalmaeError(f"config key '{key}' expects true/false, got {shown(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise SalmaeError(f"config key '{key}' expects an integer, got {value!r}")
+            raise SalmaeError(f"config key '{key}' expects an integer, got {shown(value)}")
         try:
             as_float = float(value)
         except ValueError:
-            raise SalmaeError(f"config key '{key}' expects an integer, got {value!r}") from None
+            raise SalmaeError(f"config key '{key}' expects an integer, got {shown(value)}") from None
         if as_float != int(as_float):
-            raise SalmaeError(f"config key '{key}' expects an integer, got {value!r}")
+            raise SalmaeError(f"config key '{key}' expects an integer, got {shown(value)}")
         return int(as_float)
     if hint is float:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise SalmaeError(f"config key '{key}' expects a number, got {value!r}") from None
+            raise SalmaeError(f"config key '{key}' expects a number, got {shown(value)}") from None
     if hint is str:
+        if isinstance(value, (list, tuple, dict, set)):
+            raise SalmaeError(f"config key '{key}' expects a single value, got {shown(value)}")
         return value if isinstance(value, str) else str(value)
     if hint is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise SalmaeError(f"config key '{key}' expects a path, got {shown(value)}")
         return Path(value)
     return value
 
@@ -179,7 +225,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """SalmaeError naming `key`, its value and the rule, unless `ok` (one line; CLI exit 2)."""
     if not ok:
-        raise SalmaeError(f"config key '{key}' = {value!r} must be {rule}")
+        raise SalmaeError(f"config key '{key}' = {shown(value)} must be {rule}")
 
 
 def flat_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -202,5 +248,5 @@ def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any], may_cha
     def is_free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in free)
 
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+    return [f"{k}: {shown(a.get(k, '(absent)'))} -> {shown(b.get(k, '(absent)'))}" for k in sorted(set(a) | set(b))
             if not is_free(k) and a.get(k) != b.get(k)]

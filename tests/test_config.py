@@ -72,3 +72,42 @@ def test_save_config_round_trips(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved == config_to_dict(cfg) and saved["out"] == "runs/a" and saved["optim"]["betas"] == [0.9, 0.95]
     assert resolve_config(Toy, tmp_path / "config.yaml") == cfg
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A billion-laughs alias bomb (9 levels x 9) as a value gave a 351 MB 'one-line' error (issue 23, item 13)."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    lines.append("data: *i")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SalmaeError) as e:
+        resolve_config(Toy, tmp_path / "bomb.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"config file {tmp_path / 'bomb.yaml'} line 1: anchors and aliases") and len(msg) < 400
+    with pytest.raises(SalmaeError, match=r"^--set data line 1: anchors and aliases"):
+        resolve_config(Toy, overrides=["data=&x [1, *x]"])
+
+
+def test_a_key_twice_is_an_error_naming_the_line(tmp_path):
+    (tmp_path / "twice.yaml").write_text("epochs: 2\noptim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(SalmaeError, match=r"twice.yaml line 4: key 'lr' appears twice; fix the YAML"):
+        resolve_config(Toy, tmp_path / "twice.yaml")
+
+
+def test_non_utf8_config_is_one_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("data: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SalmaeError, match=r"latin1.yaml is not UTF-8 text \(byte 9\); save it as UTF-8"):
+        resolve_config(Toy, tmp_path / "latin1.yaml")
+
+
+def test_echoed_values_are_cut_to_a_short_line():
+    with pytest.raises(SalmaeError) as e:
+        resolve_config(Toy, overrides=["epochs=" + "9" * 5000 + "x"])
+    msg = str(e.value)
+    assert "(5,003 characters)" in msg and len(msg) < 400
+    with pytest.raises(SalmaeError, match=r"^config key 'out' expects a path, got \[1, 2\]$"):
+        resolve_config(Toy, overrides=["out=[1, 2]"])
+    with pytest.raises(SalmaeError, match=r"^config key 'data' expects a single value, got \{'a': 1\}$"):
+        resolve_config(Toy, overrides=["data={a: 1}"])
