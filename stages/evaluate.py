@@ -292,6 +292,12 @@ def _frozen_features(ctx: _Context, encoder, split: str) -> Features:
         precision=ctx.precision))
     if hit:
         get_logger().info("%s features reused from %s", split, path)
+    readable = feats.feats[feats.ok]
+    if not bool(torch.isfinite(readable).all()):   # once per split, on the host: no step waits for it
+        bad = int((~torch.isfinite(readable).all(dim=1)).sum())
+        raise SalmaeError(f"{bad} of {len(readable)} {split} features of checkpoint {cfg.checkpoint} are not finite "
+                          "(NaN or inf weights, or an overflow at this precision); no accuracy is reported: check "
+                          "the checkpoint (its pretraining loss) or use --set precision=fp32")
     return feats
 
 

@@ -502,3 +502,15 @@ def test_unset_workers_take_the_default_recorded_and_a_resume_may_change_them(co
     with pytest.raises(SalmaeError, match="workers"):
         run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "refused", workers=-1))
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_a_nan_checkpoint_reports_no_accuracy(colour_folder, mae_checkpoint, tmp_path, protocol):
+    """kNN and the linear probe on a checkpoint with NaN weights reported 12.5% (issue 23, item 8)."""
+    state = torch.load(mae_checkpoint, weights_only=True)
+    state["model"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.pth"
+    torch.save(state, bad)
+    with pytest.raises(SalmaeError, match=r"^\d+ of \d+ (val|train) features of checkpoint .*nan.pth are not finite"):
+        run(_cfg(protocol, bad, colour_folder, tmp_path / protocol, batch_size=32, epochs=1))
+    assert not (tmp_path / protocol / "results.json").exists()
