@@ -68,8 +68,9 @@ def cli() -> None:
     """salmae: saliency-guided MAE pretraining.
 
     Stages: `saliency` (CLIP + Grad-CAM into a Zarr store), `pretrain` (MAE with
-    saliency-capped masks), `eval` (linear / kNN / fine-tune). Data tools: `shapes`,
-    `manifest`, `inspect`, `clip-train`. Whole pipeline: `demo`, `study`, `report`, `bench`, `gpu-check`.
+    saliency-capped masks), `eval` (linear / kNN / fine-tune); `export` writes an encoder for
+    timm / the HF hub. Data tools: `shapes`, `manifest`, `inspect`, `clip-train`. Whole pipeline:
+    `demo`, `study`, `report`, `bench`, `gpu-check`.
     """
 
 
@@ -130,8 +131,8 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
 @click.option("--data", help="Caption shards: brace pattern, paths or pipe: URLs.")
 @click.option("--out", help="Output Zarr store (STORE.zarr).")
 @click.option("--manifest", "manifest_path", help="Use this manifest instead of building one.")
-@click.option("--clip-model", help="open_clip model config name (e.g. ViT-B-16, salmae-tiny).")
-@click.option("--clip-pretrained", help="open_clip pretrained tag, a local checkpoint FILE, or 'none'.")
+@click.option("--clip-model", help="open_clip model config name (e.g. ViT-B-16, salmae-tiny) or hf-hub:ORG/NAME.")
+@click.option("--clip-pretrained", help="open_clip pretrained tag, a local checkpoint FILE, hf-hub:ORG/NAME, or 'none'.")
 @click.option("--cam", help="CAM method: gradcam (default) or hirescam (fast path), gradcam++, layercam, eigencam, ...")
 @click.option("--batch-size", type=int)
 @click.option("--workers", type=int, help="DataLoader worker processes (decode + resize) "
@@ -187,6 +188,8 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> No
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--resume", help="'latest' or a checkpoint path.")
+@click.option("--init", help="Start a new run from official MAE weights (full: strict; encoder only: fresh decoder) "
+                             "or a timm ViT: FILE, timm hub FOLDER or hf-hub:NAME.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the MAE (default: off).")
 @_config_options
@@ -195,9 +198,23 @@ def pretrain(config_path, overrides, **named) -> None:
     _run_stage("salmae.stages.pretrain", "PretrainConfig", config_path, overrides, **named)
 
 
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--out", help="Folder for model.safetensors + config.json.")
+@click.option("--format", "format_", type=click.Choice(["timm"]), default=None, help="Layout (timm's hub layout).")
+@_config_options
+def export(config_path, overrides, checkpoint, format_, **named) -> None:
+    """Export the encoder of CHECKPOINT (stage 2, MAE, timm; FILE or hf-hub:NAME) for timm and the HF hub."""
+    result = _run_stage("salmae.stages.export", "ExportConfig", config_path, overrides, checkpoint=checkpoint,
+                        format=format_, **named)
+    click.echo(f"{result['out']}: timm {result['architecture']} {result['model_args']}, "
+               f"source sha256 {result['source_sha256'][:12]}")
+
+
 # --------------------------------------------------------------------------- stage 3
 def _eval_command(protocol: str):
-    @click.option("--checkpoint", help="Stage-2 checkpoint, official MAE checkpoint or timm ViT weights.")
+    @click.option("--checkpoint", help="Stage-2 checkpoint, official MAE checkpoint or timm ViT weights "
+                                       "(FILE, timm hub FOLDER or hf-hub:NAME).")
     @click.option("--data", help="ImageFolder root (train/, val/) or labelled shards.")
     @click.option("--out", help="Output folder for results.json.")
     @click.option("--epochs", type=int)

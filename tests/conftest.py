@@ -14,6 +14,9 @@ import torch
 # Two cores here: keep each test process to one intra-op thread so parallel work stays predictable.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Never the network: huggingface_hub (and timm / open_clip through it) reads only its cache. Set before any
+# test module imports it (it reads the environment once); tests that load hf-hub: names use hf_cache.hub_cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

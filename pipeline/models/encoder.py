@@ -8,7 +8,9 @@ Three layouts are understood:
   holding the encoder keys (timm's names) plus `mask_token` / `decoder_*`; the architecture is
   inferred from shapes;
 - timm ViT weights: a plain state dict (or one under `state_dict`), architecture inferred from
-  shapes, or built by name (`timm_model=`) with `timm.create_model(name, pretrained=False)`.
+  shapes, or built by name (`timm_model=`) with `timm.create_model(name, pretrained=False)`;
+  also as `.safetensors`, a folder in timm's hub layout or `hf-hub:ORG/NAME` (`models.weights`),
+  where the head count comes from the config.json's `model_args` when it has one.
 
 Keys saved from a DDP-wrapped model (`module.` on every key) are read without the prefix.
 Shapes do not hold the number of attention heads: it comes from `model_args`, from `num_heads=`,
@@ -34,8 +36,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from salmae.pipeline.checkpoint import load_checkpoint
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.models.weights import hub_model_args, load_weights
 
 # Keys of an MAE checkpoint that belong to pretraining only, never to the encoder.
 _PRETRAIN_ONLY = re.compile(r"^(mask_token|decoder_.*|head\..*)$")
@@ -73,7 +75,7 @@ def load_encoder(
     """Build the encoder held by the checkpoint at `path`, ready for `forward_features`.
 
     Args:
-        path: stage-2, official MAE or timm checkpoint file.
+        path: stage-2, official MAE or timm checkpoint file, a timm hub folder or hf-hub:NAME.
         img_size: eval input side; None keeps the pretraining size.
         global_pool: average the patch tokens (MAE's fine-tune / `--global-pool`) instead of the
             class token. Then a fresh `fc_norm` replaces the final `norm`, as in MAE.
@@ -84,8 +86,10 @@ def load_encoder(
             it from `HEADS_BY_WIDTH` and refuses other widths.
         timm_model: build this timm model by name and load the weights into it.
     """
-    ckpt = load_checkpoint(path)
+    ckpt, _ = load_weights(path)
     state, model_args, source = split_checkpoint(ckpt)
+    if num_heads is None:
+        num_heads = hub_model_args(ckpt).get("num_heads")
     if timm_model is not None:
         proj = state.get("patch_embed.proj.weight")  # [D, C, p, p]; absent: loading fails below anyway
         return _load_timm_named(path, state, timm_model, img_size=img_size, global_pool=global_pool,
