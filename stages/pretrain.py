@@ -28,6 +28,7 @@ from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
 from salmae.pipeline.pretrain.masking import RatioSpec
 from salmae.pipeline.models.mae import build_mae
+from salmae.pipeline.models.mae_init import init_mae, resumed_init
 
 
 @dataclass
@@ -92,6 +93,9 @@ class PretrainConfig:
     epochs: int = 10                       # total epochs
     batch_size: int = 64                   # images per process per iteration
     resume: str | None = None              # 'latest' or a checkpoint path (None or "": start fresh)
+    init: str | None = None                # a new run starts from these weights (FILE, FOLDER or hf-hub:NAME): a full
+                                           # MAE (strict) or an encoder (official MAE, timm ViT; decoder fresh)
+    init_sha256: str | None = None         # sha256 of the init weights file: recorded by the run; if given, must match
     device: str = "auto"                   # auto | cpu | cuda
     seed: int = 0                          # model init, data order, augmentation and masks
     workers: int | None = None             # DataLoader workers per process (None: from the CPUs per process, <= 10)
@@ -132,6 +136,7 @@ def run(cfg: PretrainConfig) -> dict:
     ckpt_path = _resume_path(cfg, out)
     state = load_checkpoint(ckpt_path, map_location="cpu") if ckpt_path is not None else None
     if state is not None:
+        cfg = replace(cfg, **resumed_init(cfg.init, state.get("config") or {}))
         _check_resume(cfg, state, ckpt_path)
     plan = _mask_plan(cfg)
     if plan.uses_saliency and plan.source == "store" and not cfg.saliency:
@@ -140,6 +145,9 @@ def run(cfg: PretrainConfig) -> dict:
     seed_everything(cfg.seed + dist.rank())  # as MAE; DDP then copies rank 0's initial weights to every rank
     model = build_mae(cfg.model, **{f.name: getattr(cfg.arch, f.name) for f in fields(ArchConfig)
                                     if getattr(cfg.arch, f.name) is not None}).to(device)
+    init = init_mae(model, cfg.init, cfg.init_sha256) if cfg.init and state is None else None
+    if init is not None:
+        cfg = replace(cfg, init_sha256=init.sha256)
     dataset, _ = _dataset(cfg, model)
     loader, sampler = _loader(cfg, dataset, device, plan, model.grid)
     # the checks passed: from here on the run folder is written
@@ -147,6 +155,8 @@ def run(cfg: PretrainConfig) -> dict:
     if dist.is_main():
         _settle_run_folder(out, state)
         save_config(cfg, out / "config.yaml")
+    if init is not None:
+        log.info("%s", init.describe())
     world = dist.world_size()
     eff_batch = cfg.batch_size * cfg.optim.accum_iter * world
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
@@ -223,7 +233,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devi
 # What a resume may change: nothing here alters what the run computes (precision and compile alter
 # rounding only, and are recorded per epoch in metrics.jsonl); everything else must match.
 RESUME_MAY_CHANGE = ("epochs", "out", "resume", "device", "workers", "log_every", "save_every", "viz_samples",
-                     "compile", "precision", "check_syncs", "manifest", "model_args", "cache_images")
+                     "compile", "precision", "check_syncs", "manifest", "model_args", "cache_images",
+                     "init", "init_sha256")   # a resume's weights are the checkpoint's (init: mae_init.resumed_init)
 
 
 def validate(cfg: PretrainConfig) -> None:
