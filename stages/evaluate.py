@@ -56,6 +56,8 @@ from salmae.pipeline.eval.transforms import eval_transform, finetune_train_trans
 from salmae.pipeline.files import atomic_write_json, sha256_file
 from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
 from salmae.pipeline.models.encoder import EncoderSpec, load_encoder
+from salmae.pipeline.models.hub import is_hub_name
+from salmae.pipeline.models.weights import weights_path
 
 DEFAULT_EPOCHS = {"linear": 90, "knn": 0}  # finetune: the recipe's (pipeline.eval.recipes)
 DEFAULT_BATCH = {"linear": 512, "knn": 256, "finetune": 64}  # linear: MAE's per-GPU 512 (the head's BatchNorm batch)
@@ -97,6 +99,7 @@ class FinetuneConfig:
 class EvalConfig:
     protocol: Literal["linear", "knn", "finetune"] = "linear"  # which evaluation to run
     checkpoint: str = ""          # stage-2 checkpoint, official MAE checkpoint or timm ViT weights
+                                  # (a FILE, a timm hub FOLDER or hf-hub:ORG/NAME)
     data: str = ""                # ImageFolder root with train/ and val/ class folders
     out: str = ""                 # output folder (results.json, config.yaml, run.log, caches)
     features: str = ""            # folder of the frozen-feature cache features-{train,val}.pt ("" = out); protocols
@@ -148,6 +151,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if not getattr(cfg, name):
             raise SalmaeError(f"eval needs --{name.replace('_', '-')}; pass it on the command line or with --set {name}=…")
     validate(cfg)
+    weights = weights_path(cfg.checkpoint)                # an hf-hub: name is fetched (or found cached) here
     cfg = replace(cfg, workers=default_workers() if cfg.workers is None else cfg.workers)  # recorded: the number used
     start = time.time()
     out = Path(cfg.out)
@@ -161,7 +165,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         _settle_eval_folder(out, resumed)
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed + dist.rank())
-    ckpt_sha = sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
+    ckpt_sha = sha256_file(weights) if weights.is_file() else ""
     ctx = _Context(cfg=cfg, out=out, device=device,
                    epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(cfg.protocol, 0),
                    batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], protocol=protocol_name(cfg), image_size=0,
@@ -487,7 +491,8 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
         "top1": round(float(outcome["top1"]), 4),
         "top5": round(float(outcome["top5"]), 4),
         "epochs": outcome["epochs"],
-        "checkpoint": str(Path(ctx.cfg.checkpoint).resolve()),
+        "checkpoint": ctx.cfg.checkpoint if is_hub_name(ctx.cfg.checkpoint)
+        else str(Path(ctx.cfg.checkpoint).resolve()),
         "checkpoint_sha256": ctx.checkpoint_sha256,
         "pretrain_epoch": _pretrain_epoch(ctx.cfg.checkpoint),
         "counts": {"train": len(data.train) - len(outcome["train_unreadable"]),

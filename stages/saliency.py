@@ -46,8 +46,9 @@ class SaliencyConfig:
     data: str | None = None           # caption shards: brace pattern, paths or pipe: URLs (optional on a rerun)
     out: Path = Path("runs/saliency/store.zarr")  # the Zarr store; saliency_report.json goes inside it
     manifest: Path | None = None      # use this manifest instead of building one from `data`
-    clip_model: str = "ViT-B-16"      # open_clip config name (salmae-tiny for the offline CLIP)
-    clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE, or 'none'
+    clip_model: str = "ViT-B-16"      # open_clip config name (salmae-tiny for the offline CLIP) or hf-hub:ORG/NAME
+    clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE,
+                                      # hf-hub:ORG/NAME, or 'none' (a tag is ignored for an hf-hub: clip_model)
     cam: str = "gradcam"              # gradcam, hirescam = fast path; library methods: gradcam++, layercam, ...
     layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
     batch_size: int | None = None     # images per forward/backward; None: 256 on CUDA, 64 on CPU

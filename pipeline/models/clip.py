@@ -12,7 +12,15 @@ goes into the saliency store's attrs so a map can always be traced to the exact 
   written by `salmae clip-train` do), else from open_clip's model/preprocess defaults. QuickGELU is
   taken from the file's `quick_gelu` entry if present, or from a `-quickgelu` model name
   (e.g. `ViT-B-16-quickgelu` for OpenAI weights saved as a plain state dict);
+- `hf-hub:ORG/NAME`: the weights of an open_clip Hub repository (`open_clip_model.safetensors` or
+  `open_clip_pytorch_model.bin`, found as open_clip finds them, through the Hugging Face cache),
+  with the mean/std of its `open_clip_config.json`; its `model_cfg` must be `name`'s. sha256 recorded;
 - `none`: random weights, only when asked for explicitly; recorded as such.
+
+`name` may itself be `hf-hub:ORG/NAME`: open_clip builds the model from the repository's config
+and weights (a tag in `pretrained` is then ignored, as open_clip does; `none` gives random weights
+of that config; a FILE or another hf-hub name is refused). Either way a repository that is neither
+cached nor reachable is one line naming the cache folder (`pipeline.models.hub`).
 
 Only open_clip's own `VisionTransformer` image towers are supported (every `ViT-*` config and
 ours): Grad-CAM is taken over its patch-token grid. ResNet towers (`RN50`, ...) and timm towers
@@ -37,6 +45,7 @@ import torch
 
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import sha256_file
+from salmae.pipeline.models import hub
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "salmae-tiny"
@@ -63,19 +72,27 @@ def is_random(pretrained: str | None) -> bool:
 def load_clip(
     name: str, pretrained: str | None, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, ClipInfo, Callable[[list[str]], torch.Tensor], dict[str, Any]]:
-    """Build open_clip model `name` with weights `pretrained` (tag, FILE or 'none').
+    """Build open_clip model `name` (a config name or hf-hub:ORG/NAME) with weights `pretrained`
+    (tag, FILE, hf-hub:ORG/NAME or 'none'; see the module docstring).
 
     Returns `(model, info, tokenizer, record)`; the model is in eval mode with
     `requires_grad=False` on every parameter (saliency needs gradients w.r.t. activations only).
     """
+    if hub.is_hub_name(name):
+        return _load_hub_model(name, pretrained, device)
     if name not in open_clip.list_models():
         raise SalmaeError(f"unknown --clip-model {name!r}; use an open_clip config name "
-                          f"(e.g. ViT-B-16, {TINY_MODEL}; `python -c 'import open_clip; print(open_clip.list_models())'`)")
+                          f"(e.g. ViT-B-16, {TINY_MODEL}; `python -c 'import open_clip; print(open_clip.list_models())'`)"
+                          " or hf-hub:ORG/NAME")
     _check_vision_config(name, open_clip.get_model_config(name) or {})
     kwargs: dict[str, Any] = {}
     record: dict[str, Any] = {"clip_model": name, "clip_pretrained": "none", "pretrained_sha256": None}
     if is_random(pretrained):
         weights = None
+    elif hub.is_hub_name(pretrained):
+        weights, hub_mean_std = _hub_weights_for(name, pretrained)
+        kwargs.update(hub_mean_std)
+        record.update(clip_pretrained=pretrained, pretrained_sha256=sha256_file(weights))
     elif _looks_like_file(pretrained):
         path = Path(pretrained)
         if not path.is_file():
@@ -109,6 +126,12 @@ def load_clip(
                               "local checkpoint FILE to --clip-pretrained") from e
         raise SalmaeError(f"could not load CLIP checkpoint {weights} into {name} ({str(e)[:160]}); "
                           "check that --clip-model matches the checkpoint") from e
+    return _finish(model, name, kwargs, record)
+
+
+def _finish(model: torch.nn.Module, name: str, kwargs: dict[str, Any],
+            record: dict[str, Any]) -> tuple[torch.nn.Module, ClipInfo, Callable, dict[str, Any]]:
+    """Freeze, check the tower, and describe the built model (load_clip's return value)."""
     model.eval().requires_grad_(False)
     check_vision_tower(model, name)
     visual = model.visual
@@ -120,6 +143,54 @@ def load_clip(
     record.update(quick_gelu=bool(kwargs.get("force_quick_gelu", False)), mean=list(info.mean), std=list(info.std),
                   input_size=list(info.input_size), grid=list(info.grid))
     return model, info, tokenizer, record
+
+
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's own order
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+
+
+def _hub_clip_config(repo: str) -> dict[str, Any]:
+    """open_clip_config.json of an open_clip hub repository (one line when not cached / reachable)."""
+    import json
+
+    hub_name = hub.parse_hub_name(repo)
+    path = hub.hub_file(hub_name, OPEN_CLIP_CONFIG_FILE)
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or "model_cfg" not in config:
+        raise SalmaeError(f"{repo}: {OPEN_CLIP_CONFIG_FILE} holds no model_cfg; is it an open_clip repository?")
+    return config
+
+
+def _load_hub_model(name: str, pretrained: str | None, device: torch.device | str):
+    """`--clip-model hf-hub:ORG/NAME`: open_clip builds it from the repository (config and weights)."""
+    config = _hub_clip_config(name)
+    _check_vision_config(name, config["model_cfg"])
+    random = is_random(pretrained)
+    if not random and pretrained != name and (hub.is_hub_name(pretrained) or _looks_like_file(pretrained)):
+        raise SalmaeError(f"--clip-model {name} brings its own weights; drop --clip-pretrained {pretrained} "
+                          "(or pass 'none' for random weights of that config)")
+    record: dict[str, Any] = {"clip_model": name, "clip_pretrained": "none", "pretrained_sha256": None}
+    if not random:
+        weights = hub.hub_weights(name, candidates=OPEN_CLIP_WEIGHT_FILES)   # what open_clip will load
+        record.update(clip_pretrained=name, pretrained_sha256=sha256_file(weights))
+    try:
+        model = open_clip.create_model(name, load_weights=not random, require_pretrained=not random, device=device)
+    except RuntimeError as e:
+        raise SalmaeError(f"could not build open_clip model {name} ({str(e)[:160]})") from e
+    return _finish(model, name, {"force_quick_gelu": bool(config["model_cfg"].get("quick_gelu"))}, record)
+
+
+def _hub_weights_for(name: str, repo: str) -> tuple[str, dict[str, Any]]:
+    """`--clip-pretrained hf-hub:ORG/NAME` for `--clip-model name`: (weights file, mean/std kwargs).
+    The repository's model_cfg must be `name`'s (else: use the repository as --clip-model)."""
+    config = _hub_clip_config(repo)
+    if config["model_cfg"] != open_clip.get_model_config(name):
+        raise SalmaeError(f"--clip-pretrained {repo} holds another model than {name}; pass --clip-model {repo} "
+                          "(and no --clip-pretrained) to use its own config")
+    weights = hub.hub_weights(repo, candidates=OPEN_CLIP_WEIGHT_FILES)
+    pp = config.get("preprocess_cfg") or {}
+    mean_std = {"image_mean": tuple(pp["mean"]), "image_std": tuple(pp["std"])} if "mean" in pp and "std" in pp else {}
+    return str(weights), mean_std
 
 
 SUPPORTED_TOWERS = "open_clip VisionTransformer towers (ViT-* configs such as ViT-B-16, or salmae-tiny)"
