@@ -33,3 +33,23 @@ def shapes_dir(tmp_path_factory) -> Path:
 def shapes_pattern(shapes_dir) -> str:
     """Brace pattern over the shards of `shapes_dir`."""
     return str(shapes_dir / "{00000..00001}.tar")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty HF hub cache for this test, offline: huggingface_hub (and so timm and open_clip) reads
+    only from it. huggingface_hub reads its environment at import, so its constants are set too."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)

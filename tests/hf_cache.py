@@ -3,17 +3,14 @@ names through their real code with no network (`HF_HUB_OFFLINE=1`).
 
 The layout is huggingface_hub's own: HF_HUB_CACHE/models--ORG--NAME/ with `blobs/<sha256>` (the
 bytes), `refs/main` (the commit the default branch points at) and `snapshots/<commit>/<file>`
-(a relative symlink into blobs/).
+(a relative symlink into blobs/). The `hub_cache` fixture (conftest.py) makes an empty one per test.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
-
-import pytest
 
 
 def add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes], revision: str = "main") -> Path:
@@ -34,20 +31,3 @@ def add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes], 
         os.symlink(os.path.relpath(blob, link.parent), link)
     return snapshot
 
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty HF hub cache for this test, offline: huggingface_hub (and so timm and open_clip) reads
-    only from it. huggingface_hub reads its environment at import, so its constants are set too."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    yield cache
-    shutil.rmtree(cache, ignore_errors=True)

@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from hf_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
+from hf_cache import add_to_hub_cache
 from salmae.pipeline.cli import cli
 from salmae.pipeline.files import sha256_file
 from salmae.pipeline.models.timm_layout import timm_config, write_timm_folder

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from hf_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
+from hf_cache import add_to_hub_cache
 from salmae.pipeline.cli import cli
 from salmae.pipeline.files import sha256_file
 from salmae.pipeline.models.encoder import load_encoder

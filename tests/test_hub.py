@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hf_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
+from hf_cache import add_to_hub_cache
 from salmae.pipeline.cli import cli
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import sha256_file

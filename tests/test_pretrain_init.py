@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from timm.models.vision_transformer import VisionTransformer
 
-from hf_cache import add_to_hub_cache, hub_cache  # noqa: F401  (fixture)
+from hf_cache import add_to_hub_cache
 from salmae.pipeline.checkpoint import load_checkpoint
 from salmae.pipeline.cli import cli
 from salmae.pipeline.errors import SalmaeError
