@@ -21,6 +21,7 @@ from typing import Any
 from salmae.pipeline import dist
 from salmae.pipeline.files import atomic_write_json, atomic_write_text
 from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.steps import Steps, record_config
 
 RESUME_MAY_CHANGE = ("out", "seeds", "strategies", "workers", "device")   # a rerun may add seeds or strategies
@@ -60,6 +61,11 @@ class DemoConfig:
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run every demo step that has not finished yet; return the report path and timings."""
+    with RunLock(cfg.out, "demo"):       # one job per demo folder (its stages inside share the lock)
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)

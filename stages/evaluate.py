@@ -42,6 +42,7 @@ from salmae.pipeline.config import config_to_dict, require, resume_differences, 
 from salmae.pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.eval.accumulation import Accumulation, plan_accumulation
 from salmae.pipeline.eval.data import EvalData, open_eval_data
 from salmae.pipeline.eval.features import Features, cached_features, extract_features
@@ -155,6 +156,17 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, device)  # a bad name fails before any work
     resumed = _check_resume(cfg, out)                     # a resume that would change the run: refused here
     dist.init(device)
+    lock = RunLock(out, f"eval {cfg.protocol}")           # one job per output folder: rank 0 holds it
+    if dist.is_main():
+        lock.acquire()
+    try:
+        return _evaluate(cfg, out, device, precision, resumed, start)
+    finally:
+        lock.release()
+
+
+def _evaluate(cfg: EvalConfig, out: Path, device: torch.device, precision: str, resumed: dict | None,
+              start: float) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out)
     if dist.is_main():

@@ -27,6 +27,7 @@ from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_m
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
 from salmae.pipeline.pretrain.masking import RatioSpec
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.models.mae import build_mae
 
 
@@ -125,6 +126,16 @@ def run(cfg: PretrainConfig) -> dict:
     validate(cfg)
     device = pick_device(cfg.device)
     dist.init(device)
+    lock = RunLock(cfg.out, "pretrain")      # one job per run folder: rank 0 holds it for the job
+    if dist.is_main():
+        lock.acquire()
+    try:
+        return _train(cfg, device)
+    finally:
+        lock.release()
+
+
+def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device),
                   workers=default_workers() if cfg.workers is None else cfg.workers)
     out = Path(cfg.out)
@@ -361,7 +372,7 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
     cached = out / "manifest.parquet"
     if cached.is_file() and stale_reason(load_manifest(cached), urls) is None:
         return load_manifest(cached)
-    staged = _staged_manifest(out)   # beside the run folder: it moves in once every check has passed
+    staged = _staged_manifest(out)
     if dist.is_main() and not (staged.is_file() and stale_reason(load_manifest(staged), urls) is None):
         get_logger().info("building the manifest of %d shards into %s", len(urls), staged)
         build_manifest(urls, staged)
@@ -370,7 +381,9 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
 
 
 def _staged_manifest(out: Path) -> Path:
-    return out.parent / f".{out.name}.manifest.parquet"
+    """Where rank 0 builds the manifest of --data: inside the run folder, hidden; it becomes
+    `manifest.parquet` once every check has passed (a refused run keeps it for the next try)."""
+    return out / ".manifest.parquet.staged"
 
 
 def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[int, int]):

@@ -31,6 +31,7 @@ from salmae.pipeline import dist
 from salmae.pipeline.config import require
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.steps import Steps, record_config
 from salmae.stages.pretrain import ArchConfig
 from salmae.stages.study_settings import parse_setting
@@ -153,6 +154,16 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
 
     validate(cfg)
     dist.init(pick_device(cfg.device))   # under torchrun, so that rank 0's steps (data, CLIP) are waited for
+    lock = RunLock(cfg.out, "study")     # one job per study folder (its runs inside share the lock)
+    if dist.is_main():
+        lock.acquire()
+    try:
+        return _run_study(cfg)
+    finally:
+        lock.release()
+
+
+def _run_study(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
