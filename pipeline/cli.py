@@ -34,6 +34,11 @@ class _Group(click.Group):
         except SalmaeError as e:
             click.echo(f"salmae: error: {e}", err=True)
             ctx.exit(SalmaeError.exit_code)
+        except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under `pipeline.signals` (SLURM preemption)
+            name = getattr(e, "name", "SIGINT")
+            click.echo(f"salmae: interrupted by {name}; finished work is kept: run the same command to resume "
+                       "(pretrain/finetune: with --resume latest)", err=True)
+            ctx.exit(getattr(e, "exit_code", 130))
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise

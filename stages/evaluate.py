@@ -36,7 +36,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from salmae.pipeline import __version__, dist
+from salmae.pipeline import __version__, dist, signals
 from salmae.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from salmae.pipeline.config import config_to_dict, require, resume_differences, save_config
 from salmae.pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
@@ -157,12 +157,18 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     resumed = _check_resume(cfg, out)                     # a resume that would change the run: refused here
     dist.init(device)
     lock = RunLock(out, f"eval {cfg.protocol}")           # one job per output folder: rank 0 holds it
-    if dist.is_main():
-        lock.acquire()
-    try:
-        return _evaluate(cfg, out, device, precision, resumed, start)
-    finally:
-        lock.release()
+    with signals.stop_signals():                          # SIGTERM (SLURM) like Ctrl-C
+        if dist.is_main():
+            lock.acquire()
+        try:
+            return _evaluate(cfg, out, device, precision, resumed, start)
+        except KeyboardInterrupt as e:
+            get_logger().error("eval %s stopped by %s; %s", cfg.protocol, getattr(e, "name", "SIGINT"),
+                               "run the same command with --resume latest to continue" if cfg.protocol == "finetune"
+                               else "run the same command again (cached features are kept)")
+            raise
+        finally:
+            lock.release()
 
 
 def _evaluate(cfg: EvalConfig, out: Path, device: torch.device, precision: str, resumed: dict | None,

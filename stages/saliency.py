@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.device import default_workers, pick_device, resolve_precision
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import disk_full_as_error
-from salmae.pipeline.logging import setup_logging
+from salmae.pipeline.logging import get_logger, setup_logging
 from salmae.pipeline.models.clip import load_clip
 from salmae.pipeline.saliency.engine import compute_shards, deal_todo, job_shards, parse_shards
 from salmae.pipeline.saliency.gradcam import CAM_METHODS, DEFAULT_LAYER, check_layer, compile_around_layer, resolve_layer
@@ -83,12 +83,18 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
                               workers=default_workers() if cfg.workers is None else cfg.workers)
     dist.init(device)
     lock = StoreLock(out, parse_shards(cfg.shards))       # one writer per shard range: rank 0 holds it for the job
-    if dist.is_main():
-        lock.acquire()
-    try:
-        return _run_locked(cfg, out, device, lock)
-    finally:
-        lock.release()
+    # SIGTERM (SLURM) like Ctrl-C: stop at the next batch boundary, finished shards written, lock released
+    with signals.stop_signals(deferred=True):
+        if dist.is_main():
+            lock.acquire()
+        try:
+            return _run_locked(cfg, out, device, lock)
+        except KeyboardInterrupt as e:
+            get_logger().error("stage 1 stopped by %s at a batch boundary; finished shards are kept and the same "
+                               "command resumes", getattr(e, "name", "SIGINT"))
+            raise
+        finally:
+            lock.release()
 
 
 def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: StoreLock) -> dict[str, Any]:

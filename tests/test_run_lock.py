@@ -129,3 +129,30 @@ def test_eval_into_a_held_folder_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------------------------------------- one line, never a traceback (item 12)
+def test_data_naming_a_directory_says_so(tmp_path, shapes_dir):
+    from salmae.pipeline.data.shards import expand_shards
+
+    with pytest.raises(SalmaeError, match=r"^--data .*shapes\w* is a directory; give a tar pattern such as "
+                                          r"'.*/\*\.tar'"):
+        expand_shards(str(shapes_dir))
+
+
+@pytest.mark.parametrize("sets,match", [
+    ({"num_heads": 5}, r"--set num_heads=5 does not divide the width 32 of checkpoint .*; use one of 1, 2, 4, 8"),
+    ({"num_heads": 1, "image_size": 4}, r"--set image_size=4 does not fit the patch size 8 of checkpoint .*; use a "
+                                        r"multiple of 8"),
+    ({"num_heads": 1, "image_size": 36}, r"--set image_size=36 does not fit the patch size 8"),
+])
+def test_eval_sizes_that_cannot_build_a_vit_are_one_line(tmp_path, sets, match):
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from salmae.pipeline.models.encoder import load_encoder
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=1, num_classes=0)
+    torch.save({"model": vit.state_dict()}, tmp_path / "m.pth")
+    with pytest.raises(SalmaeError, match=match):
+        load_encoder(tmp_path / "m.pth", img_size=sets.get("image_size"), num_heads=sets["num_heads"])

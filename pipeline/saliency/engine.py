@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.data.transforms import normalise, pixel_stats
 from salmae.pipeline.device import autocast, pin_memory
 from salmae.pipeline.errors import SalmaeError
@@ -233,7 +233,8 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
         batches, batch_shard = [batches[i] for i in order], [batch_shard[i] for i in order]
     loader = DataLoader(_RowImages(rows_info, info, tokenizer, cfg.max_pixels), batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
-                        persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
+                        persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None,
+                        worker_init_fn=signals.ignore_in_worker)   # a group SIGTERM: the main process stops them
     loaded = iter(loader) if batches else iter(())  # forks the workers: before the writer's thread exists
     with _ShardWriter(store, run_id, provenance) as writer:
         for s in todo:
@@ -267,6 +268,10 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
                     steady_from = (n_images, time.perf_counter())
             in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
             bar.update(len(rows))
+            if signals.requested():                   # SIGTERM/Ctrl-C: end at this batch boundary
+                n_images += _store_maps(store, plans, writer, *in_flight)
+                bar.close()
+                raise signals.interrupted()           # the writer still writes the shards already finished
         if in_flight is not None:
             n_images += _store_maps(store, plans, writer, *in_flight)
         bar.close()

@@ -110,11 +110,13 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
         if attrs.get("format") != STORE_FORMAT and not cfg.overwrite:
             raise SalmaeError(f"store {out} has the older format {attrs.get('format')} (maps without a scale); "
                               "pass --overwrite to recompute it, or choose another --out")
-        if existing == fingerprint:
+        compared = [k for k in fingerprint if not (k == "clip_pretrained" and existing.get("pretrained_sha256")
+                                                   and fingerprint["pretrained_sha256"])]  # a file: its sha256
+        changed = sorted(k for k in compared if existing.get(k) != fingerprint[k])
+        if not changed:
             _check_provenance(cfg, out, attrs.get("provenance") or {}, provenance)
             return
         if not cfg.overwrite:
-            changed = sorted(k for k in fingerprint if existing.get(k) != fingerprint[k])
             what = ", ".join(f"{k}: {existing.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
             raise SalmaeError(f"store {out} was made with another config or data ({what}); "
                               "pass --overwrite to recompute it, or choose another --out")
