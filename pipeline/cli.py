@@ -40,13 +40,28 @@ class _Group(click.Group):
                        "(pretrain/finetune: with --resume latest)", err=True)
             ctx.exit(getattr(e, "exit_code", 130))
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            message = _os_error_line(e)
+            if message is None:
                 raise
-            from salmae.pipeline.checkpoint import write_failure
-
-            target = e.filename or "a file"
-            click.echo(f"salmae: error: could not write {target}: {write_failure(target, e)}", err=True)
+            click.echo(f"salmae: error: {message}", err=True)
             ctx.exit(SalmaeError.exit_code)
+
+
+def _os_error_line(e: OSError) -> str | None:
+    """One line for the file-system errors a user causes (full disk, read-only or foreign folder, a file
+    where a folder must be); None for anything else (a bug: the traceback is wanted)."""
+    target = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        from salmae.pipeline.checkpoint import write_failure
+
+        return f"could not write {target}: {write_failure(target, e)}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the file system is read-only" if e.errno == errno.EROFS else "permission denied"
+        return f"cannot write {target} ({why}); choose an --out you can write to"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return (f"{target}: a file stands where a folder is needed (or the reverse) ({e.strerror}); "
+                "check --out: stores and run folders are folders")
+    return None
 
 
 def _config_options(f):

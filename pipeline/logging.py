@@ -17,8 +17,9 @@ from salmae.pipeline import dist
 LOGGER_NAME = dist.LOGGER_NAME
 
 
-def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Configure the `salmae` logger: console on the main process, `out_dir/run.log` on rank 0."""
+def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO,
+                  file_name: str = "run.log") -> logging.Logger:
+    """Configure the `salmae` logger: console on the main process, `out_dir/file_name` on rank 0."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     logger.propagate = False
@@ -32,7 +33,7 @@ def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) 
         logger.addHandler(console)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(Path(out_dir) / "run.log")
+            file_handler = logging.FileHandler(Path(out_dir) / file_name)
             file_handler.setFormatter(fmt)
             logger.addHandler(file_handler)
     else:

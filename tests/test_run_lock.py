@@ -156,3 +156,36 @@ def test_eval_sizes_that_cannot_build_a_vit_are_one_line(tmp_path, sets, match):
     torch.save({"model": vit.state_dict()}, tmp_path / "m.pth")
     with pytest.raises(SalmaeError, match=match):
         load_encoder(tmp_path / "m.pth", img_size=sets.get("image_size"), num_heads=sets["num_heads"])
+
+
+@pytest.mark.parametrize("command", ["saliency", "pretrain"])
+def test_an_out_that_is_a_file_is_one_line_in_every_stage(tmp_path, shapes_pattern, command):
+    """--out naming an existing file (stage 1's store, stage 2's run folder), and --out under a file."""
+    from click.testing import CliRunner
+
+    from salmae.pipeline.cli import cli
+
+    (tmp_path / "f").write_text("x")
+    extra = (["--clip-model", "salmae-micro", "--clip-pretrained", "none"] if command == "saliency"
+             else ["--mask", "random", "--epochs", "1"])
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        res = CliRunner().invoke(cli, [command, "--data", shapes_pattern, "--out", str(out), "--device", "cpu",
+                                       *extra])
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().count("\n") == 0 and "Traceback" not in res.output, res.output
+        assert str(tmp_path / "f") in res.output
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_clip_train_names_its_side_files_after_out(tmp_path, shapes_pattern):
+    """clip-train wrote config.yaml/metrics.jsonl/run.log beside `--out FILE`, over whatever had those names
+    in that folder (issue 23, item 11): they are now NAME.config.yaml, NAME.metrics.jsonl, NAME.run.log."""
+    from salmae.stages.clip_train import ClipTrainConfig, run
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("someone else's\n")
+    run(ClipTrainConfig(data=shapes_pattern, out=folder / "clip.pt", steps=2, batch_size=16, seed=0, device="cpu"))
+    assert (folder / "config.yaml").read_text() == "someone else's\n"
+    names = {p.name for p in folder.iterdir()} - {"clip.metrics.jsonl"}    # metrics: only every few steps
+    assert names == {"clip.config.yaml", "clip.pt", "clip.run.log", "config.yaml"}
