@@ -5,7 +5,7 @@ shard order then key order, the columns
 
     row (int64 0..N-1)  key  shard (file name)  caption  width height (int32, 0 if unreadable)
     status ("ok" or a DAMAGE_REASONS code)  image_offset image_nbytes (int64, -1 if none)  image_ext
-    digest (16 bytes: BLAKE2b-128 of the image member's bytes; zeros if there is none)
+    digest (16 bytes: the first half of the image member's sha256; zeros if there is none)
 
 The file metadata holds `salmae.hash`, a sha256 over those columns that does not depend on
 where the shards live (shards are named by file name), `salmae.shards`, the URLs scanned, and
@@ -202,10 +202,11 @@ def _scan_shard(url: str) -> list[dict]:
 
 
 def content_digest(data: bytes | None) -> bytes:
-    """BLAKE2b-128 of a member's bytes (16 zero bytes when there is no member)."""
+    """The first 16 bytes of the sha256 of a member's bytes (16 zero bytes when there is no member).
+    sha256, not BLAKE2b: with the CPU's SHA instructions it hashed 1.06 GB/s here against 0.51."""
     if data is None:
         return bytes(DIGEST_BYTES)
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
 
 
 def _scan_columns(url: str) -> pa.Table:
