@@ -329,6 +329,15 @@ def _default_of(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _shown_default(f: dataclasses.Field) -> str:
+    """The default as YAML that `--set` takes (`null`, `[a, b]`, `''`)."""
+    default = _default_of(f)
+    if default is dataclasses.MISSING:
+        return "(required)"
+    text = yaml.safe_dump(_plain(default), default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
 def config_key_docs(cls: type) -> list[tuple[str, str, list[KeyDoc]]]:
     """The keys of config dataclass `cls`, grouped: [(section, its description, [KeyDoc, ...])], the
     top-level keys first (section ""), then each nested dataclass as `section.` (recursively).
@@ -344,10 +353,7 @@ def config_key_docs(cls: type) -> list[tuple[str, str, list[KeyDoc]]]:
                 doc = comments.get(f.name) or " ".join((hint.__doc__ or "").split())
                 nested.append((hint, f"{prefix}{f.name}.", doc))
                 continue
-            default = _default_of(f)
-            shown_default = "(required)" if default is dataclasses.MISSING else \
-                yaml.safe_dump(_plain(default), default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-            rows.append(KeyDoc(prefix + f.name, _type_name(hint), shown_default, comments.get(f.name, "")))
+            rows.append(KeyDoc(prefix + f.name, _type_name(hint), _shown_default(f), comments.get(f.name, "")))
         groups.append((prefix.rstrip("."), about, rows))
         for hint, sub_prefix, doc in nested:
             walk(hint, sub_prefix, doc)

@@ -219,7 +219,7 @@ class DecodedImages:
 
     def __init__(self, rows: np.ndarray, widths: np.ndarray, heights: np.ndarray, read: Callable[[int], Any],
                  key_of: Callable[[int], str]):
-        from tqdm import tqdm
+        from salmae.pipeline.progress import progress_bar
 
         sizes = heights.astype(np.int64) * widths.astype(np.int64) * 3
         need, ram = int(sizes.sum()), physical_memory_bytes()
@@ -232,7 +232,7 @@ class DecodedImages:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.shapes = np.stack([heights, widths], axis=1).astype(np.int64)
         self.pixels = np.empty(need, dtype=np.uint8)
-        for i, row in enumerate(tqdm(rows, desc="decoding into memory", unit="img", leave=False,
+        for i, row in enumerate(progress_bar(rows, desc="decoding into memory", unit="img", leave=False,
                                      disable=len(rows) < 1000)):
             pixels = np.asarray(read(int(row)), dtype=np.uint8)       # [H, W, 3] (RGB from decode_image)
             if pixels.shape != (*self.shapes[i], 3):

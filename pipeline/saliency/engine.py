@@ -198,7 +198,7 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
     workers, max_pixels, cam, precision, check_syncs); returns the number of images run through CLIP and this
     rank's steady state {images, seconds}: from the first batch's maps on the host to the last's (the
     first batch holds loader start-up and CUDA warm-up; shard writes overlap it in their thread)."""
-    from tqdm import tqdm
+    from salmae.pipeline.progress import progress_bar
 
     urls = _shard_urls(cfg, manifest)
     keys, shards, captions = manifest.keys, manifest.column("shard"), manifest.column("caption")
@@ -242,7 +242,7 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
         if not batches:
             return 0, {"images": 0, "seconds": 0.0}
         cam_fn = compute_cam(cfg.cam)
-        bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
+        bar = progress_bar(total=len(rows_info), unit="img", disable=not dist.is_main(), desc="saliency")
         n_images, steady_from = 0, None               # steady state: from the first batch's maps on the host
         stats = pixel_stats(device, info.mean, info.std)   # once: a batch makes no tensor from Python lists
         in_flight: tuple | None = None             # the previous batch, its maps still on their way to the host
