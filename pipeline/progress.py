@@ -28,9 +28,11 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
              disable: bool = False, leave: bool = True, stream: TextIO | None = None,
              seconds: float | None = None, clock: Callable[[], float] = time.monotonic) -> Any:
     """A tqdm bar when `stream` (default stderr) is a terminal, else a `LogProgress`; `disable`
-    (or SALMAE_PROGRESS=off) gives a bar that draws nothing. `total` defaults to len(iterable)."""
+    (or SALMAE_PROGRESS=off) gives a bar that draws nothing. `total` defaults to len(iterable).
+    Log lines go to `stream` when one is given, else through the `salmae` logger."""
     from tqdm import tqdm
 
+    given = stream
     stream = sys.stderr if stream is None else stream
     mode = os.environ.get(MODE_ENV, "auto").strip().lower()
     if total is None and iterable is not None:
@@ -44,7 +46,7 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=stream)
     if seconds is None:
         seconds = _seconds_from_env()
-    return LogProgress(iterable, total=total, desc=desc, unit=unit, seconds=seconds, stream=stream, clock=clock)
+    return LogProgress(iterable, total=total, desc=desc, unit=unit, seconds=seconds, stream=given, clock=clock)
 
 
 def _is_terminal(stream: TextIO) -> bool:
@@ -71,7 +73,9 @@ def format_duration(seconds: float) -> str:
 
 
 class LogProgress:
-    """Counts work like a tqdm bar and logs a line at most every `seconds` (0: every update)."""
+    """Counts work like a tqdm bar and logs a line at most every `seconds` (0: every update): to
+    `stream` if given, else through the `salmae` logger (console and run.log, as the stage set it
+    up), or to stderr where nothing set that logger up (`salmae manifest build`)."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
                  unit: str = "it", seconds: float = DEFAULT_SECONDS, stream: TextIO | None = None,
@@ -149,7 +153,7 @@ class LogProgress:
     def _emit(self, text: str) -> None:
         self.lines += 1
         logger = logging.getLogger(LOGGER_NAME)
-        if logger.handlers:             # set up by the stage: console (rank 0) and run.log
+        if self.stream is None and logger.handlers:   # set up by the stage: console (rank 0) and run.log
             logger.info(text)
-        else:                           # a tool without logging set up (manifest build): plain lines
+        else:
             print(text, file=self.stream if self.stream is not None else sys.stderr, flush=True)

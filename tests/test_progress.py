@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 
 import pytest
 
@@ -27,13 +26,6 @@ class _Clock:
 def _no_env(monkeypatch):
     monkeypatch.delenv("SALMAE_PROGRESS", raising=False)
     monkeypatch.delenv("SALMAE_PROGRESS_SECONDS", raising=False)
-    logger = logging.getLogger("salmae")
-    saved = list(logger.handlers)
-    for h in saved:
-        logger.removeHandler(h)
-    yield
-    for h in saved:
-        logger.addHandler(h)
 
 
 def test_not_a_terminal_gives_a_line_every_n_seconds_with_rate_and_eta():
@@ -83,12 +75,13 @@ def test_a_short_loop_writes_nothing_and_a_terminal_gets_a_tqdm_bar(monkeypatch)
     assert progress_bar(range(3), stream=io.StringIO()).seconds == 5.0
 
 
-def test_lines_go_through_the_salmae_logger_when_a_stage_set_it_up(tmp_path):
+def test_lines_go_through_the_salmae_logger_when_a_stage_set_it_up(tmp_path, monkeypatch):
     from salmae.pipeline.logging import setup_logging
 
     logger = setup_logging(tmp_path)
+    monkeypatch.setenv("SALMAE_PROGRESS", "log")           # whatever pytest's stderr is
     clock = _Clock()
-    bar = progress_bar(range(4), desc="epoch 0", unit="step", stream=io.StringIO(), seconds=1, clock=clock)
+    bar = progress_bar(range(4), desc="epoch 0", unit="step", seconds=1, clock=clock)
     for _ in bar:
         clock.now += 1.0
     for h in list(logger.handlers):
