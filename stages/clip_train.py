@@ -86,9 +86,9 @@ def run(cfg: ClipTrainConfig) -> dict[str, Any]:
     total_steps = min(step_budgets) if step_budgets else None
     log.info("clip-train: %s on %d pairs, batch %d, budget %ss / %s steps (%d threads)", cfg.clip_model, n,
              batch, cfg.seconds or "-", total_steps or "-", torch.get_num_threads())
-    from tqdm import tqdm
+    from salmae.pipeline.progress import progress_bar
 
-    bar = tqdm(total=total_steps, unit="step", desc="clip-train", dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, unit="step", desc="clip-train")
     start, step, epoch, loss = time.time(), 0, 0, torch.tensor(float("nan"))
     while True:
         order = torch.randperm(n, generator=gen)

@@ -183,7 +183,8 @@ def _evaluate(cfg: EvalConfig, out: Path, device: torch.device, precision: str, 
     ctx = _Context(cfg=cfg, out=out, device=device,
                    epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(cfg.protocol, 0),
                    batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], protocol=protocol_name(cfg), image_size=0,
-                   checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"), precision=precision)
+                   checkpoint_sha256=ckpt_sha, precision=precision,
+                   metrics=MetricsWriter(out / "metrics.jsonl", purge_step=int(resumed["epoch"]) + 1 if resumed else 0))
     protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
     outcome = protocol(ctx)
     results = _results(ctx, outcome, seconds=time.time() - start)

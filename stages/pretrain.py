@@ -207,7 +207,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
              len(dataset), f" (decoded in memory: {cache.nbytes / 2**20:.1f} MiB)" if cache is not None else "",
              cfg.mask, cfg.model, model.model_args, cfg.batch_size, cfg.optim.accum_iter,
              world, eff_batch, lr, cfg.precision, ", compiled" if cfg.compile else "", cfg.workers)
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics = MetricsWriter(out / "metrics.jsonl", purge_step=start_epoch * len(loader))  # a resume's TB: no repeats
     viz = _viz_batch(cfg, dataset) if dist.is_main() and cfg.viz_samples > 0 else None
     lr_at = lambda e: cosine_lr(e, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)  # noqa: E731
     reduction = _loss_reduction(cfg, plan, model)

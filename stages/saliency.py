@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,6 +50,8 @@ class SaliencyConfig:
     clip_pretrained: str = "laion2b_s34b_b88k"  # open_clip tag (needs network/cache), a checkpoint FILE, or 'none'
     cam: str = "gradcam"              # gradcam, hirescam = fast path; library methods: gradcam++, layercam, ...
     layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
+    resize: Literal["squash", "letterbox"] = "squash"  # image into CLIP's input: squash (aspect not kept) or
+                                      # letterbox (longest side, padded; frames reach past the image)
     batch_size: int | None = None     # images per forward/backward; None: 256 on CUDA, 64 on CPU
     workers: int | None = None        # DataLoader worker processes (decode, resize, tokenize); None: the CPUs
                                       # per local process less one, 1..10 (pipeline.device.default_workers)

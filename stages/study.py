@@ -89,7 +89,8 @@ class StudyConfig:
                                        # per epoch to load instead of 3.5); false for a large --data
     pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
     # stage 3 (the same for every setting, the floor included)
-    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])  # evals of every run:
+                                       # knn | linear | linear-noaug | finetune
     linear_epochs: int | None = 30     # linear-probe epochs (None: MAE's 90)
     linear_blr: float | None = 50.0    # LARS base lr (None: MAE's 0.1, which assumes batch 16384)
     linear_global_batch: int | None = 256  # linear probe images per step (None: MAE's 16384)

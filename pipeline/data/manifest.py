@@ -264,9 +264,9 @@ def _scan_all(urls: list[str], workers: int):
 
 
 def _progress(items, total: int):
-    from tqdm import tqdm
+    from salmae.pipeline.progress import progress_bar
 
-    return tqdm(items, total=total, desc="manifest", unit="shard", disable=total < 2, leave=False)
+    return progress_bar(items, total=total, desc="manifest", unit="shard", disable=total < 2, leave=False)
 
 
 def shard_stats(urls: Sequence[str]) -> dict[str, list[int] | None]:

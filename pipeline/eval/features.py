@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from salmae.pipeline import dist
 from salmae.pipeline.device import autocast, pin_memory
 from salmae.pipeline.files import atomic_path
 from salmae.pipeline.logging import get_logger
+from salmae.pipeline.progress import progress_bar
 
 CACHE_VERSION = 1
 
@@ -54,7 +54,7 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, batch_size: 
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=pin_memory(device))
     chunks, labels, oks = [], [], []
-    for imgs, y, _, ok in tqdm(loader, desc=desc, disable=not dist.is_main(), leave=False):
+    for imgs, y, _, ok in progress_bar(loader, desc=desc, unit="batch", disable=not dist.is_main(), leave=False):
         with autocast(device, precision):
             f = encode(encoder, imgs.to(device, non_blocking=True))
         chunks.append(f.float())  # stays on the device: one copy to the host at the end, not one per batch
