@@ -7,4 +7,4 @@ per stage and imports from here, never the other way round (the CLI in `cli.py` 
 exception: it dispatches to stages by name, lazily). `tests/test_layout.py` holds these rules.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"   # the only place the version is written (pyproject reads it: dynamic version)

@@ -34,32 +34,91 @@ class _Group(click.Group):
         except SalmaeError as e:
             click.echo(f"salmae: error: {e}", err=True)
             ctx.exit(SalmaeError.exit_code)
+        except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under `pipeline.signals` (SLURM preemption)
+            name = getattr(e, "name", "SIGINT")
+            click.echo(f"salmae: interrupted by {name}; finished work is kept: run the same command to resume "
+                       "(pretrain/finetune: with --resume latest)", err=True)
+            ctx.exit(getattr(e, "exit_code", 130))
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            message = _os_error_line(e)
+            if message is None:
                 raise
-            from salmae.pipeline.checkpoint import write_failure
-
-            target = e.filename or "a file"
-            click.echo(f"salmae: error: could not write {target}: {write_failure(target, e)}", err=True)
+            click.echo(f"salmae: error: {message}", err=True)
             ctx.exit(SalmaeError.exit_code)
 
 
+def _os_error_line(e: OSError) -> str | None:
+    """One line for the file-system errors a user causes (full disk, read-only or foreign folder, a file
+    where a folder must be); None for anything else (a bug: the traceback is wanted)."""
+    target = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        from salmae.pipeline.checkpoint import write_failure
+
+        return f"could not write {target}: {write_failure(target, e)}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the file system is read-only" if e.errno == errno.EROFS else "permission denied"
+        return f"cannot write {target} ({why}); choose an --out you can write to"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return (f"{target}: a file stands where a folder is needed (or the reverse) ({e.strerror}); "
+                "check --out: stores and run folders are folders")
+    return None
+
+
+class _ConfigCommand(click.Command):
+    """A stage command whose `--help` ends with every key of its config dataclass (`config`:
+    (module, class name)), with type, default and the field's comment, generated from the
+    dataclass itself (`pipeline.config.config_key_docs`); the stage module is imported only then."""
+
+    def __init__(self, *args: Any, config: tuple[str, str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        from salmae.pipeline.config import config_key_docs
+
+        module, name = self.config
+        groups = config_key_docs(getattr(importlib.import_module(module), name))
+        with formatter.section("Config keys (in --config FILE.yaml, or --set KEY=VALUE; --print-config shows them)"):
+            for section, about, rows in groups:
+                if section:
+                    formatter.write_paragraph()
+                    formatter.write_text(f"{section}.*: {about}" if about else f"{section}.*")
+                formatter.write_dl([(r.key, f"{r.comment}  [{r.type}; default: {r.default}]".lstrip())
+                                    for r in rows])
+
+
 def _config_options(f):
+    f = click.option("--print-config", "print_config", is_flag=True, default=False,
+                     help="Print the resolved config as YAML and exit (nothing is run or written).")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override any config field (dotted keys for nested ones); repeatable.")(f)
+                     help="Override any config field (dotted keys for nested ones, listed below); repeatable.")(f)
     f = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                      help="YAML file with config values (applied before options and --set).")(f)
     return f
 
 
 def _run_stage(module: str, config_cls: str, config_path: str | None, overrides: tuple[str, ...],
-               **named: Any) -> Any:
-    """Resolve `module.config_cls` from the layers and call `module.run(cfg)`."""
+               print_config: bool = False, **named: Any) -> Any:
+    """Resolve `module.config_cls` from the layers and call `module.run(cfg)` (or, with
+    `print_config`, print the config as YAML and return None)."""
     from salmae.pipeline.config import resolve_config
 
     mod = importlib.import_module(module)
     cfg = resolve_config(getattr(mod, config_cls), config_path, overrides, **named)
+    if print_config:
+        return _print_config(cfg)
     return mod.run(cfg)
+
+
+def _print_config(cfg: Any) -> None:
+    """The config as the YAML that `--config` reads back (layers resolved; device-dependent values
+    such as precision `auto` are resolved by the run itself and recorded in its config.yaml)."""
+    import yaml
+
+    from salmae.pipeline.config import config_to_dict
+
+    click.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), nl=False)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,7 +186,7 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
 
 
 # --------------------------------------------------------------------------- stage 1
-@cli.command()
+@cli.command(cls=_ConfigCommand, config=("salmae.stages.saliency", "SaliencyConfig"))
 @click.option("--data", help="Caption shards: brace pattern, paths or pipe: URLs.")
 @click.option("--out", help="Output Zarr store (STORE.zarr).")
 @click.option("--manifest", "manifest_path", help="Use this manifest instead of building one.")
@@ -146,7 +205,7 @@ def saliency(config_path, overrides, manifest_path, **named) -> None:
     _run_stage("salmae.stages.saliency", "SaliencyConfig", config_path, overrides, manifest=manifest_path, **named)
 
 
-@cli.command("clip-train")
+@cli.command("clip-train", cls=_ConfigCommand, config=("salmae.stages.clip_train", "ClipTrainConfig"))
 @click.option("--data", help="Caption shards to train on.")
 @click.option("--out", help="Output checkpoint file (clip.pt).")
 @click.option("--clip-model", help="open_clip model config name (default: salmae-tiny).")
@@ -179,7 +238,7 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> No
 
 
 # --------------------------------------------------------------------------- stage 2
-@cli.command()
+@cli.command(cls=_ConfigCommand, config=("salmae.stages.pretrain", "PretrainConfig"))
 @click.option("--data", help="Image shards to pretrain on.")
 @click.option("--out", help="Run folder (created; holds config.yaml, checkpoints, metrics.jsonl).")
 @click.option("--saliency", help="Stage-1 Zarr store (needed for saliency/adaptive masks).")
@@ -256,7 +315,8 @@ def eval_group() -> None:
 
 
 for _protocol in ("linear", "knn", "finetune"):
-    eval_group.command(_protocol)(_eval_command(_protocol))
+    eval_group.command(_protocol, cls=_ConfigCommand, config=("salmae.stages.evaluate", "EvalConfig"))(
+        _eval_command(_protocol))
 
 
 @cli.command()
@@ -272,16 +332,16 @@ def report(runs, out, baseline) -> None:
 
 
 # --------------------------------------------------------------------------- whole pipeline
-@cli.command()
+@cli.command(cls=_ConfigCommand, config=("salmae.stages.demo", "DemoConfig"))
 @click.option("--out", default="runs/demo", show_default=True, help="Demo folder (resumable).")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Pretrain+eval seeds per strategy.")
 @_config_options
-def demo(config_path, overrides, out, seeds) -> None:
+def demo(config_path, overrides, print_config, out, seeds) -> None:
     """Run the whole pipeline on generated data with tiny models and write report.md."""
-    _run_stage("salmae.stages.demo", "DemoConfig", config_path, overrides, out=out, seeds=seeds)
+    _run_stage("salmae.stages.demo", "DemoConfig", config_path, overrides, print_config, out=out, seeds=seeds)
 
 
-@cli.command()
+@cli.command(cls=_ConfigCommand, config=("salmae.stages.study", "StudyConfig"))
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "cpu-full"]), default=None,
               help="Budget: smoke (minutes, every code path), cpu (< 2 h on 2 cores: random vs cap 0.25 and 0.75, "
                    "5 seeds x 35 epochs), cpu-full (the whole cap sweep, as many seeds and epochs). "
@@ -289,7 +349,7 @@ def demo(config_path, overrides, out, seeds) -> None:
 @click.option("--out", default=None, help="Study folder (resumable) [default: runs/study/PRESET].")
 @click.option("--seeds", type=int, default=None, help="Seeds 0..K-1 for every setting (default: the preset's).")
 @_config_options
-def study(config_path, overrides, preset, out, seeds) -> None:
+def study(config_path, overrides, print_config, preset, out, seeds) -> None:
     """Does saliency masking help, and at which cap? Settings x seeds, paired, into study.md/json."""
     from pathlib import Path
 
@@ -302,6 +362,8 @@ def study(config_path, overrides, preset, out, seeds) -> None:
         base["preset"] = Path(config_path).stem
     cfg = resolve_config(study_stage.StudyConfig, config_path, overrides, base=base,
                          out=out or (None if config_path else f"runs/study/{name}"), seeds=seeds)
+    if print_config:
+        return _print_config(cfg)
     study_stage.run(cfg)
 
 
@@ -329,17 +391,19 @@ def bench(which, out, repeats, json_out, rows, shard_size, keep) -> None:
     click.echo(run_bench(which=which, out=out, repeats=repeats, json_out=json_out))
 
 
-@cli.command("gpu-check")
+@cli.command("gpu-check", cls=_ConfigCommand, config=("salmae.stages.bench.gpu_check", "GpuCheckConfig"))
 @click.option("--out", default="runs/gpu-check", show_default=True, help="Folder for gpu-check.json and .md.")
 @click.option("--clip-pretrained", default=None, help="Stage-1 CLIP checkpoint FILE (default: random weights).")
 @click.option("--device", default=None, help="auto | cuda | cpu (cpu: smallest configuration).  [default: auto]")
 @_config_options
-def gpu_check(config_path, overrides, out, clip_pretrained, device) -> None:
+def gpu_check(config_path, overrides, print_config, out, clip_pretrained, device) -> None:
     """Measure images/s and peak memory of stages 1-3 on this machine's GPU into OUT/gpu-check.json."""
     from salmae.stages.bench.gpu_check import render
 
-    click.echo(render(_run_stage("salmae.stages.bench.gpu_check", "GpuCheckConfig", config_path, overrides, out=out,
-                                 clip_pretrained=clip_pretrained, device=device)))
+    result = _run_stage("salmae.stages.bench.gpu_check", "GpuCheckConfig", config_path, overrides, print_config,
+                        out=out, clip_pretrained=clip_pretrained, device=device)
+    if result is not None:
+        click.echo(render(result))
 
 
 def main(argv: list[str] | None = None) -> None:

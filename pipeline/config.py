@@ -250,3 +250,113 @@ def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any], may_cha
 
     return [f"{k}: {shown(a.get(k, '(absent)'))} -> {shown(b.get(k, '(absent)'))}" for k in sorted(set(a) | set(b))
             if not is_free(k) and a.get(k) != b.get(k)]
+
+
+# --------------------------------------------------------------------------- documentation of the keys (--help)
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One config key as `--help` lists it: dotted key, type, default and the dataclass field's comment."""
+
+    key: str
+    type: str
+    default: str
+    comment: str
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the source of dataclass `cls` (and its dataclass bases).
+
+    A field's comment is the `#` comment at the end of its line plus the comment-only lines right
+    below it that are indented deeper than the field (continuations); a comment line at the
+    field's own indentation is a heading of what follows, not part of any field.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        out.update(_own_field_comments(klass))
+    return out
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):        # defined in a REPL or without source: no comments to show
+        return {}
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    body = ast.parse(source).body[0].body
+    out: dict[str, str] = {}
+    for i, node in enumerate(body):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        end = node.end_lineno or node.lineno
+        stop = body[i + 1].lineno if i + 1 < len(body) else len(lines) + 1
+        parts = [comments[n][1] for n in range(node.lineno, end + 1) if n in comments]
+        for n in range(end + 1, stop):
+            if n not in comments or lines[n - 1].strip()[:1] != "#" or comments[n][0] <= node.col_offset:
+                break
+            parts.append(comments[n][1])
+        out[node.target.id] = " ".join(p for p in parts if p)
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if hint is type(None):
+        return "None"
+    if hint is Path:
+        return "path"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    """The default as YAML that `--set` takes (`null`, `[a, b]`, `''`)."""
+    default = _default_of(f)
+    if default is dataclasses.MISSING:
+        return "(required)"
+    text = yaml.safe_dump(_plain(default), default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def config_key_docs(cls: type) -> list[tuple[str, str, list[KeyDoc]]]:
+    """The keys of config dataclass `cls`, grouped: [(section, its description, [KeyDoc, ...])], the
+    top-level keys first (section ""), then each nested dataclass as `section.` (recursively).
+    Everything is read from the dataclass: types from its annotations, comments from its source."""
+    groups: list[tuple[str, str, list[KeyDoc]]] = []
+
+    def walk(klass: type, prefix: str, about: str) -> None:
+        hints, comments = typing.get_type_hints(klass), field_comments(klass)
+        rows, nested = [], []
+        for f in dataclasses.fields(klass):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                doc = comments.get(f.name) or " ".join((hint.__doc__ or "").split())
+                nested.append((hint, f"{prefix}{f.name}.", doc))
+                continue
+            rows.append(KeyDoc(prefix + f.name, _type_name(hint), _shown_default(f), comments.get(f.name, "")))
+        groups.append((prefix.rstrip("."), about, rows))
+        for hint, sub_prefix, doc in nested:
+            walk(hint, sub_prefix, doc)
+
+    walk(cls, "", "")
+    return groups

@@ -17,8 +17,9 @@ from salmae.pipeline import dist
 LOGGER_NAME = dist.LOGGER_NAME
 
 
-def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Configure the `salmae` logger: console on the main process, `out_dir/run.log` on rank 0."""
+def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO,
+                  file_name: str = "run.log") -> logging.Logger:
+    """Configure the `salmae` logger: console on the main process, `out_dir/file_name` on rank 0."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     logger.propagate = False
@@ -32,7 +33,7 @@ def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) 
         logger.addHandler(console)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(Path(out_dir) / "run.log")
+            file_handler = logging.FileHandler(Path(out_dir) / file_name)
             file_handler.setFormatter(fmt)
             logger.addHandler(file_handler)
     else:
@@ -48,16 +49,23 @@ class MetricsWriter:
     """Append one JSON object per call to `metrics.jsonl` (main process only).
 
     When the `tensorboard` extra is installed, the numeric fields also go to TensorBoard event
-    files in `tb/` beside it (tag `KIND/FIELD`, step = the record's `step`, else its `epoch`), as
-    MAE's official code writes its curves; `metrics.jsonl` stays the source of truth.
+    files in `tb/` beside it (tag `KIND/FIELD`), as MAE's official code writes its curves;
+    `metrics.jsonl` stays the source of truth. All curves share one step axis, so that a resume can
+    drop what it repeats: a record's step is its `step`; a record without one (an epoch summary)
+    sits at the last `step` written before it (its epoch's last logging step), or at its `epoch`
+    where no record has a `step` (eval). `purge_step` (a resume: the first step it writes again;
+    0 for a fresh start) makes TensorBoard drop the old events at and after it, as
+    `truncate_metrics` drops the records.
     """
 
     SKIP = ("time", "step", "epoch", "steps")   # bookkeeping, not curves
 
-    def __init__(self, path: str | Path, tensorboard: bool = True):
+    def __init__(self, path: str | Path, tensorboard: bool = True, purge_step: int | None = None):
         self.path = Path(path)
         self._tb = None
         self._tb_wanted = tensorboard
+        self._purge_step = purge_step
+        self._last_step: int | None = None
 
     def _board(self):
         """The SummaryWriter (made on first use), or None without tensorboard."""
@@ -67,8 +75,16 @@ class MetricsWriter:
             except ImportError:                # the optional extra is not installed
                 self._tb_wanted = False
                 return None
-            self._tb = SummaryWriter(log_dir=str(self.path.parent / "tb"))
+            self._tb = SummaryWriter(log_dir=str(self.path.parent / "tb"), purge_step=self._purge_step)
         return self._tb
+
+    def _board_step(self, metrics: dict[str, Any]) -> int:
+        if metrics.get("step") is not None:
+            self._last_step = int(metrics["step"])
+            return self._last_step
+        if self._last_step is not None:
+            return self._last_step
+        return int(metrics.get("epoch", 0) or 0)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -80,7 +96,7 @@ class MetricsWriter:
             return
         board = self._board()
         if board is not None:
-            step = int(metrics.get("step", metrics.get("epoch", 0)) or 0)
+            step = self._board_step(metrics)
             kind = str(metrics.get("kind") or metrics.get("protocol") or "metrics")
             for key, value in metrics.items():
                 if key not in self.SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):

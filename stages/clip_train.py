@@ -29,7 +29,7 @@ from salmae.pipeline.models.clip import TINY_MODEL, checkpoint_extras, load_clip
 @dataclasses.dataclass
 class ClipTrainConfig:
     data: str | None = None          # caption shards (brace pattern, paths or pipe: URLs)
-    out: Path = Path("runs/clip/clip.pt")  # checkpoint file; config.yaml/metrics.jsonl/run.log go beside it
+    out: Path = Path("runs/clip/clip.pt")  # checkpoint file; NAME.config.yaml/.metrics.jsonl/.run.log go beside it
     clip_model: str = TINY_MODEL     # open_clip config name to train from scratch
     seconds: float = 300.0           # wall-clock budget for the optimisation loop (0 = no limit)
     epochs: int = 0                  # stop after this many epochs (0 = no limit)
@@ -54,9 +54,9 @@ def run(cfg: ClipTrainConfig) -> dict[str, Any]:
     if cfg.seconds <= 0 and cfg.epochs <= 0 and cfg.steps <= 0:
         raise SalmaeError("clip-train needs a budget: --seconds S, --set steps=N and/or --set epochs=N")
     out = Path(cfg.out)
-    log = setup_logging(out.parent)
+    log = setup_logging(out.parent, file_name=f"{out.stem}.run.log")   # named after --out: nothing else's is touched
     from salmae.pipeline.config import save_config
-    save_config(cfg, out.parent / "config.yaml")
+    save_config(cfg, out.parent / f"{out.stem}.config.yaml")
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -77,7 +77,7 @@ def run(cfg: ClipTrainConfig) -> dict[str, Any]:
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     loss_fn = ClipLoss()
-    metrics = MetricsWriter(out.parent / "metrics.jsonl")
+    metrics = MetricsWriter(out.parent / f"{out.stem}.metrics.jsonl")
     mean = torch.tensor(info.mean).view(1, 3, 1, 1)
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -86,9 +86,9 @@ def run(cfg: ClipTrainConfig) -> dict[str, Any]:
     total_steps = min(step_budgets) if step_budgets else None
     log.info("clip-train: %s on %d pairs, batch %d, budget %ss / %s steps (%d threads)", cfg.clip_model, n,
              batch, cfg.seconds or "-", total_steps or "-", torch.get_num_threads())
-    from tqdm import tqdm
+    from salmae.pipeline.progress import progress_bar
 
-    bar = tqdm(total=total_steps, unit="step", desc="clip-train", dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, unit="step", desc="clip-train")
     start, step, epoch, loss = time.time(), 0, 0, torch.tensor(float("nan"))
     while True:
         order = torch.randperm(n, generator=gen)

@@ -21,6 +21,7 @@ from typing import Any
 from salmae.pipeline import dist
 from salmae.pipeline.files import atomic_write_json, atomic_write_text
 from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.steps import Steps, record_config
 
 RESUME_MAY_CHANGE = ("out", "seeds", "strategies", "workers", "device")   # a rerun may add seeds or strategies
@@ -43,7 +44,8 @@ class DemoConfig:
     clip_seconds: float = 600.0        # wall-clock cap on those steps (a busy machine stops early)
     cam: str = "hirescam"              # stage-1 CAM for the tiny CLIP: Grad-CAM's token-averaged gradient
                                        # lights up background here (BENCHMARKS.md, stage-1 localisation)
-    strategies: list[str] = field(default_factory=lambda: ["random", "saliency", "block", "adaptive"])
+    strategies: list[str] = field(default_factory=lambda: ["random", "saliency", "block", "adaptive"])  # mask
+                                       # strategies pretrained (each seed), compared in report.md
     cap: float = 0.25                  # saliency cap (share of patches masked by saliency)
     ratio: str = "0.75"                # mask ratio
     epochs: int = 12                   # pretraining epochs per run
@@ -60,6 +62,11 @@ class DemoConfig:
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run every demo step that has not finished yet; return the report path and timings."""
+    with RunLock(cfg.out, "demo"):       # one job per demo folder (its stages inside share the lock)
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)

@@ -36,12 +36,13 @@ from typing import Any, Callable, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from salmae.pipeline import __version__, dist
+from salmae.pipeline import __version__, dist, signals
 from salmae.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from salmae.pipeline.config import config_to_dict, require, resume_differences, save_config
 from salmae.pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.eval.accumulation import Accumulation, plan_accumulation
 from salmae.pipeline.eval.data import EvalData, open_eval_data
 from salmae.pipeline.eval.features import Features, cached_features, extract_features
@@ -151,7 +152,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if not getattr(cfg, name):
             raise SalmaeError(f"eval needs --{name.replace('_', '-')}; pass it on the command line or with --set {name}=…")
     validate(cfg)
-    weights = weights_path(cfg.checkpoint)                # an hf-hub: name is fetched (or found cached) here
+    weights_path(cfg.checkpoint)                          # an hf-hub: name is fetched (or found cached) here
     cfg = replace(cfg, workers=default_workers() if cfg.workers is None else cfg.workers)  # recorded: the number used
     start = time.time()
     out = Path(cfg.out)
@@ -159,17 +160,36 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, device)  # a bad name fails before any work
     resumed = _check_resume(cfg, out)                     # a resume that would change the run: refused here
     dist.init(device)
+    lock = RunLock(out, f"eval {cfg.protocol}")           # one job per output folder: rank 0 holds it
+    with signals.stop_signals():                          # SIGTERM (SLURM) like Ctrl-C
+        if dist.is_main():
+            lock.acquire()
+        try:
+            return _evaluate(cfg, out, device, precision, resumed, start)
+        except KeyboardInterrupt as e:
+            get_logger().error("eval %s stopped by %s; %s", cfg.protocol, getattr(e, "name", "SIGINT"),
+                               "run the same command with --resume latest to continue" if cfg.protocol == "finetune"
+                               else "run the same command again (cached features are kept)")
+            raise
+        finally:
+            lock.release()
+
+
+def _evaluate(cfg: EvalConfig, out: Path, device: torch.device, precision: str, resumed: dict | None,
+              start: float) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out)
     if dist.is_main():
         _settle_eval_folder(out, resumed)
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed + dist.rank())
+    weights = weights_path(cfg.checkpoint)        # an hf-hub: name: from the cache run() already checked
     ckpt_sha = sha256_file(weights) if weights.is_file() else ""
     ctx = _Context(cfg=cfg, out=out, device=device,
                    epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(cfg.protocol, 0),
                    batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], protocol=protocol_name(cfg), image_size=0,
-                   checkpoint_sha256=ckpt_sha, metrics=MetricsWriter(out / "metrics.jsonl"), precision=precision)
+                   checkpoint_sha256=ckpt_sha, precision=precision,
+                   metrics=MetricsWriter(out / "metrics.jsonl", purge_step=int(resumed["epoch"]) + 1 if resumed else 0))
     protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
     outcome = protocol(ctx)
     results = _results(ctx, outcome, seconds=time.time() - start)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from timm.optim import param_groups_weight_decay
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from salmae.pipeline.config import config_to_dict, require, resume_differences, save_config
 from salmae.pipeline.data.transforms import normalise, pixel_stats
@@ -24,9 +24,12 @@ from salmae.pipeline.device import (default_workers, grad_scaler, loader_generat
                              resolve_precision, seed_everything, seed_worker)
 from salmae.pipeline.pretrain.engine import cosine_lr, train_one_epoch
 from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
+from salmae.pipeline.data.manifest import first_difference, shard_hashes
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.files import atomic_write_json
 from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
 from salmae.pipeline.pretrain.masking import RatioSpec
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.models.mae import build_mae
 from salmae.pipeline.models.mae_init import init_mae, resumed_init
 
@@ -129,6 +132,33 @@ def run(cfg: PretrainConfig) -> dict:
     validate(cfg)
     device = pick_device(cfg.device)
     dist.init(device)
+    lock = RunLock(cfg.out, "pretrain")      # one job per run folder: rank 0 holds it for the job
+    with signals.stop_signals():             # SIGTERM (SLURM) like Ctrl-C: one line in run.log, lock released
+        if dist.is_main():
+            lock.acquire()
+        try:
+            return _train(cfg, device)
+        except KeyboardInterrupt as e:
+            _log_stop(Path(cfg.out), getattr(e, "name", "SIGINT"))
+            raise
+        finally:
+            lock.release()
+
+
+def _log_stop(out: Path, name: str) -> None:
+    """One line in run.log when a signal ends the run: what is kept and how to continue."""
+    latest = out / "checkpoint-latest.pth"
+    kept = "no checkpoint yet"
+    if latest.is_file():
+        try:
+            kept = f"checkpoint-latest.pth holds epoch {int(load_checkpoint(latest)['epoch'])}"
+        except SalmaeError:
+            kept = "checkpoint-latest.pth is unreadable"
+    get_logger().error("stage 2 stopped by %s; %s: run the same command with --resume latest to continue",
+                       name, kept)
+
+
+def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device),
                   workers=default_workers() if cfg.workers is None else cfg.workers)
     out = Path(cfg.out)
@@ -148,13 +178,19 @@ def run(cfg: PretrainConfig) -> dict:
     init = init_mae(model, cfg.init, cfg.init_sha256) if cfg.init and state is None else None
     if init is not None:
         cfg = replace(cfg, init_sha256=init.sha256)
-    dataset, _ = _dataset(cfg, model)
+    dataset, manifest, store = _dataset(cfg, model)
+    data_identity = {"manifest_hash": manifest.hash, "shards": shard_hashes(manifest),
+                     "saliency": _store_identity(store)}
+    if state is not None:
+        _check_same_data(cfg, state, ckpt_path, data_identity)
     loader, sampler = _loader(cfg, dataset, device, plan, model.grid)
     # the checks passed: from here on the run folder is written
     log = setup_logging(out)
     if dist.is_main():
         _settle_run_folder(out, state)
         save_config(cfg, out / "config.yaml")
+        atomic_write_json(out / "data.json", {**data_identity, "given": cfg.data,   # resolved paths: information only
+                                              "urls": [_resolved(u) for u in manifest.shard_urls]})
     if init is not None:
         log.info("%s", init.describe())
     world = dist.world_size()
@@ -181,7 +217,7 @@ def run(cfg: PretrainConfig) -> dict:
              len(dataset), f" (decoded in memory: {cache.nbytes / 2**20:.1f} MiB)" if cache is not None else "",
              cfg.mask, cfg.model, model.model_args, cfg.batch_size, cfg.optim.accum_iter,
              world, eff_batch, lr, cfg.precision, ", compiled" if cfg.compile else "", cfg.workers)
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics = MetricsWriter(out / "metrics.jsonl", purge_step=start_epoch * len(loader))  # a resume's TB: no repeats
     viz = _viz_batch(cfg, dataset) if dist.is_main() and cfg.viz_samples > 0 else None
     lr_at = lambda e: cosine_lr(e, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)  # noqa: E731
     reduction = _loss_reduction(cfg, plan, model)
@@ -205,7 +241,7 @@ def run(cfg: PretrainConfig) -> dict:
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
                  stats["masked"], stats["fallback"], seconds)
         if dist.is_main():
-            _save(cfg, out, model, optimizer, scaler, epoch, stats)
+            _save(cfg, out, model, optimizer, scaler, epoch, stats, data_identity)
             if viz is not None:
                 _write_png(out / "png" / f"epoch-{epoch:04d}.png", model, viz, plan, device)
         dist.barrier("rank 0 to write the checkpoint")
@@ -278,13 +314,49 @@ def _check_resume(cfg: PretrainConfig, state: dict, path: Path) -> None:
     if not saved:
         raise SalmaeError(f"checkpoint {path} holds no config; it was not written by `salmae pretrain`: "
                           "start a new run (--out) instead of resuming")
-    changed = resume_differences(saved, config_to_dict(cfg), RESUME_MAY_CHANGE)
+    # data is identified by its manifest's content hash (`_check_same_data`), not by how its path is
+    # spelled; checkpoints from before that was recorded still compare the --data string
+    by_content = ("data", "saliency") if state.get("data") else ()
+    changed = resume_differences(saved, config_to_dict(cfg), RESUME_MAY_CHANGE + by_content)
     if changed:
         raise SalmaeError(f"--resume would change the run in {cfg.out} ({'; '.join(changed)}); resume with the "
                           "saved settings (config.yaml) or start a new --out")
     done = int(state.get("epoch", -1)) + 1
     require(cfg.epochs >= done, "epochs", cfg.epochs, f"at least the {done} epochs the checkpoint holds "
             "(a resume extends a run, it cannot shorten one)")
+
+
+def _check_same_data(cfg: PretrainConfig, state: dict, path: Path, now: dict) -> None:
+    """Refuse a resume on data whose manifest hash differs from the one the checkpoint trained on,
+    naming the first shard that differs (a relative --data from another folder, a replaced tar)."""
+    recorded = state.get("data")
+    if not recorded:
+        return
+    if recorded.get("saliency") != now["saliency"]:
+        raise SalmaeError(f"--resume with another saliency store: checkpoint {path} was trained with store "
+                          f"{recorded.get('saliency')}, --saliency {cfg.saliency!r} is {now['saliency']}; "
+                          "pass the original store or start a new --out")
+    if recorded.get("manifest_hash") == now["manifest_hash"]:
+        return
+    where = first_difference(recorded.get("shards") or {}, now["shards"]) or "the samples differ"
+    raise SalmaeError(f"--resume on other data: checkpoint {path} was trained on data with manifest hash "
+                      f"{str(recorded.get('manifest_hash'))[:12]}…, --data {cfg.data!r} has {now['manifest_hash'][:12]}… "
+                      f"({where}); point --data at the original shards or start a new --out")
+
+
+def _store_identity(store) -> str | None:
+    """A saliency store by what made it (its fingerprint: CLIP weights' sha256, CAM, layer, data hash), not its path."""
+    if store is None:
+        return None
+    import hashlib
+    import json
+
+    fingerprint = json.dumps(store.attrs.get("fingerprint") or dict(store.attrs), sort_keys=True, default=str)
+    return "fingerprint " + hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+def _resolved(url: str) -> str:
+    return url if ("://" in url or url.startswith("pipe:")) else str(Path(url).resolve())
 
 
 def _settle_run_folder(out: Path, state: dict | None) -> None:
@@ -339,8 +411,8 @@ def _dataset(cfg: PretrainConfig, model):
                   skip_missing=cfg.masking.skip_missing, seed=cfg.seed, max_pixels=cfg.max_pixels)
     if cfg.data_mode == "stream":
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
-                                     world=dist.world_size(), **common), store
-    return IndexedPretrainDataset(manifest, urls, cache_images=cfg.cache_images, **common), store
+                                     world=dist.world_size(), **common), manifest, store
+    return IndexedPretrainDataset(manifest, urls, cache_images=cfg.cache_images, **common), manifest, store
 
 
 def _loss_reduction(cfg: PretrainConfig, plan: MaskPlan, model) -> str:
@@ -372,7 +444,7 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
     cached = out / "manifest.parquet"
     if cached.is_file() and stale_reason(load_manifest(cached), urls) is None:
         return load_manifest(cached)
-    staged = _staged_manifest(out)   # beside the run folder: it moves in once every check has passed
+    staged = _staged_manifest(out)
     if dist.is_main() and not (staged.is_file() and stale_reason(load_manifest(staged), urls) is None):
         get_logger().info("building the manifest of %d shards into %s", len(urls), staged)
         build_manifest(urls, staged)
@@ -381,7 +453,9 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
 
 
 def _staged_manifest(out: Path) -> Path:
-    return out.parent / f".{out.name}.manifest.parquet"
+    """Where rank 0 builds the manifest of --data: inside the run folder, hidden; it becomes
+    `manifest.parquet` once every check has passed (a refused run keeps it for the next try)."""
+    return out / ".manifest.parquet.staged"
 
 
 def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[int, int]):
@@ -412,12 +486,13 @@ def _mask_plan(cfg: PretrainConfig) -> MaskPlan:
                     source=m.source, seed=cfg.seed)
 
 
-def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict) -> None:
+def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict, data_identity: dict) -> None:
     config = config_to_dict(cfg)
     config["model_args"] = dict(model.model_args)
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict() if scaler is not None else None,
-                 epoch=epoch, step=(epoch + 1) * stats["steps"], config=config, loss=float(stats["loss"]))
+                 epoch=epoch, step=(epoch + 1) * stats["steps"], config=config, loss=float(stats["loss"]),
+                 data=data_identity)
     save_checkpoint(out / "checkpoint-latest.pth", **state)
     if cfg.save_every > 0 and (epoch + 1) % cfg.save_every == 0:
         save_checkpoint(out / f"checkpoint-{epoch:04d}.pth", **state)

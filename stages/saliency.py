@@ -23,15 +23,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.device import default_workers, pick_device, resolve_precision
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import disk_full_as_error
-from salmae.pipeline.logging import setup_logging
+from salmae.pipeline.logging import get_logger, setup_logging
 from salmae.pipeline.models.clip import load_clip
 from salmae.pipeline.saliency.engine import compute_shards, deal_todo, job_shards, parse_shards
 from salmae.pipeline.saliency.gradcam import CAM_METHODS, DEFAULT_LAYER, check_layer, compile_around_layer, resolve_layer
@@ -51,6 +51,8 @@ class SaliencyConfig:
                                       # hf-hub:ORG/NAME, or 'none' (a tag is ignored for an hf-hub: clip_model)
     cam: str = "gradcam"              # gradcam, hirescam = fast path; library methods: gradcam++, layercam, ...
     layer: str = DEFAULT_LAYER        # CAM layer, dotted path under model.visual (default: last block's ln_1)
+    resize: Literal["squash", "letterbox"] = "squash"  # image into CLIP's input: squash (aspect not kept) or
+                                      # letterbox (longest side, padded; frames reach past the image)
     batch_size: int | None = None     # images per forward/backward; None: 256 on CUDA, 64 on CPU
     workers: int | None = None        # DataLoader worker processes (decode, resize, tokenize); None: the CPUs
                                       # per local process less one, 1..10 (pipeline.device.default_workers)
@@ -84,12 +86,18 @@ def run(cfg: SaliencyConfig) -> dict[str, Any]:
                               workers=default_workers() if cfg.workers is None else cfg.workers)
     dist.init(device)
     lock = StoreLock(out, parse_shards(cfg.shards))       # one writer per shard range: rank 0 holds it for the job
-    if dist.is_main():
-        lock.acquire()
-    try:
-        return _run_locked(cfg, out, device, lock)
-    finally:
-        lock.release()
+    # SIGTERM (SLURM) like Ctrl-C: stop at the next batch boundary, finished shards written, lock released
+    with signals.stop_signals(deferred=True):
+        if dist.is_main():
+            lock.acquire()
+        try:
+            return _run_locked(cfg, out, device, lock)
+        except KeyboardInterrupt as e:
+            get_logger().error("stage 1 stopped by %s at a batch boundary; finished shards are kept and the same "
+                               "command resumes", getattr(e, "name", "SIGINT"))
+            raise
+        finally:
+            lock.release()
 
 
 def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: StoreLock) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from salmae.pipeline import dist
 from salmae.pipeline.config import require
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.steps import Steps, record_config
 from salmae.stages.pretrain import ArchConfig
 from salmae.stages.study_settings import parse_setting
@@ -88,7 +89,8 @@ class StudyConfig:
                                        # per epoch to load instead of 3.5); false for a large --data
     pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
     # stage 3 (the same for every setting, the floor included)
-    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])  # evals of every run:
+                                       # knn | linear | linear-noaug | finetune
     linear_epochs: int | None = 30     # linear-probe epochs (None: MAE's 90)
     linear_blr: float | None = 50.0    # LARS base lr (None: MAE's 0.1, which assumes batch 16384)
     linear_global_batch: int | None = 256  # linear probe images per step (None: MAE's 16384)
@@ -153,6 +155,16 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
 
     validate(cfg)
     dist.init(pick_device(cfg.device))   # under torchrun, so that rank 0's steps (data, CLIP) are waited for
+    lock = RunLock(cfg.out, "study")     # one job per study folder (its runs inside share the lock)
+    if dist.is_main():
+        lock.acquire()
+    try:
+        return _run_study(cfg)
+    finally:
+        lock.release()
+
+
+def _run_study(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)

@@ -506,11 +506,27 @@ def test_unset_workers_take_the_default_recorded_and_a_resume_may_change_them(co
 
 @pytest.mark.parametrize("protocol", ["knn", "linear"])
 def test_a_nan_checkpoint_reports_no_accuracy(colour_folder, mae_checkpoint, tmp_path, protocol):
-    """kNN and the linear probe on a checkpoint with NaN weights reported 12.5% (issue 23, item 8)."""
+    """kNN and the linear probe on a checkpoint with NaN weights reported 12.5% (issue 23, item 8). NaN
+    weights are now refused on load (tests/test_checkpoint_integrity.py), so here the weights are finite
+    but overflow in the forward pass: the features are what must be checked."""
     state = torch.load(mae_checkpoint, weights_only=True)
-    state["model"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    state["model"]["blocks.0.attn.qkv.weight"].fill_(3e38)
     bad = tmp_path / "nan.pth"
     torch.save(state, bad)
     with pytest.raises(SalmaeError, match=r"^\d+ of \d+ (val|train) features of checkpoint .*nan.pth are not finite"):
         run(_cfg(protocol, bad, colour_folder, tmp_path / protocol, batch_size=32, epochs=1))
     assert not (tmp_path / protocol / "results.json").exists()
+
+
+def test_a_bit_flipped_checkpoint_is_refused_by_eval(colour_folder, mae_checkpoint, tmp_path):
+    """A flipped tensor record loaded as weights of -3.6e37 and kNN still reported a number (issue 23,
+    item 7): a checkpoint written by salmae carries a sha256 sidecar that eval checks."""
+    from salmae.pipeline.checkpoint import save_checkpoint
+    from test_checkpoint_integrity import _flip_tensor_bytes
+
+    path = tmp_path / "checkpoint-latest.pth"
+    save_checkpoint(path, **torch.load(mae_checkpoint, weights_only=True))
+    _flip_tensor_bytes(path)
+    with pytest.raises(SalmaeError, match=r"checkpoint .*checkpoint-latest.pth is damaged"):
+        run(_cfg("knn", path, colour_folder, tmp_path / "knn", batch_size=32))
+    assert not (tmp_path / "knn" / "results.json").exists()

@@ -27,7 +27,7 @@ def test_one_row_per_sample_with_contract_columns(tmp_path, shapes_dir, shapes_p
     m = build_manifest(shapes_pattern, tmp_path / "m.parquet")
     table = pq.read_table(tmp_path / "m.parquet")
     assert table.column_names == ["row", "key", "shard", "caption", "width", "height", "status",
-                                 "image_offset", "image_nbytes", "image_ext"]
+                                 "image_offset", "image_nbytes", "image_ext", "digest"]
     assert table.schema.field("row").type == pa.int64() and table.schema.field("width").type == pa.int32()
     assert table.column("row").to_pylist() == list(range(64)) == list(range(len(m)))
     parquet_keys = [k for n in ("00000", "00001") for k in pq.read_table(shapes_dir / f"{n}.parquet").column("key").to_pylist()]
@@ -129,6 +129,8 @@ def _reference_hash(table: pa.Table) -> str:
         h.update(name.encode() + b"\n")
         if pa.types.is_string(col.type):
             h.update(b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in col.to_pylist()))
+        elif pa.types.is_fixed_size_binary(col.type):
+            h.update(b"".join(col.to_pylist()))
         else:
             h.update(np.asarray(col.to_numpy(), dtype="<i8").tobytes())
     return h.hexdigest()
@@ -169,7 +171,7 @@ def test_stale_reason_from_sizes_and_times(tmp_path, shards_copy):
     assert "1 missing" in stale_reason(loaded, str(shards_copy / "00000.tar"))
     st = os.stat(shards_copy / "00001.tar")
     os.utime(shards_copy / "00001.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes
-    assert "changed size or time" in stale_reason(loaded, pattern) and "00001.tar" in stale_reason(loaded, pattern)
+    assert "changed (size, time or file)" in stale_reason(loaded, pattern) and "00001.tar" in stale_reason(loaded, pattern)
     piped = [f"pipe:cat {shards_copy / n}" for n in ("00000.tar", "00001.tar")]
     assert stale_reason(build_manifest(piped), piped) is None        # streamed shards: names only
     old = load_manifest(tmp_path / "m.parquet")

@@ -61,7 +61,7 @@ def test_pretrain_refuses_a_manifest_of_other_shards(tmp_path, shards, shapes_pa
     from test_pretrain_stage import _cfg
 
     manifest_mod.build_manifest(shapes_pattern, tmp_path / "other.parquet")    # the same names, other files
-    with pytest.raises(SalmaeError, match=r"other\.parquet does not describe --data: .*changed size or time"):
+    with pytest.raises(SalmaeError, match=r"other\.parquet does not describe --data: .*changed \(size, time or file\)"):
         run(_cfg(tmp_path / "run", shards, mask="random", epochs=1, batch_size=16, viz_samples=0,
                  manifest=str(tmp_path / "other.parquet")))
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,61 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_pa
     kept = load_checkpoint(out / "checkpoint-latest.pth")
     assert kept["epoch"] == good["epoch"] == 0
     assert torch.equal(kept["model"]["norm.weight"], good["model"]["norm.weight"])
+
+
+def test_tensorboard_has_no_repeated_steps_after_a_resume(tmp_path, shapes_pattern, monkeypatch):
+    """A run killed mid-epoch, then resumed: TensorBoard (read back with its EventAccumulator) holds
+    each step once, with the values metrics.jsonl keeps (purge_step on resume, as truncate_metrics)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from salmae.pipeline.models.mae import MaskedAutoencoderViT
+    from salmae.stages.pretrain import run
+
+    out = tmp_path / "run"
+    kw = dict(mask="random", batch_size=16, viz_samples=0, log_every=1)   # 64 rows: 4 steps per epoch
+    real, calls = MaskedAutoencoderViT.forward_loss, []
+
+    def killed_in_epoch_1(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 7:                  # epoch 1, step 2: steps 4 and 5 are logged, then the "kill"
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(out, shapes_pattern, epochs=2, **kw))
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", real)
+    time.sleep(1.1)   # event files are read in name order, which starts with the second they were made in
+    run(_cfg(out, shapes_pattern, epochs=2, resume="latest", **kw))
+
+    records = read_metrics(out / "metrics.jsonl")
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    steps = [(e.step, e.value) for e in acc.Scalars("step/loss")]
+    want = [(r["step"], r["loss"]) for r in records if r["kind"] == "step"]
+    assert [s for s, _ in steps] == [s for s, _ in want] == list(range(8))        # no step twice
+    assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(steps, want))          # the resumed run's values
+    epochs = [(e.step, e.value) for e in acc.Scalars("epoch/loss")]
+    assert [s for s, _ in epochs] == [3, 7]          # an epoch summary sits at its epoch's last step
+    assert all(abs(v - r["loss"]) < 1e-6 for (_, v), r in zip(epochs, [r for r in records if r["kind"] == "epoch"]))
+
+
+def test_metrics_writer_purges_epoch_axis_curves_on_resume(tmp_path):
+    """Eval records have only an epoch (their step axis): a resumed fine-tune's writer purges from the
+    first epoch it writes again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from salmae.pipeline.logging import MetricsWriter
+
+    first = MetricsWriter(tmp_path / "metrics.jsonl", purge_step=0)
+    for epoch in range(3):
+        first.write(protocol="finetune", epoch=epoch, loss=10.0 + epoch)
+    first.close()
+    time.sleep(1.1)   # event files are read in name order, which starts with the second they were made in
+    again = MetricsWriter(tmp_path / "metrics.jsonl", purge_step=1)   # resumed after epoch 0
+    for epoch in (1, 2, 3):
+        again.write(protocol="finetune", epoch=epoch, loss=20.0 + epoch)
+    again.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("finetune/loss")] == [(0, 10.0), (1, 21.0), (2, 22.0), (3, 23.0)]

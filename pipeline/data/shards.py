@@ -108,6 +108,9 @@ def _expand_local(url: str, pattern: str) -> list[str]:
         if not found:
             raise SalmaeError(f"no shard matches {path} (from {pattern!r}); check the folder and pattern")
         return found
+    if os.path.isdir(path):
+        raise SalmaeError(f"--data {path} is a directory; give a tar pattern such as '{path.rstrip('/')}/*.tar' "
+                          f"or '{path.rstrip('/')}/{{00000..00099}}.tar'")
     if not os.path.isfile(path):
         raise SalmaeError(f"shard {path} not found (from {pattern!r}); check the path or brace range")
     return [path]

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from salmae.pipeline import dist
 from salmae.pipeline.device import autocast, pin_memory
 from salmae.pipeline.files import atomic_path
+from salmae.pipeline.logging import get_logger
+from salmae.pipeline.progress import progress_bar
 
 CACHE_VERSION = 1
 
@@ -53,7 +54,7 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, batch_size: 
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=pin_memory(device))
     chunks, labels, oks = [], [], []
-    for imgs, y, _, ok in tqdm(loader, desc=desc, disable=not dist.is_main(), leave=False):
+    for imgs, y, _, ok in progress_bar(loader, desc=desc, unit="batch", disable=not dist.is_main(), leave=False):
         with autocast(device, precision):
             f = encode(encoder, imgs.to(device, non_blocking=True))
         chunks.append(f.float())  # stays on the device: one copy to the host at the end, not one per batch
@@ -92,13 +93,24 @@ def cached_features(path: Path, key: dict[str, Any], compute) -> tuple[Features,
     Returns (features, whether they came from the cache).
     """
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("key") == {**key, "cache_version": CACHE_VERSION}:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:   # a damaged or half-copied cache is recomputed, never trusted
+            get_logger().warning("feature cache %s is unreadable (%s); computing the features again", path,
+                                 type(e).__name__)
+            blob = {}
+        if isinstance(blob, dict) and blob.get("key") == {**key, "cache_version": CACHE_VERSION}:
             return Features(blob["feats"], blob["labels"], blob["ok"]), True
     feats = compute()
     if dist.is_main():
-        with atomic_path(path) as tmp:
-            torch.save({"key": {**key, "cache_version": CACHE_VERSION}, "feats": feats.feats,
-                        "labels": feats.labels, "ok": feats.ok}, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save({"key": {**key, "cache_version": CACHE_VERSION}, "feats": feats.feats,
+                            "labels": feats.labels, "ok": feats.ok}, tmp)
+        except (OSError, RuntimeError) as e:   # a full disk: torch says "PytorchStreamWriter failed writing file"
+            from salmae.pipeline.checkpoint import write_failure
+
+            get_logger().warning("could not cache features at %s: %s; going on without the cache", path,
+                                 write_failure(path, e))
     dist.barrier()
     return feats, False

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from salmae.pipeline import dist
 from salmae.pipeline.device import autocast, pin_memory
@@ -16,6 +15,7 @@ from salmae.pipeline.eval.accumulation import gradient_sync
 from salmae.pipeline.eval.empty_batch import readable_rows, zero_loss
 from salmae.pipeline.eval.metrics import mean_over_ranks, topk_hits
 from salmae.pipeline.eval.schedule import cosine_lr, set_lr
+from salmae.pipeline.progress import progress_bar
 
 
 def init_finetune_head(model: nn.Module, num_classes: int) -> None:
@@ -51,7 +51,7 @@ def finetune_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.op
     usable = (micro_per_epoch // accum_iter) * accum_iter
     loss_sum, rows, unreadable = torch.zeros((), dtype=torch.float64, device=device), 0, []
     for i, (imgs, labels, index, ok) in enumerate(
-            tqdm(loader, desc=f"finetune {epoch}", disable=not dist.is_main(), leave=False)):
+            progress_bar(loader, desc=f"finetune {epoch}", unit="batch", disable=not dist.is_main(), leave=False)):
         if i >= usable:
             break
         unreadable += index[~ok].tolist()
@@ -113,7 +113,8 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, *, batch_size: int, 
     hits = torch.zeros(2, dtype=torch.long, device=device)  # top1, top5 hits
     readable = 0
     unreadable: list[int] = []
-    for imgs, labels, index, ok in tqdm(loader, desc="val", disable=not dist.is_main(), leave=False):
+    for imgs, labels, index, ok in progress_bar(loader, desc="val", unit="batch", disable=not dist.is_main(),
+                                                leave=False):
         unreadable += index[~ok].tolist()
         if not ok.any():
             continue

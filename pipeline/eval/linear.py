@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from timm.optim import Lars
-from tqdm import tqdm
 
 from salmae.pipeline import dist
 from salmae.pipeline.device import autocast, pin_memory
@@ -25,6 +24,7 @@ from salmae.pipeline.eval.empty_batch import readable_rows, zero_loss
 from salmae.pipeline.eval.features import encode
 from salmae.pipeline.eval.metrics import mean_over_ranks
 from salmae.pipeline.eval.schedule import cosine_lr, set_lr
+from salmae.pipeline.progress import progress_bar
 
 
 class LinearProbeHead(nn.Module):
@@ -138,7 +138,8 @@ def train_linear_head(head: nn.Module, batches: FeatureBatches, optimizer: torch
     usable = (micro_per_epoch // accum_iter) * accum_iter
     total, warmup = epochs * micro_per_epoch, warmup_epochs * micro_per_epoch
     device = next(head.parameters()).device
-    for epoch in tqdm(range(start_epoch, epochs), desc="linear", disable=not dist.is_main(), leave=False):
+    for epoch in progress_bar(range(start_epoch, epochs), desc="linear", unit="epoch", disable=not dist.is_main(),
+                          leave=False):
         head.train()
         loss_sum, rows = torch.zeros((), dtype=torch.float64, device=device), 0  # sum of loss * rows; rows
         for i, (feats, labels) in enumerate(batches.epoch(epoch)):

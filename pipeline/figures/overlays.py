@@ -16,13 +16,18 @@ import numpy as np  # noqa: E402
 from salmae.pipeline.files import atomic_path  # noqa: E402
 
 
-def upsample_map(saliency: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """[gh, gw] -> [H, W] by nearest-patch replication (what the patch grid really resolves)."""
-    gh, gw = saliency.shape
+def frame_cells_at_pixels(cells: np.ndarray, frame: tuple[float, float, float, float],
+                          size_hw: tuple[int, int]) -> np.ndarray:
+    """cells: [gh, gw] bool over `frame` (x0, y0, x1, y1, image pixels) -> [H, W] bool: each image
+    pixel takes the cell under its centre; pixels outside the frame are False. A frame may reach
+    past the image (a letterbox store's): the cells there are not drawn."""
+    gh, gw = cells.shape
     h, w = size_hw
-    ys = np.minimum((np.arange(h) * gh) // max(h, 1), gh - 1)
-    xs = np.minimum((np.arange(w) * gw) // max(w, 1), gw - 1)
-    return saliency[ys][:, xs]
+    x0, y0, x1, y1 = frame
+    cols = np.floor((np.arange(w) + 0.5 - x0) / max(x1 - x0, 1e-9) * gw).astype(np.int64)   # [W]
+    rows = np.floor((np.arange(h) + 0.5 - y0) / max(y1 - y0, 1e-9) * gh).astype(np.int64)   # [H]
+    inside = ((rows >= 0) & (rows < gh))[:, None] & ((cols >= 0) & (cols < gw))[None, :]
+    return cells[np.clip(rows, 0, gh - 1)][:, np.clip(cols, 0, gw - 1)] & inside
 
 
 def save_saliency_overlay(path: str | Path, image: np.ndarray, saliency: np.ndarray,
@@ -46,9 +51,7 @@ def save_saliency_overlay(path: str | Path, image: np.ndarray, saliency: np.ndar
     axes[1].set_title("saliency", fontsize=8)
     if mask is not None:
         shown = image.copy()
-        hidden = upsample_map(np.asarray(mask, dtype=np.float32), (int(y1 - y0), int(x1 - x0))) > 0.5
-        region = shown[int(y0):int(y1), int(x0):int(x1)]
-        region[hidden[:region.shape[0], :region.shape[1]]] = 128
+        shown[frame_cells_at_pixels(np.asarray(mask, dtype=np.float32) > 0.5, (x0, y0, x1, y1), (h, w))] = 128
         axes[2].imshow(shown)
         axes[2].set_title(mask_label, fontsize=8)
     for ax in axes:

@@ -6,12 +6,13 @@ goes into the saliency store's attrs so a map can always be traced to the exact 
 
 `pretrained` is one of
 - an open_clip tag (`laion2b_s34b_b88k`, `openai`, ...): weights from open_clip's cache or the
-  network; the tag's own mean/std and QuickGELU setting are applied;
+  network; the tag's own mean/std, interpolation and QuickGELU setting are applied (its resize
+  mode is not: stage 1 maps the whole image, `--set resize=squash|letterbox`);
 - a local checkpoint FILE (the offline path): its sha256 is recorded. A file does not bring its
-  tag's mean/std, so they come from the file itself when it carries a `preprocess_cfg` (files
-  written by `salmae clip-train` do), else from open_clip's model/preprocess defaults. QuickGELU is
-  taken from the file's `quick_gelu` entry if present, or from a `-quickgelu` model name
-  (e.g. `ViT-B-16-quickgelu` for OpenAI weights saved as a plain state dict);
+  tag's mean/std, so they (and the interpolation) come from the file itself when it carries a
+  `preprocess_cfg` (files written by `salmae clip-train` do), else from open_clip's model/preprocess
+  defaults. QuickGELU is taken from the file's `quick_gelu` entry if present, or from a
+  `-quickgelu` model name (e.g. `ViT-B-16-quickgelu` for OpenAI weights saved as a plain state dict);
 - `hf-hub:ORG/NAME`: the weights of an open_clip Hub repository (`open_clip_model.safetensors` or
   `open_clip_pytorch_model.bin`, found as open_clip finds them, through the Hugging Face cache),
   with the mean/std of its `open_clip_config.json`; its `model_cfg` must be `name`'s. sha256 recorded;
@@ -58,11 +59,12 @@ for _config in sorted(CONFIG_DIR.glob("*.json")):
 class ClipInfo:
     """What the data loader needs to feed the image tower."""
 
-    input_size: tuple[int, int]       # (H, W) the image is resized (squashed) to
+    input_size: tuple[int, int]       # (H, W) of the image tower's input
     mean: tuple[float, float, float]  # per-channel normalisation applied after scaling to [0, 1]
     std: tuple[float, float, float]
     grid: tuple[int, int]             # (gh, gw) patch grid of the vision transformer
     context_length: int               # text tokens per caption
+    interpolation: str = "bicubic"    # resize filter of the weights' preprocess_cfg (bicubic | bilinear)
 
 
 def is_random(pretrained: str | None) -> bool:
@@ -90,8 +92,8 @@ def load_clip(
     if is_random(pretrained):
         weights = None
     elif hub.is_hub_name(pretrained):
-        weights, hub_mean_std = _hub_weights_for(name, pretrained)
-        kwargs.update(hub_mean_std)
+        weights, hub_preprocess = _hub_weights_for(name, pretrained)
+        kwargs.update(hub_preprocess)
         record.update(clip_pretrained=pretrained, pretrained_sha256=sha256_file(weights))
     elif _looks_like_file(pretrained):
         path = Path(pretrained)
@@ -106,6 +108,8 @@ def load_clip(
         pp = extras.get("preprocess_cfg") or {}
         if "mean" in pp and "std" in pp:
             kwargs.update(image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]))
+        if pp.get("interpolation"):
+            kwargs["image_interpolation"] = str(pp["interpolation"])
         if extras.get("quick_gelu") or extras.get("openai_jit"):
             kwargs["force_quick_gelu"] = True
         record.update(clip_pretrained=str(path), pretrained_sha256=sha256_file(path))
@@ -139,9 +143,10 @@ def _finish(model: torch.nn.Module, name: str, kwargs: dict[str, Any],
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
     tokenizer = open_clip.get_tokenizer(name)
     info = ClipInfo(input_size=tuple(int(s) for s in size), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
-                    grid=tuple(int(g) for g in visual.grid_size), context_length=int(model.context_length))
+                    grid=tuple(int(g) for g in visual.grid_size), context_length=int(model.context_length),
+                    interpolation=str(pp.get("interpolation") or "bicubic"))
     record.update(quick_gelu=bool(kwargs.get("force_quick_gelu", False)), mean=list(info.mean), std=list(info.std),
-                  input_size=list(info.input_size), grid=list(info.grid))
+                  input_size=list(info.input_size), grid=list(info.grid), interpolation=info.interpolation)
     return model, info, tokenizer, record
 
 
@@ -181,7 +186,8 @@ def _load_hub_model(name: str, pretrained: str | None, device: torch.device | st
 
 
 def _hub_weights_for(name: str, repo: str) -> tuple[str, dict[str, Any]]:
-    """`--clip-pretrained hf-hub:ORG/NAME` for `--clip-model name`: (weights file, mean/std kwargs).
+    """`--clip-pretrained hf-hub:ORG/NAME` for `--clip-model name`: (weights file, preprocessing kwargs:
+    the repository's mean/std and interpolation).
     The repository's model_cfg must be `name`'s (else: use the repository as --clip-model)."""
     config = _hub_clip_config(repo)
     if config["model_cfg"] != open_clip.get_model_config(name):
@@ -189,8 +195,11 @@ def _hub_weights_for(name: str, repo: str) -> tuple[str, dict[str, Any]]:
                           "(and no --clip-pretrained) to use its own config")
     weights = hub.hub_weights(repo, candidates=OPEN_CLIP_WEIGHT_FILES)
     pp = config.get("preprocess_cfg") or {}
-    mean_std = {"image_mean": tuple(pp["mean"]), "image_std": tuple(pp["std"])} if "mean" in pp and "std" in pp else {}
-    return str(weights), mean_std
+    kwargs: dict[str, Any] = {"image_mean": tuple(pp["mean"]), "image_std": tuple(pp["std"])} \
+        if "mean" in pp and "std" in pp else {}
+    if pp.get("interpolation"):
+        kwargs["image_interpolation"] = str(pp["interpolation"])
+    return str(weights), kwargs
 
 
 SUPPORTED_TOWERS = "open_clip VisionTransformer towers (ViT-* configs such as ViT-B-16, or salmae-tiny)"

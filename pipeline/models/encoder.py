@@ -104,6 +104,7 @@ def load_encoder(
     pretrain_img_size = arch["img_size"]
     if img_size is not None:
         arch["img_size"] = img_size
+    check_arch(arch, path)
     rate = _rate(drop_path_rate, arch["embed_dim"])
     model = VisionTransformer(**arch, num_classes=num_classes,
                               global_pool="avg" if global_pool else "token",
@@ -111,6 +112,19 @@ def load_encoder(
     dropped = load_encoder_state(model, state, path, arch)
     return model, EncoderSpec(source=source, arch=arch, pretrain_img_size=pretrain_img_size,
                               dropped_keys=dropped, drop_path_rate=rate)
+
+
+def check_arch(arch: Mapping[str, Any], path: str | Path = "?") -> None:
+    """Sizes a ViT can be built with, or one line naming the option (timm would fail in an assert)."""
+    width, heads, patch, size = arch["embed_dim"], arch["num_heads"], arch["patch_size"], arch["img_size"]
+    if heads < 1 or width % heads:
+        divisors = [h for h in range(1, min(width, 32) + 1) if width % h == 0]
+        raise SalmaeError(f"--set num_heads={heads} does not divide the width {width} of checkpoint {path}; "
+                          f"use one of {', '.join(map(str, divisors))}")
+    sizes = size if isinstance(size, (tuple, list)) else (size, size)
+    if any(s < patch or s % patch for s in sizes):
+        raise SalmaeError(f"--set image_size={size} does not fit the patch size {patch} of checkpoint {path}; "
+                          f"use a multiple of {patch} (e.g. {max(patch, round(sizes[0] / patch) * patch)})")
 
 
 def _rate(drop_path_rate: float | Callable[[int], float], embed_dim: int) -> float:

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 from salmae.pipeline.data.shards import decode_image, read_member, shard_name
 from salmae.pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.saliency.preprocess import letterbox_frames
 from salmae.pipeline.saliency.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
 
 
@@ -91,7 +92,8 @@ def _store_rows(keys: np.ndarray, store_keys: np.ndarray) -> np.ndarray:
 
 
 def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) -> None:
-    """SalmaeError unless every ok map's frame lies inside its image (as the manifest sizes it), with area."""
+    """SalmaeError unless every ok map's frame lies inside its image (as the manifest sizes it), with area;
+    in a letterbox store, unless it is the letterboxed input of its image (past the image by the padding)."""
     ok_rows = np.nonzero((store_rows >= 0) & (store.status[np.maximum(store_rows, 0)] == STATUS_OK))[0]
     if not len(ok_rows):
         return
@@ -99,8 +101,12 @@ def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) ->
     sizes = np.stack([np.asarray(manifest.column("width"))[ok_rows],
                       np.asarray(manifest.column("height"))[ok_rows]], 1)        # [n, 2] W, H
     tol = 0.5
-    bad = ((frames[:, 0] < -tol) | (frames[:, 1] < -tol) | (frames[:, 2] > sizes[:, 0] + tol)
-           | (frames[:, 3] > sizes[:, 1] + tol) | (frames[:, 2] <= frames[:, 0]) | (frames[:, 3] <= frames[:, 1]))
+    if store.attrs.get("resize") == "letterbox":
+        want = letterbox_frames(sizes, tuple(store.attrs["input_size"]))
+        bad = (np.abs(frames - want) > tol + 1e-5 * np.abs(want)).any(axis=1)
+    else:
+        bad = ((frames[:, 0] < -tol) | (frames[:, 1] < -tol) | (frames[:, 2] > sizes[:, 0] + tol)
+               | (frames[:, 3] > sizes[:, 1] + tol) | (frames[:, 2] <= frames[:, 0]) | (frames[:, 3] <= frames[:, 1]))
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
         key = manifest.keys[ok_rows[i]]
@@ -219,7 +225,7 @@ class DecodedImages:
 
     def __init__(self, rows: np.ndarray, widths: np.ndarray, heights: np.ndarray, read: Callable[[int], Any],
                  key_of: Callable[[int], str]):
-        from tqdm import tqdm
+        from salmae.pipeline.progress import progress_bar
 
         sizes = heights.astype(np.int64) * widths.astype(np.int64) * 3
         need, ram = int(sizes.sum()), physical_memory_bytes()
@@ -232,7 +238,7 @@ class DecodedImages:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.shapes = np.stack([heights, widths], axis=1).astype(np.int64)
         self.pixels = np.empty(need, dtype=np.uint8)
-        for i, row in enumerate(tqdm(rows, desc="decoding into memory", unit="img", leave=False,
+        for i, row in enumerate(progress_bar(rows, desc="decoding into memory", unit="img", leave=False,
                                      disable=len(rows) < 1000)):
             pixels = np.asarray(read(int(row)), dtype=np.uint8)       # [H, W, 3] (RGB from decode_image)
             if pixels.shape != (*self.shapes[i], 3):

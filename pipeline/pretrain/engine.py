@@ -18,7 +18,6 @@ import time
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from salmae.pipeline import dist
 from salmae.pipeline.data.transforms import normalise, pixel_stats
@@ -27,6 +26,7 @@ from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.host_syncs import no_host_syncs
 from salmae.pipeline.logging import MetricsWriter
 from salmae.pipeline.pretrain.mask_plan import MaskPlan, batch_masks, step_seed
+from salmae.pipeline.progress import progress_bar
 
 MASK_KEYS = ("ids_keep", "mask", "ids_restore")
 
@@ -80,7 +80,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     clock: list[tuple[int, float]] = []                        # (steps done, time) at each logging step's sync
     stats = pixel_stats(device)                                 # built once: a step makes no tensor from lists
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False)
+    bar = progress_bar(loader, total=steps, desc=f"epoch {epoch}", unit="step", disable=not dist.is_main(), leave=False)
     for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
         progress = epoch + step / steps
         if step % accum_iter == 0:

@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.data.transforms import normalise, pixel_stats
 from salmae.pipeline.device import autocast, pin_memory
 from salmae.pipeline.errors import SalmaeError
@@ -37,6 +36,7 @@ from salmae.pipeline.files import disk_full_as_error
 from salmae.pipeline.host_syncs import no_host_syncs
 from salmae.pipeline.logging import get_logger
 from salmae.pipeline.saliency.gradcam import compute_cam, encode_captions, trim_caption_padding
+from salmae.pipeline.saliency.preprocess import clip_input
 from salmae.pipeline.saliency.store import CODE_OF, STATUS_OK, SaliencyStore, status_code
 from salmae.pipeline.saliency.store_lock import ShardRange
 
@@ -81,14 +81,19 @@ def deal_todo(todo: Sequence[int], world: int, rank: int) -> list[int]:
 class _RowImages(Dataset):
     """Manifest row -> (row, image uint8 [3, H, W] or None, caption tokens [T] or None, damage reason or None).
 
-    Workers decode, resize and tokenize; images cross to the device as bytes and are normalised
-    there. Local tars are read by byte offset (random access); streamed shards (pipe: URLs) are
-    read whole once per worker and cached by key.
+    Workers decode, resize (`preprocess.clip_input`: squash or letterbox, the CLIP weights'
+    interpolation) and tokenize; images cross to the device as bytes and are normalised there.
+    Local tars are read by byte offset (random access); streamed shards (pipe: URLs) are read
+    whole once per worker and cached by key.
     """
 
-    def __init__(self, rows: dict[int, tuple[str, str, int, int, str]], info, tokenizer, max_pixels: int):
-        self.rows = rows                      # row -> (key, shard url, image offset, image bytes, caption)
+    def __init__(self, rows: dict[int, tuple[str, str, int, int, str, int, int]], info, tokenizer, max_pixels: int,
+                 resize: str = "squash"):
+        self.rows = rows                      # row -> (key, shard url, image offset, image bytes, caption, W, H)
+        self.size_hw = tuple(info.input_size)
         self.size_wh = (info.input_size[1], info.input_size[0])
+        self.interpolation = info.interpolation
+        self.resize = resize
         self.max_pixels = max_pixels          # refuse (too_large) before decoding, whatever the manifest said
         self.tokenizer = tokenizer            # open_clip's tokenizers are plain picklable objects
         self._cached_url: str | None = None
@@ -100,15 +105,14 @@ class _RowImages(Dataset):
     def __getitem__(self, row: int):
         from salmae.pipeline.data.shards import DamagedSampleError, decode_image
 
-        key, url, offset, nbytes, caption = self.rows[row]
+        key, url, offset, nbytes, caption, width, height = self.rows[row]
         try:
             image = decode_image(self._image_bytes(key, url, offset, nbytes), key, max_pixels=self.max_pixels,
                                  draft_size=self.size_wh)
         except DamagedSampleError as e:
             return row, None, None, e.reason
-        image = image.resize(self.size_wh, Image.BICUBIC)    # squash the whole image into the CLIP input
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)   # [3, H, W]
-        return row, pixels, self.tokenizer([caption])[0], None
+        pixels = clip_input(image, self.size_hw, self.resize, self.interpolation, source_size=(width, height))
+        return row, pixels, self.tokenizer([caption])[0], None                         # pixels: [3, H, W] uint8
 
     def _image_bytes(self, key: str, url: str, offset: int, nbytes: int) -> bytes:
         from salmae.pipeline.data.shards import DamagedSampleError, iter_shard, read_member
@@ -195,15 +199,16 @@ def _shard_urls(cfg, manifest) -> dict[str, str]:
 def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, info, tokenizer, layer,
                     device, run_id: str, provenance: dict) -> tuple[int, dict[str, float]]:
     """Compute and write every shard in `todo` (cfg: the stage's `SaliencyConfig`; read: data, batch_size,
-    workers, max_pixels, cam, precision, check_syncs); returns the number of images run through CLIP and this
+    workers, max_pixels, resize, cam, precision, check_syncs); returns the number of images run through CLIP and this
     rank's steady state {images, seconds}: from the first batch's maps on the host to the last's (the
     first batch holds loader start-up and CUDA warm-up; shard writes overlap it in their thread)."""
-    from tqdm import tqdm
+    from salmae.pipeline.progress import progress_bar
 
     urls = _shard_urls(cfg, manifest)
     keys, shards, captions = manifest.keys, manifest.column("shard"), manifest.column("caption")
     offsets, nbytes, statuses = manifest.column("image_offset"), manifest.column("image_nbytes"), manifest.status
-    image_pixels = manifest.column("width").astype(np.int64) * manifest.column("height").astype(np.int64)  # [N]
+    widths, heights = manifest.column("width").astype(np.int64), manifest.column("height").astype(np.int64)
+    image_pixels = widths * heights                                                               # [N]
     plans: dict[int, dict[str, Any]] = {}
     batches, batch_shard, rows_info = [], [], {}
     for s in todo:
@@ -219,7 +224,8 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
         if missing:
             raise SalmaeError(f"shard {missing[0]} of the store's manifest is not in --data; pass the original shards")
         for r in ok_rows:
-            rows_info[r] = (keys[r], urls[shards[r]], int(offsets[r]), int(nbytes[r]), captions[r])
+            rows_info[r] = (keys[r], urls[shards[r]], int(offsets[r]), int(nbytes[r]), captions[r],
+                            int(widths[r]), int(heights[r]))
         bs = []  # a batch never spans two tars (maps do not depend on the batch: test_batch_size_changes_no_map)
         for _, group in itertools.groupby(ok_rows, key=lambda r: shards[r]):
             group = list(group)
@@ -231,9 +237,11 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
     if cfg.workers > 1 and not all(_is_local_tar(u) for u in urls.values()):
         order = deal_tars_to_workers([shards[b[0]] for b in batches], cfg.workers)
         batches, batch_shard = [batches[i] for i in order], [batch_shard[i] for i in order]
-    loader = DataLoader(_RowImages(rows_info, info, tokenizer, cfg.max_pixels), batch_sampler=batches, num_workers=cfg.workers,
+    loader = DataLoader(_RowImages(rows_info, info, tokenizer, cfg.max_pixels, cfg.resize),
+                        batch_sampler=batches, num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=pin_memory(device),
-                        persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None)
+                        persistent_workers=False, multiprocessing_context="fork" if cfg.workers else None,
+                        worker_init_fn=signals.ignore_in_worker)   # a group SIGTERM: the main process stops them
     loaded = iter(loader) if batches else iter(())  # forks the workers: before the writer's thread exists
     with _ShardWriter(store, run_id, provenance) as writer:
         for s in todo:
@@ -242,7 +250,7 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
         if not batches:
             return 0, {"images": 0, "seconds": 0.0}
         cam_fn = compute_cam(cfg.cam)
-        bar = tqdm(total=len(rows_info), unit="img", disable=not dist.is_main(), dynamic_ncols=True, desc="saliency")
+        bar = progress_bar(total=len(rows_info), unit="img", disable=not dist.is_main(), desc="saliency")
         n_images, steady_from = 0, None               # steady state: from the first batch's maps on the host
         stats = pixel_stats(device, info.mean, info.std)   # once: a batch makes no tensor from Python lists
         in_flight: tuple | None = None             # the previous batch, its maps still on their way to the host
@@ -267,6 +275,10 @@ def compute_shards(cfg, store: SaliencyStore, manifest, todo: list[int], model, 
                     steady_from = (n_images, time.perf_counter())
             in_flight = (s, [r for r, e in zip(rows, errors) if e is None], maps)
             bar.update(len(rows))
+            if signals.requested():                   # SIGTERM/Ctrl-C: end at this batch boundary
+                n_images += _store_maps(store, plans, writer, *in_flight)
+                bar.close()
+                raise signals.interrupted()           # the writer still writes the shards already finished
         if in_flight is not None:
             n_images += _store_maps(store, plans, writer, *in_flight)
         bar.close()

@@ -5,7 +5,8 @@ Layout of `STORE.zarr` (rows in manifest order, N rows):
     scale       float32 [N]          that maximum: map = saliency * scale (normalisation in attrs)
     status      uint8   [N]          0 pending, 1 ok, >= 2 a named failure (`STATUS_CODES`)
     key         str     [N]          img2dataset key, leading zeros kept
-    frame       float32 [N, 4]       x0, y0, x1, y1 of the image region the map covers (pixels)
+    frame       float32 [N, 4]       x0, y0, x1, y1 of the image region the map covers (pixels; a
+                                     letterbox store's reaches past the image by the padding)
     image_size  int32   [N, 2]       W, H of the original image
     _done/NNNNN.json                 completion marker of Zarr shard NNNNN (written last, atomically)
     _locks/HOST-PID.json             the writers at work now (pipeline/saliency/store_lock.py); kept by `create_store`

@@ -22,23 +22,23 @@ from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import atomic_path, fsync_paths, pid_alive
 from salmae.pipeline.logging import get_logger
 from salmae.pipeline.saliency.gradcam import cam_normalisation
+from salmae.pipeline.saliency.preprocess import FRAME_CONVENTIONS, store_frames
 from salmae.pipeline.saliency.store import CREATING, DONE_DIR, READABLE_FORMATS
 from salmae.pipeline.saliency.store import FORMAT as STORE_FORMAT
 from salmae.pipeline.saliency.store import SaliencyStore, create_store, finish_store, read_attrs
 from salmae.pipeline.saliency.store_lock import StoreLock
 
 MANIFEST_NAME = "manifest.parquet"
-FRAME_CONVENTION = "whole image resized (squashed, aspect not kept) to input_size; frame = [0, 0, W, H]"
 DEFAULT_MAX_PIXELS = 64_000_000
 # fingerprint keys added after stores existed: a store without one was made with this value
-FINGERPRINT_DEFAULTS = {"max_pixels": DEFAULT_MAX_PIXELS}
+FINGERPRINT_DEFAULTS = {"max_pixels": DEFAULT_MAX_PIXELS, "resize": "squash", "interpolation": "bicubic"}
 
 
 def prepare_store(cfg, out: Path, record: dict, layer_path: str, info, provenance: dict,
                    lock: StoreLock) -> None:
     """Create the store, or check that an existing one was made by the same config, data and provenance.
 
-    cfg: the stage's `SaliencyConfig` (read: data, manifest, cam, rows_per_shard, max_pixels,
+    cfg: the stage's `SaliencyConfig` (read: data, manifest, cam, rows_per_shard, max_pixels, resize,
     overwrite, allow_mixed; saved into the store as config.yaml). Rank 0 only, holding `lock`.
     """
     _remove_dead_staging(out)
@@ -103,18 +103,21 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
     fingerprint = {"clip_model": record["clip_model"], "clip_pretrained": record["clip_pretrained"],
                    "pretrained_sha256": record["pretrained_sha256"], "cam": cfg.cam, "layer": layer_path,
                    "input_size": record["input_size"], "manifest_hash": manifest.hash,
-                   "rows_per_shard": cfg.rows_per_shard, "max_pixels": cfg.max_pixels}
+                   "rows_per_shard": cfg.rows_per_shard, "max_pixels": cfg.max_pixels, "resize": cfg.resize,
+                   "interpolation": info.interpolation}
     if state == "ready":
         attrs = SaliencyStore.open(out).attrs
         existing = {**FINGERPRINT_DEFAULTS, **attrs.get("fingerprint", {})}
         if attrs.get("format") != STORE_FORMAT and not cfg.overwrite:
             raise SalmaeError(f"store {out} has the older format {attrs.get('format')} (maps without a scale); "
                               "pass --overwrite to recompute it, or choose another --out")
-        if existing == fingerprint:
+        compared = [k for k in fingerprint if not (k == "clip_pretrained" and existing.get("pretrained_sha256")
+                                                   and fingerprint["pretrained_sha256"])]  # a file: its sha256
+        changed = sorted(k for k in compared if existing.get(k) != fingerprint[k])
+        if not changed:
             _check_provenance(cfg, out, attrs.get("provenance") or {}, provenance)
             return
         if not cfg.overwrite:
-            changed = sorted(k for k in fingerprint if existing.get(k) != fingerprint[k])
             what = ", ".join(f"{k}: {existing.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
             raise SalmaeError(f"store {out} was made with another config or data ({what}); "
                               "pass --overwrite to recompute it, or choose another --out")
@@ -124,9 +127,9 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
     widths = np.asarray(manifest.column("width"), dtype=np.int32)
     heights = np.asarray(manifest.column("height"), dtype=np.int32)
     sizes = np.stack([widths, heights], axis=1)                        # [N, 2] (W, H)
-    frames = np.concatenate([np.zeros_like(sizes), sizes], 1).astype(np.float32)  # [N, 4] whole image
-    attrs = {**record, "cam": cfg.cam, "layer": layer_path,
-             "input_size": record["input_size"], "frame": FRAME_CONVENTION, "manifest_hash": manifest.hash,
+    frames = store_frames(sizes, tuple(info.input_size), cfg.resize)   # [N, 4] x0, y0, x1, y1 (image pixels)
+    attrs = {**record, "cam": cfg.cam, "layer": layer_path, "resize": cfg.resize,
+             "input_size": record["input_size"], "frame": FRAME_CONVENTIONS[cfg.resize], "manifest_hash": manifest.hash,
              "salmae_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "normalisation": cam_normalisation(cfg.cam), "provenance": provenance, "max_pixels": cfg.max_pixels,
              "target": "cosine similarity of the image embedding to its own caption's text embedding"}

@@ -1,0 +1,82 @@
+"""SIGTERM handled like Ctrl-C: SLURM's preemption and time limit stop a job cleanly.
+
+SLURM (and Kubernetes, and `kill`) end a job with SIGTERM, whose default action kills Python at
+once: no `finally` runs, so stage 1 left its store lock behind and stage 2 wrote nothing to
+run.log. Under `stop_signals()` SIGTERM raises `Interrupted`, a `KeyboardInterrupt`, so every
+path that already survives Ctrl-C (locks released in `finally`, atomic writes, the CLI's one
+line) survives SIGTERM too.
+
+Two ways to stop:
+- at once (`stop_signals()`): the signal raises where the program is. Stages 2 and 3 do this;
+  their state is the last checkpoint, written atomically.
+- at a boundary (`stop_signals(deferred=True)`): the first signal only sets a flag that a loop
+  reads with `requested()` at a safe point and answers with `raise interrupted()`; a second
+  signal raises at once. Stage 1 stops at the next batch boundary this way, its finished shards
+  written and marked.
+
+DataLoader workers are forked with the parent's handlers; `ignore_in_worker` (a `worker_init_fn`
+part) makes them ignore both signals, so a signal sent to the whole process group (as SLURM does)
+leaves the stopping to the main process, which then shuts its workers down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"pending": None}          # the signal number a deferred handler has seen, if any
+
+
+class Interrupted(KeyboardInterrupt):
+    """The job was asked to stop by `signum`; `exit_code` is the shell's 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
+def requested() -> int | None:
+    """The signal a deferred handler has received (None if none): stop at the next safe point."""
+    return _state["pending"]
+
+
+def interrupted() -> Interrupted:
+    """The exception to raise at a safe point after `requested()`."""
+    return Interrupted(_state["pending"] or signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals(deferred: bool = False) -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise `Interrupted` (at once, or at the loop's next
+    `requested()` check when `deferred`, a second signal then raising at once). Restores the previous
+    handlers on exit. Outside the main thread (signal handlers cannot be set there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if deferred and _state["pending"] is None:
+            _state["pending"] = signum
+            return
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _state["pending"] = None
+
+
+def ignore_in_worker(worker_id: int | None = None) -> None:
+    """In a DataLoader worker: ignore SIGINT/SIGTERM (the main process stops the workers)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

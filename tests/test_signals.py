@@ -1,0 +1,86 @@
+"""SIGTERM (SLURM's preemption and time limit) is handled like Ctrl-C (issue 23, item 10): it killed
+pretrain at once with nothing in run.log, and stage 1 left its lock behind so that a requeue was
+refused until someone deleted the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from salmae.pipeline.signals import Interrupted
+from test_hardening_stage1 import _array_bytes, _cfg, baseline  # noqa: F401  (baseline: a fixture)
+
+
+def test_stage1_stops_at_a_batch_boundary_releases_its_lock_and_resumes_to_the_same_bytes(
+        tmp_path, shapes_pattern, baseline, monkeypatch):  # noqa: F811
+    from salmae.pipeline.saliency import engine
+    from salmae.stages.saliency import run
+
+    real = engine._store_maps
+    calls = []
+
+    def store_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:                                   # SIGTERM arrives during the third batch's maps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "_store_maps", store_then_signal)
+    out = tmp_path / "store.zarr"
+    with pytest.raises(Interrupted) as stopped:
+        run(_cfg(shapes_pattern, out))
+    assert stopped.value.exit_code == 143 and stopped.value.name == "SIGTERM"
+    assert not (out / "_locks").exists()                       # released: a requeue is not refused
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the stage's only
+    done = sorted(p.name for p in (out / "_done").glob("*")) if (out / "_done").exists() else []
+    log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
+    assert "stage 1 stopped by SIGTERM at a batch boundary" in log
+    monkeypatch.setattr(engine, "_store_maps", real)
+    summary = run(_cfg(shapes_pattern, out))
+    assert 0 < summary["images_this_run"] < 64, done          # finished shards were kept, the rest computed
+    assert _array_bytes(out) == _array_bytes(baseline)
+
+
+def test_pretrain_logs_one_line_releases_its_folder_and_resumes(tmp_path, shapes_pattern):
+    from salmae.pipeline.checkpoint import load_checkpoint
+    from salmae.pipeline.run_lock import LOCK_NAME
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "salmae", "pretrain", "--data", shapes_pattern, "--out", str(out), "--mask",
+            "random", "--batch-size", "8", "--device", "cpu", "--set", "workers=0", "--set", "viz_samples=0",
+            "--set", "arch.img_size=32", "--set", "arch.patch_size=8", "--set", "arch.embed_dim=32",
+            "--set", "arch.depth=1", "--set", "arch.num_heads=2", "--set", "arch.decoder_embed_dim=32",
+            "--set", "arch.decoder_depth=1", "--set", "arch.decoder_num_heads=2"]
+    job = subprocess.Popen(args + ["--epochs", "200"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-latest.pth").exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert (out / "checkpoint-latest.pth").exists(), job.stderr.read() if job.poll() is not None else "slow"
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("salmae: interrupted by SIGTERM; finished work is kept")
+    assert "Traceback" not in err
+    log = (out / "run.log").read_text()
+    assert "stage 2 stopped by SIGTERM; checkpoint-latest.pth holds epoch" in log
+    assert not (out / LOCK_NAME).exists()
+    epoch = int(load_checkpoint(out / "checkpoint-latest.pth")["epoch"])
+    again = subprocess.run(args + ["--epochs", str(epoch + 2), "--resume", "latest"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert int(load_checkpoint(out / "checkpoint-latest.pth")["epoch"]) == epoch + 1
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("kind") == "epoch"]
+    assert epochs == list(range(epoch + 2))                    # no epoch twice, none lost
