@@ -138,6 +138,8 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
                                           "[default: the CPUs per process less one, at most 10].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with another config.")
+@click.option("--repair", is_flag=True, default=None,
+              help="Decode every finished shard (checksums, map ranges) and recompute the damaged ones.")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the CLIP tower (default: off).")
 @_config_options
 def saliency(config_path, overrides, manifest_path, **named) -> None:
@@ -175,6 +177,8 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> No
                             keys=keys.split(",") if keys else None, n_random=n_random,
                             strategy=strategy, seed=seed)
     click.echo(format_summary(summary, as_json=as_json))
+    if summary["damaged"]:
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------- stage 2
