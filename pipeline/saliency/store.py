@@ -213,12 +213,19 @@ def invalid_maps(stored: np.ndarray, scale: np.ndarray | None, status: np.ndarra
     an ok map that is zero with scale 0 is what stage 1 wrote before the zero_map status, and stays
     valid (stage 2 counts it as a zero map). A zero map with a positive scale is a lost chunk.
     """
-    flat = np.asarray(stored, dtype=np.float32).reshape(len(stored), -1)      # [n, L]
-    finite = np.isfinite(flat).all(1)
+    n = len(stored)
+    if np.asarray(stored).dtype == np.float16:       # on the bits: |v| is bits & 0x7fff, ordered like |v|
+        magnitude = np.asarray(stored).view(np.uint16).reshape(n, -1) & 0x7FFF                 # [n, L]
+        peak_bits = magnitude.max(1, initial=0)                                                # [n]
+        finite = peak_bits < 0x7C00                  # exponent all ones: inf or NaN
+        peak = np.where(finite, peak_bits.astype(np.uint16).view(np.float16).astype(np.float32), np.inf)
+    else:
+        flat = np.asarray(stored, dtype=np.float32).reshape(n, -1)
+        finite = np.isfinite(flat).all(1)
+        peak = np.abs(np.where(np.isfinite(flat), flat, np.inf)).max(1, initial=0)
     if scale is None:
         return ~finite
     scale = np.asarray(scale, dtype=np.float32)
-    peak = np.abs(np.where(np.isfinite(flat), flat, np.inf)).max(1, initial=0)   # [n]
     ok = np.asarray(status) == STATUS_OK
     written = ((peak == 1) & (scale > 0)) | ((peak == 0) & (scale == 0))
     return ~finite | (peak > 1) | ~np.isfinite(scale) | (scale < 0) | (ok & ~written)
