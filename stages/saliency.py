@@ -113,7 +113,8 @@ def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: Stor
     run_id = f"{started:.6f}"
     job = job_shards(cfg.shards, store.n_shards)
     # rank 0 lists the shards still to do (or damaged) before any rank can write a marker; all deal the same list
-    left = dist.broadcast_object(shards_to_compute(store, manifest, job, cfg.repair) if dist.is_main() else None)
+    left = dist.broadcast_object(shards_to_compute(cfg, store, manifest, job, provenance)
+                                 if dist.is_main() else None)
     todo = deal_todo(left, dist.world_size(), dist.rank())
     log.info("stage 1: %d rows in %d shards, %d left, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
              "batch %d, %s on %s%s", len(store), store.n_shards, len(left), len(todo), dist.world_size(),

@@ -196,3 +196,21 @@ def test_damaged_attrs_are_one_line(baseline, copy, shapes_pattern, attr, value,
             run(_cfg(shapes_pattern, copy))
         run(_cfg(shapes_pattern, copy, overwrite=True))                  # --overwrite replaces it
         assert _array_bytes(copy) == _array_bytes(baseline)
+
+
+def test_repairing_with_other_settings_is_refused_as_a_resume_is(baseline, copy, shapes_pattern):
+    (copy / "scale" / "c" / "3").unlink()
+    with pytest.raises(SalmaeError, match=r"begun with precision fp32 on cpu.*batch_size 8 -> 4.*allow_mixed"):
+        run(_cfg(shapes_pattern, copy, batch_size=4))                  # the maps would differ in their last bits
+    assert not SaliencyStore.open(copy).is_done(3)                     # left for a rerun with the store's settings
+    assert run(_cfg(shapes_pattern, copy))["images_this_run"] == 16
+    assert _array_bytes(copy) == _array_bytes(baseline)
+
+
+def test_the_cli_repairs(baseline, copy, shapes_pattern):
+    _flip(copy / "status" / "c" / "0", n=4)
+    result = CliRunner().invoke(cli, ["saliency", "--data", shapes_pattern, "--out", str(copy), "--clip-model",
+                                      "salmae-micro", "--clip-pretrained", "none", "--batch-size", "8", "--workers",
+                                      "0", "--device", "cpu", "--set", "rows_per_shard=16", "--repair"])
+    assert result.exit_code == 0, result.output
+    assert _array_bytes(copy) == _array_bytes(baseline)

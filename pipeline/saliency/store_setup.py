@@ -153,7 +153,7 @@ def _geometry(manifest) -> tuple[np.ndarray, np.ndarray]:
     return sizes, frames
 
 
-def shards_to_compute(store: SaliencyStore, manifest, job: range, repair: bool) -> list[int]:
+def shards_to_compute(cfg, store: SaliencyStore, manifest, job: range, provenance: dict) -> list[int]:
     """The job's shards to compute: those not finished, and finished ones that are damaged.
 
     Every run checks its finished shards' files (a status file, and saliency and scale files where
@@ -161,10 +161,12 @@ def shards_to_compute(store: SaliencyStore, manifest, job: range, repair: bool) 
     finished shard of the job (checksums, map ranges: reads every byte) and rewrites key, frame and
     image_size shards that are unreadable or differ from the store's manifest. A damaged shard's
     marker is removed before anything is recomputed, so a run stopped on the way still sees it as
-    not done. Rank 0 only, holding the lock for `job`.
+    not done; recomputing them with other settings than the store's is refused as any resume is
+    (`allow_mixed`). cfg: the stage's `SaliencyConfig` (read: repair, allow_mixed). Rank 0 only,
+    holding the lock for `job`.
     """
     log = get_logger()
-    if repair:
+    if cfg.repair:
         sizes, frames = _geometry(manifest)
         keys = np.asarray(manifest.keys.tolist(), dtype=str)
         for shard in job:
@@ -174,13 +176,14 @@ def shards_to_compute(store: SaliencyStore, manifest, job: range, repair: bool) 
             if fixed:
                 log.warning("store %s: shard %d: rewrote its %s from the manifest (--repair)", store.path, shard,
                             " and ".join(fixed))
-    damaged = store.damaged_shards([s for s in job if store.is_done(s)], thorough=repair)
+    damaged = store.damaged_shards([s for s in job if store.is_done(s)], thorough=cfg.repair)
     for d in damaged:
         log.warning("store %s: %s: recomputing the shard", store.path, d.describe(store.path))
     for shard in sorted({d.shard for d in damaged}):
         store.marker_path(shard).unlink(missing_ok=True)
     if damaged:
         fsync_paths([store.marker_path(0).parent])
+        _check_provenance(cfg, store.path, store.attrs.get("provenance") or {}, provenance)
     return [s for s in job if not store.is_done(s)]
 
 
