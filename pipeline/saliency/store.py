@@ -422,18 +422,17 @@ class SaliencyStore:
                 lo, hi, _ = rows.indices(len(self))
                 rows = np.arange(lo, hi)
             shards = np.unique(np.asarray(rows, dtype=np.int64) // self.rows_per_shard).tolist()
-            damages = [d for s in shards if (d := self._unreadable(name, s)) is not None]
+            damages = [d for s in shards if (d := self._read_shard(name, s)[1]) is not None]
             raise StoreDamaged(self.path, damages or [ShardDamage(shards[0], name, np.asarray(rows), f"is unreadable "
                                                                   f"({_why(e)})")]) from e
 
-    def _unreadable(self, name: str, shard: int) -> ShardDamage | None:
-        """A ShardDamage if zarr cannot read shard `shard` of array `name`, else None."""
+    def _read_shard(self, name: str, shard: int) -> tuple[np.ndarray | None, ShardDamage | None]:
+        """Shard `shard` of array `name` -> (its values, None), or (None, a ShardDamage) if zarr cannot read it."""
         rows = self.shard_rows(shard)
         try:
-            self._arrays[name][rows.start:rows.stop]
+            return np.asarray(self._arrays[name][rows.start:rows.stop]), None
         except Exception as e:
-            return ShardDamage(shard, name, np.arange(rows.start, rows.stop), f"is unreadable ({_why(e)})")
-        return None
+            return None, ShardDamage(shard, name, np.arange(rows.start, rows.stop), f"is unreadable ({_why(e)})")
 
     # ------------------------------------------------------------------ shards (stage 1)
     @property
@@ -495,6 +494,11 @@ class SaliencyStore:
         (`invalid_maps`): it reads every byte. status: the whole [N] status, if already read.
         """
         shards = [s for s in (range(self.n_shards) if shards is None else shards) if self.is_done(s)]
+        if status is None and shards:
+            try:
+                status = self.status               # one read (1 byte a row), not one per shard
+            except StoreDamaged:
+                pass                               # read shard by shard: the unreadable ones are damage
         return [d for s in shards for d in self._shard_damage(s, thorough, status)]
 
     def _shard_damage(self, shard: int, thorough: bool, all_status: np.ndarray | None) -> list[ShardDamage]:
@@ -505,10 +509,10 @@ class SaliencyStore:
                                                         "is marked done)")]
         if all_status is not None:
             status = all_status[rows.start:rows.stop]
-        elif (unreadable := self._unreadable("status", shard)) is not None:
-            return [unreadable]
         else:
-            status = np.asarray(self._status[rows.start:rows.stop])
+            status, unreadable = self._read_shard("status", shard)
+            if unreadable is not None:
+                return [unreadable]
         ok = every[status == STATUS_OK]
         damage = [ShardDamage(shard, name, ok, f"is missing (its {len(ok)} ok rows would read as zero maps)")
                   for name in ("saliency", "scale") if name in self._arrays and len(ok)
@@ -519,14 +523,14 @@ class SaliencyStore:
                                                                 f"({sorted(set(status[unknown - rows.start].tolist()))})"))
         if damage or not thorough:
             return damage
-        damage = [d for name in (*MAP_ARRAYS, *COLUMN_ARRAYS) if name in self._arrays
-                  and (d := self._unreadable(name, shard)) is not None]
-        if any(d.array in ("saliency", "scale") for d in damage):
+        read = {name: self._read_shard(name, shard) for name in ("saliency", "scale", *COLUMN_ARRAYS)
+                if name in self._arrays}                 # decodes every chunk: checksums, blosc
+        damage = [d for _, d in read.values() if d is not None]
+        if damage:
             return damage
-        stored = np.asarray(self._saliency[rows.start:rows.stop])
-        scale = np.asarray(self._scale[rows.start:rows.stop]) if self._scale is not None else None
+        stored, scale = read["saliency"][0], read["scale"][0] if "scale" in read else None
         bad = invalid_maps(stored, scale, status)
-        return damage + (self._damage_of_rows(every[bad], stored[bad], status[bad]) if bad.any() else [])
+        return self._damage_of_rows(every[bad], stored[bad], status[bad]) if bad.any() else []
 
     def repair_columns(self, shard: int, keys: np.ndarray, frames: np.ndarray, image_sizes: np.ndarray) -> list[str]:
         """Rewrite those of shard `shard`'s key/frame/image_size files that are unreadable or differ from
