@@ -170,7 +170,7 @@ def clip_train(config_path, overrides, **named) -> None:
 @click.option("--strategy", default="saliency", show_default=True, help="Mask strategy drawn in the overlays.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> None:
-    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics."""
+    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics; damaged shards (exit 1)."""
     from salmae.stages.inspect import format_summary, inspect_store
 
     summary = inspect_store(store, data=data, png_dir=png_dir,

@@ -214,3 +214,18 @@ def test_the_cli_repairs(baseline, copy, shapes_pattern):
                                       "0", "--device", "cpu", "--set", "rows_per_shard=16", "--repair"])
     assert result.exit_code == 0, result.output
     assert _array_bytes(copy) == _array_bytes(baseline)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda store: (store / "saliency" / "zarr.json").write_text("{garbage"),
+     r"saliency/zarr.json is unreadable \(JSONDecodeError"),
+    (lambda store: (store / "scale" / "zarr.json").unlink(), r"has lost its scale array \(no scale/zarr.json\)")])
+def test_damaged_array_metadata_is_one_line(baseline, copy, shapes_pattern, damage, message):
+    damage(copy)
+    result = CliRunner().invoke(cli, ["inspect", str(copy)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert re.search(message, result.output) and "--overwrite" in result.output
+    with pytest.raises(SalmaeError, match=message):
+        _table(copy)
+    run(_cfg(shapes_pattern, copy, overwrite=True))
+    assert _array_bytes(copy) == _array_bytes(baseline)

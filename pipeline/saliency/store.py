@@ -307,17 +307,25 @@ class SaliencyStore:
         if group.attrs.get(CREATING):
             raise SalmaeError(f"store {path} is unfinished (stage 1 stopped while creating it); run the same "
                               "`salmae saliency` command again to recreate it")
-        if group.attrs.get("format") not in READABLE_FORMATS or any(name not in group for name in ARRAYS):
+        fmt = group.attrs.get("format")
+        if fmt not in READABLE_FORMATS:
             raise SalmaeError(f"{path} is not a salmae saliency store; point to the --out of `salmae saliency`")
-        if mode != "r" and group.attrs.get("format") != FORMAT:
-            raise SalmaeError(f"store {path} has the older format {group.attrs.get('format')} (maps without a scale); "
+        if mode != "r" and fmt != FORMAT:
+            raise SalmaeError(f"store {path} has the older format {fmt} (maps without a scale); "
                               "it can be read but not written: recompute it with `salmae saliency --overwrite`")
         try:
+            lost = [name for name in ARRAYS + (("scale",) if fmt == FORMAT else ()) if name not in group]
+            if lost:                     # a format-2 store without `scale` must not read as format 1
+                raise SalmaeError(f"saliency store {path} has lost its {' and '.join(lost)} array (no "
+                                  f"{lost[0]}/zarr.json); recompute it with `salmae saliency --overwrite --out {path}`")
             return cls(path, group)
         except SalmaeError:
             raise
         except Exception as e:           # an array's zarr.json damaged: one line, not zarr's traceback
-            raise SalmaeError(f"saliency store {path}: its arrays' metadata is unreadable ({_why(e)}); recompute it "
+            names = [name for name in (*ARRAYS, "scale") if read_attrs(path / name) is None
+                     and (path / name / "zarr.json").exists()]
+            which = f"{names[0]}/zarr.json" if names else "an array's zarr.json"
+            raise SalmaeError(f"saliency store {path}: {which} is unreadable ({_why(e)}); recompute the store "
                               f"with `salmae saliency --overwrite --out {path}`") from e
 
     # ------------------------------------------------------------------ reading
