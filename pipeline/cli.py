@@ -197,6 +197,8 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
                                           "[default: the CPUs per process less one, at most 10].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with another config.")
+@click.option("--repair", is_flag=True, default=None,
+              help="Decode every finished shard (checksums, map ranges) and recompute the damaged ones.")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the CLIP tower (default: off).")
 @_config_options
 def saliency(config_path, overrides, manifest_path, **named) -> None:
@@ -227,13 +229,15 @@ def clip_train(config_path, overrides, **named) -> None:
 @click.option("--strategy", default="saliency", show_default=True, help="Mask strategy drawn in the overlays.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> None:
-    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics."""
+    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics; damaged shards (exit 1)."""
     from salmae.stages.inspect import format_summary, inspect_store
 
     summary = inspect_store(store, data=data, png_dir=png_dir,
                             keys=keys.split(",") if keys else None, n_random=n_random,
                             strategy=strategy, seed=seed)
     click.echo(format_summary(summary, as_json=as_json))
+    if summary["damaged"]:
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------- stage 2

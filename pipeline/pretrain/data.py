@@ -34,7 +34,8 @@ from salmae.pipeline.data.shards import decode_image, read_member, shard_name
 from salmae.pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.saliency.preprocess import letterbox_frames
-from salmae.pipeline.saliency.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
+from salmae.pipeline.saliency.store import (CODE_OF, REPAIR_HINT, STATUS_OK, STATUS_PENDING, SaliencyStore,
+                                            ShardDamage, StoreDamaged)
 
 
 # --------------------------------------------------------------------------- saliency lookup
@@ -62,22 +63,41 @@ class SaliencyTable:
 
 
 def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:
-    """Store row of each manifest row; SalmaeError if the store was built from another manifest
-    or does not cover every ok manifest row (absent, or still pending)."""
+    """Store row of each manifest row; SalmaeError if the store was built from another manifest,
+    does not cover every ok manifest row (pending), or is damaged (`StoreDamaged`: a shard file
+    missing or unreadable, keys that do not read back)."""
     store_hash = store.attrs.get("manifest_hash")
     if store_hash != manifest.hash:
         raise SalmaeError(f"saliency store {store.path} was built from another manifest (hash "
                           f"{str(store_hash)[:12]}… vs data {manifest.hash[:12]}…); rerun `salmae saliency` on this data")
-    store_rows = _store_rows(manifest.keys.to_bytes(), np.char.encode(store.keys.astype(str), "utf-8"))
     status = store.status
+    damaged = store.damaged_shards(status=status)              # O(shards) file checks: lost files are no maps
+    if damaged:
+        raise StoreDamaged(store.path, damaged)
+    store_rows = _store_rows(manifest.keys.to_bytes(), np.char.encode(store.keys.astype(str), "utf-8"))
     wanted = manifest.status.equals("ok")
-    pending = np.where(store_rows >= 0, status[np.maximum(store_rows, 0)] == STATUS_PENDING, True)
-    missing = np.nonzero(wanted & pending)[0]
+    absent = np.nonzero(wanted & (store_rows < 0))[0]
+    if len(absent):           # the store was made from this very manifest: a key it lacks was lost from it
+        shards = np.unique(absent // store.rows_per_shard)
+        raise SalmaeError(f"saliency store {store.path}: {len(absent)} keys of its manifest do not read back from it "
+                          f"(e.g. {manifest.keys[int(absent[0])]!r}; key column damaged in shards "
+                          f"{', '.join(map(str, shards[:8]))}{' …' if len(shards) > 8 else ''}); {REPAIR_HINT} "
+                          f"(it rewrites keys from the store's manifest), or recompute the store with --overwrite")
+    pending = wanted & (status[np.maximum(store_rows, 0)] == STATUS_PENDING)
+    marked = np.array([store.is_done(s) for s in range(store.n_shards)], dtype=bool)          # [shards]
+    lost = np.nonzero(pending & marked[np.maximum(store_rows, 0) // store.rows_per_shard])[0]
+    if len(lost):             # a finished shard whose statuses read as pending: damaged, a rerun skips it
+        rows = store_rows[lost]
+        raise StoreDamaged(store.path, [ShardDamage(int(s), "status", rows[rows // store.rows_per_shard == s],
+                                                    "reads as pending although the shard is marked done")
+                                        for s in np.unique(rows // store.rows_per_shard)])
+    missing = np.nonzero(pending)[0]
     if len(missing):
         shards = sorted(Counter(manifest.column("shard").take(missing)).items())
         listed = ", ".join(f"{name} ({count})" for name, count in shards[:8]) + (" …" if len(shards) > 8 else "")
         raise SalmaeError(f"saliency store {store.path} misses {len(missing)} of {int(wanted.sum())} rows "
-                          f"(absent or pending) in shards {listed}; finish it with `salmae saliency --out {store.path}`")
+                          f"(pending) in shards {listed}; finish it with the `salmae saliency` command that made it "
+                          f"(--out {store.path})")
     _check_frames_fit(manifest, store, store_rows)
     return store_rows
 
@@ -116,7 +136,7 @@ def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) ->
 
 
 def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536) -> SaliencyTable:
-    """Check coverage, then gather the store's maps/frames into manifest row order.
+    """Check coverage and damage, then gather the store's maps/frames into manifest row order.
 
     Maps are held as float16 scaled to their own maximum (1.0): stage 2 only ever uses a map's
     order and proportions (top-k, sampling, SBAM's max-normalised threshold, area pooling), so the
@@ -127,17 +147,15 @@ def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536
     found = store_rows >= 0
     gh, gw = store.grid
     maps = np.zeros((len(manifest), gh, gw), np.float16)
-    finite = np.ones(len(manifest), bool)
+    status = store.status[np.maximum(store_rows, 0)]
     take = np.nonzero(found)[0]
     for lo in range(0, len(take), chunk_rows):
         rows = take[lo:lo + chunk_rows]
-        chunk = store.read_unit(store_rows[rows])                                # [n, gh, gw] float16
-        finite[rows] = np.isfinite(chunk).all(axis=(1, 2))
-        maps[rows] = np.where(finite[rows, None, None], chunk, 0)
+        # [n, gh, gw] float16; a map no writer wrote (out of range, an ok map read as zero) is StoreDamaged
+        maps[rows] = store.read_unit_checked(store_rows[rows], status[rows])
     frames = np.zeros((len(manifest), 4), np.float32)
     frames[found] = store.frames(store_rows[found])
-    status = store.status[np.maximum(store_rows, 0)]
-    ok = found & (status == STATUS_OK) & finite  # frames: check_store_covers
+    ok = found & (status == STATUS_OK)  # frames: check_store_covers
     zero = found & ((status == CODE_OF["zero_map"]) | (ok & ~(maps.reshape(len(maps), -1) > 0).any(axis=1)))
     return SaliencyTable(maps, frames, ok & ~zero, zero)
 
