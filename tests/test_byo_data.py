@@ -245,6 +245,8 @@ def test_no_byte_ranges_or_pipe_says_to_use_stream_mode(monkeypatch, shapes_dir,
     piped = [f"pipe:cat {shapes_dir / name}" for name in ("00000.tar", "00001.tar")]
     with pytest.raises(SalmaeError, match="data_mode=stream"):
         IndexedPretrainDataset(manifest, piped, img_size=32, grid=(4, 4))
+    with pytest.raises(SalmaeError, match="pipe: command cannot serve"):
+        LabelledShards(piped, workers=1)
     _NoRanges.store.clear()
 
 
