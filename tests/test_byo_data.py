@@ -198,14 +198,15 @@ def test_indexed_pretrain_data_from_an_object_store_by_byte_range(fake_s3, shape
 
 def test_readme_s3_commands(fake_s3, wds_dir, tmp_path, monkeypatch):
     """The README's s3 commands against an in-memory s3:// holding the timm-wds shards: stream-mode
-    pretraining, then kNN with globbed train and val patterns read by byte range."""
+    pretraining, then kNN with globbed train and val patterns (and the prefix form) read by byte range."""
     _upload(fake_s3, wds_dir, "s3://my-bucket/in1k-wds")
     monkeypatch.chdir(tmp_path)
     for args in _readme_commands("s3"):
         _invoke(args)
-    res = json.loads(Path("runs/s3-random/eval-knn/results.json").read_text())
     n_val = len(_members(wds_dir / "imagenet1k-validation-00.tar")) // 3
-    assert res["counts"]["val"] == n_val and res["counts"]["train"] == 48 - n_val
+    for folder in ("eval-knn", "eval-knn-prefix"):
+        res = json.loads(Path(f"runs/s3-random/{folder}/results.json").read_text())
+        assert res["counts"]["val"] == n_val and res["counts"]["train"] == 48 - n_val
     assert "data_mode: stream" in Path("runs/s3-random/config.yaml").read_text()
 
 

@@ -41,17 +41,20 @@ def parse_label_from(label_from: str) -> tuple[str, str]:
 
 
 def sample_label(cls: str | None, meta: dict, label_from: str) -> int | None:
-    """A sample's class index from its .cls text or KEY.json, as `label_from` says (None: no integer label)."""
+    """A sample's class index from its .cls text or KEY.json, as `label_from` says (None: no label >= 0)."""
     how, field = parse_label_from(label_from)
     if how in ("auto", "cls") and cls is not None:
         try:
-            return int(cls)
+            value = int(cls)
         except ValueError:
             return None
-    if how == "cls":
+    elif how == "cls":
         return None
-    value = meta.get(field)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    else:
+        value = meta.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:  # -1: "no label" in some sets
+        return None
+    return value
 
 
 @dataclass
@@ -86,6 +89,11 @@ def _scan_one(args: tuple[int, str, str | None, str]) -> dict[str, Any]:
         name = next((str(s.meta[f]) for f in _NAME_FIELDS if f in s.meta), None)
         if name is not None:
             names.setdefault(label, name)
+    return _scan_result(index, rows, names, skipped)
+
+
+def _scan_result(index: int, rows: list[tuple[bytes, int, int, int]], names: dict[int, str],
+                 skipped: list[tuple[str, str]]) -> dict[str, Any]:
     keys, offsets, nbytes, labels = zip(*rows) if rows else ((), (), (), ())
     return {"index": index, "keys": np.asarray(keys, dtype="S") if rows else np.zeros(0, "S1"),
             "offset": np.asarray(offsets, np.int64), "nbytes": np.asarray(nbytes, np.int64),
@@ -102,19 +110,15 @@ def index_shards(spec: str | Sequence[str], split: str | None = None, label_from
                           "give them as paths or s3:// / gs:// / hf:// / https:// URLs")
     rank, world = _rank_world()
     mine = [(i, u, split, label_from) for i, u in enumerate(urls) if i % world == rank]
-    parts = _gather(_scan_many(mine, workers))
-    parts.sort(key=lambda p: p["index"])
-    cat = lambda name, dtype: (np.concatenate([p[name] for p in parts]).astype(dtype)  # noqa: E731
-                               if parts else np.zeros(0, dtype))
+    parts = sorted(_gather(_scan_many(mine, workers)), key=lambda p: p["index"]) or [_scan_result(-1, [], {}, [])]
     names: dict[int, str] = {}
     for p in parts:
         for label, name in p["names"].items():
             names.setdefault(label, name)
-    return ShardIndex(urls=urls, shard=np.concatenate([np.full(len(p["label"]), p["index"], np.int32) for p in parts])
-                      if parts else np.zeros(0, np.int32),
-                      offset=cat("offset", np.int64), nbytes=cat("nbytes", np.int64), label=cat("label", np.int64),
-                      keys=np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, "S1"),
-                      names=names, skipped=[item for p in parts for item in p["skipped"]])
+    joined = {name: np.concatenate([p[name] for p in parts]) for name in ("offset", "nbytes", "label", "keys")}
+    shard = np.concatenate([np.full(len(p["label"]), p["index"], np.int32) for p in parts])
+    return ShardIndex(urls=urls, shard=shard, names=names, skipped=[item for p in parts for item in p["skipped"]],
+                      **joined)
 
 
 def _rank_world() -> tuple[int, int]:

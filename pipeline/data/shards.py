@@ -108,7 +108,8 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def _expand_local(url: str, pattern: str) -> list[str]:
-    if is_remote(url) and any(ch in url.split("://", 1)[1] for ch in "*?["):
+    listable = is_remote(url) and not url.startswith(("http://", "https://"))  # "?" there starts a query
+    if listable and any(ch in url.split("://", 1)[1] for ch in "*?["):
         found = glob_remote(url)
         if not found:
             raise SalmaeError(f"no shard matches {url} (from {pattern!r}); check the bucket and pattern")

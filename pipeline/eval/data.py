@@ -1,9 +1,9 @@
 """Eval datasets on top of the data layer: an ImageFolder root or labelled shards.
 
 Labelled shards come as a train pattern and a val pattern (`--data TRAIN --set val_data=VAL`,
-e.g. timm's imagenet-1k-wds), as a folder holding `*train-*.tar` and `*val-*.tar` (or
-`*validation-*.tar`) shards, or as one pattern whose KEY.json `split` says train or val (the
-generated shapes).
+e.g. timm's imagenet-1k-wds), as a folder (or an object-store prefix ending in "/") holding
+`*train-*.tar` and `*val-*.tar` (or `*validation-*.tar`) shards, or as one pattern whose KEY.json
+`split` says train or val (the generated shapes).
 
 `open_eval_data(data, train_transform, val_transform)` returns train/val datasets whose items
 are `(image [3, S, S], label, index, ok)`: the index lets distributed loops put results back in
@@ -14,6 +14,7 @@ layer's header probe) are already left out and listed in `skipped`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from salmae.pipeline.data.imagefolder import ImageFolderSplit, LabelledShards
+from salmae.pipeline.data.remote import glob_remote, is_remote
 from salmae.pipeline.errors import SalmaeError
 
 
@@ -77,8 +79,8 @@ def open_eval_data(data: str, train_transform: Callable, val_transform: Callable
         split = ImageFolderSplit.open(root, train_transform, val_transform, check=check)
         return EvalData(IndexedImages(split.train, image_size), IndexedImages(split.val, image_size),
                         list(split.classes), [path for path, _ in split.skipped])
-    if root.is_dir() and not val_data:
-        data, val_data = split_shard_folder(root)
+    if not val_data and (root.is_dir() or is_remote(data) and data.endswith("/")):
+        data, val_data = split_shard_folder(data)
     elif not _looks_like_shards(data):
         raise SalmaeError(f"eval data {data} is neither an ImageFolder root nor shards; pass a folder with "
                           "train/ and val/ class folders, labelled shards with --set val_data=VAL_SHARDS "
@@ -102,12 +104,18 @@ def _looks_like_shards(data: str) -> bool:
     return any(ch in data for ch in "{*?") or data.endswith(".tar") or data.startswith("pipe:") or "://" in data
 
 
-def split_shard_folder(root: Path) -> tuple[str, str]:
-    """(train glob, val glob) of a folder of `*train-*.tar` and `*val-*.tar` / `*validation-*.tar` shards."""
-    train = sorted(root.glob("*train-*.tar"))
-    val_pattern = next((p for p in ("*val-*.tar", "*validation-*.tar") if any(root.glob(p))), None)
-    if not train or val_pattern is None:
-        raise SalmaeError(f"eval data {root} holds neither train/ and val/ class folders nor *train-*.tar and "
+def split_shard_folder(folder: str | Path) -> tuple[str, str]:
+    """(train glob, val glob) of a folder (local, or an object-store prefix ending in "/") holding
+    `*train-*.tar` and `*val-*.tar` / `*validation-*.tar` shards."""
+    base = str(folder).rstrip("/")
+
+    def matches(pattern: str) -> list[str]:
+        url = f"{base}/{pattern}"
+        return glob_remote(url) if is_remote(url) else glob.glob(url)
+
+    val_pattern = next((p for p in ("*val-*.tar", "*validation-*.tar") if matches(p)), None)
+    if not matches("*train-*.tar") or val_pattern is None:
+        raise SalmaeError(f"eval data {folder} holds neither train/ and val/ class folders nor *train-*.tar and "
                           "*val-*.tar (or *validation-*.tar) shards; pass an ImageFolder root or "
                           "--data TRAIN_SHARDS --set val_data=VAL_SHARDS")
-    return str(root / "*train-*.tar"), str(root / val_pattern)
+    return f"{base}/*train-*.tar", f"{base}/{val_pattern}"
