@@ -146,11 +146,22 @@ def cli() -> None:
               help="named: a named object and a distractor; main-object: one large labelled object among small clutter.")
 @click.option("--val-every", type=int, default=5, show_default=True,
               help="One image in this many of each class is marked split=val (the ImageFolder's val/).")
+@click.option("--layout", type=click.Choice(["img2dataset", "timm-wds"]), default="img2dataset", show_default=True,
+              help="timm-wds: caption-free classification shards (KEY.jpg + KEY.cls + KEY.json) named as timm's "
+                   "imagenet-1k-wds, imagenet1k-train-NNNN.tar and imagenet1k-validation-NN.tar.")
 def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float,
-           task: str, val_every: int) -> None:
+           task: str, val_every: int, layout: str) -> None:
     """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
     from salmae.pipeline.data.shapes import write_shapes
 
+    if layout == "timm-wds":
+        from salmae.pipeline.data.class_wds import write_class_shards
+
+        if imagefolder:
+            raise click.UsageError("--imagefolder goes with --layout img2dataset only")
+        click.echo(write_class_shards(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
+                                      val_every=val_every))
+        return
     summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
                            imagefolder=imagefolder, same_colour_frac=same_colour, task=task, val_every=val_every)
     click.echo(summary)
@@ -261,7 +272,8 @@ def pretrain(config_path, overrides, **named) -> None:
 # --------------------------------------------------------------------------- stage 3
 def _eval_command(protocol: str):
     @click.option("--checkpoint", help="Stage-2 checkpoint, official MAE checkpoint or timm ViT weights.")
-    @click.option("--data", help="ImageFolder root (train/, val/) or labelled shards.")
+    @click.option("--data", help="ImageFolder root (train/, val/), or labelled train shards with "
+                                 "--set val_data=VAL_SHARDS (KEY.cls, e.g. imagenet-1k-wds; paths or s3:// URLs).")
     @click.option("--out", help="Output folder for results.json.")
     @click.option("--epochs", type=int)
     @click.option("--batch-size", type=int)
