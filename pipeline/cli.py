@@ -147,11 +147,22 @@ def cli() -> None:
               help="named: a named object and a distractor; main-object: one large labelled object among small clutter.")
 @click.option("--val-every", type=int, default=5, show_default=True,
               help="One image in this many of each class is marked split=val (the ImageFolder's val/).")
+@click.option("--layout", type=click.Choice(["img2dataset", "timm-wds"]), default="img2dataset", show_default=True,
+              help="timm-wds: caption-free classification shards (KEY.jpg + KEY.cls + KEY.json) named as timm's "
+                   "imagenet-1k-wds, imagenet1k-train-NNNN.tar and imagenet1k-validation-NN.tar.")
 def shapes(out: str, n: int, image_size: int, seed: int, shard_size: int, imagefolder: bool, same_colour: float,
-           task: str, val_every: int) -> None:
+           task: str, val_every: int, layout: str) -> None:
     """Generate captioned synthetic shapes in img2dataset's webdataset layout into OUT."""
     from salmae.pipeline.data.shapes import write_shapes
 
+    if layout == "timm-wds":
+        from salmae.pipeline.data.class_wds import write_class_shards
+
+        if imagefolder:
+            raise click.UsageError("--imagefolder goes with --layout img2dataset only")
+        click.echo(write_class_shards(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
+                                      val_every=val_every))
+        return
     summary = write_shapes(out, n=n, image_size=image_size, seed=seed, shard_size=shard_size,
                            imagefolder=imagefolder, same_colour_frac=same_colour, task=task, val_every=val_every)
     click.echo(summary)
@@ -198,6 +209,8 @@ def manifest_verify(manifest_path: str, shards: str) -> None:
                                           "[default: the CPUs per process less one, at most 10].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with another config.")
+@click.option("--repair", is_flag=True, default=None,
+              help="Decode every finished shard (checksums, map ranges) and recompute the damaged ones.")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the CLIP tower (default: off).")
 @_config_options
 def saliency(config_path, overrides, manifest_path, **named) -> None:
@@ -228,13 +241,15 @@ def clip_train(config_path, overrides, **named) -> None:
 @click.option("--strategy", default="saliency", show_default=True, help="Mask strategy drawn in the overlays.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> None:
-    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics."""
+    """Summarise a saliency store: rows, status counts, grid, attrs, map statistics; damaged shards (exit 1)."""
     from salmae.stages.inspect import format_summary, inspect_store
 
     summary = inspect_store(store, data=data, png_dir=png_dir,
                             keys=keys.split(",") if keys else None, n_random=n_random,
                             strategy=strategy, seed=seed)
     click.echo(format_summary(summary, as_json=as_json))
+    if summary["damaged"]:
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -274,7 +289,8 @@ def export(config_path, overrides, checkpoint, format_, **named) -> None:
 def _eval_command(protocol: str):
     @click.option("--checkpoint", help="Stage-2 checkpoint, official MAE checkpoint or timm ViT weights "
                                        "(FILE, timm hub FOLDER or hf-hub:NAME).")
-    @click.option("--data", help="ImageFolder root (train/, val/) or labelled shards.")
+    @click.option("--data", help="ImageFolder root (train/, val/), or labelled train shards with "
+                                 "--set val_data=VAL_SHARDS (KEY.cls, e.g. imagenet-1k-wds; paths or s3:// URLs).")
     @click.option("--out", help="Output folder for results.json.")
     @click.option("--epochs", type=int)
     @click.option("--batch-size", type=int)

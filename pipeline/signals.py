@@ -14,14 +14,19 @@ Two ways to stop:
   signal raises at once. Stage 1 stops at the next batch boundary this way, its finished shards
   written and marked.
 
-DataLoader workers are forked with the parent's handlers; `ignore_in_worker` (a `worker_init_fn`
-part) makes them ignore both signals, so a signal sent to the whole process group (as SLURM does)
-leaves the stopping to the main process, which then shuts its workers down.
+Forked children never keep these handlers (`os.register_at_fork`): a multiprocessing pool stops
+its workers with SIGTERM (`Pool.terminate`, which `with Pool()` calls), and a worker that had
+inherited the deferred handler would note the signal and wait on, and the pool's join would hang
+(it did: the manifest scan inside stage 1). A child starts with the default handlers; DataLoader
+workers then ignore both signals through `ignore_in_worker` (a `worker_init_fn`), so a signal
+sent to the whole process group (as SLURM does) leaves the stopping to the main process, which
+then shuts its workers down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -74,6 +79,17 @@ def stop_signals(deferred: bool = False) -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
         _state["pending"] = None
+
+
+def _defaults_in_child() -> None:
+    """After a fork: a child never runs this module's handlers (see the module docstring)."""
+    if any(getattr(signal.getsignal(s), "__qualname__", "").startswith("stop_signals.") for s in STOP_SIGNALS):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _state["pending"] = None
+
+
+os.register_at_fork(after_in_child=_defaults_in_child)
 
 
 def ignore_in_worker(worker_id: int | None = None) -> None:

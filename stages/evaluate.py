@@ -1,7 +1,7 @@
 """Stage 3: measure what a pretrained encoder learned — linear probe, kNN or fine-tune.
 
 `salmae eval {linear,knn,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
-(`pipeline.models.encoder`), reads an ImageFolder root (`pipeline.eval.data`) and runs one
+(`pipeline.models.encoder`), reads an ImageFolder root or labelled shards (`pipeline.eval.data`) and runs one
 protocol with MAE's / DINO's defaults:
 - `linear` is MAE's linear probe: RandomResizedCrop + flip, BatchNorm (no affine) + Linear,
   LARS, blr 0.1 at a global batch of 16384 (by gradient accumulation), 90 epochs, 10 warmup.
@@ -101,7 +101,10 @@ class EvalConfig:
     protocol: Literal["linear", "knn", "finetune"] = "linear"  # which evaluation to run
     checkpoint: str = ""          # stage-2 checkpoint, official MAE checkpoint or timm ViT weights
                                   # (a FILE, a timm hub FOLDER or hf-hub:ORG/NAME)
-    data: str = ""                # ImageFolder root with train/ and val/ class folders
+    data: str = ""                # ImageFolder root with train/ and val/ class folders, or labelled train shards
+                                  # (KEY.jpg + KEY.cls, e.g. imagenet-1k-wds; paths, patterns or s3:// URLs)
+    val_data: str = ""            # val shards for labelled shards in `data` ("" = DATA/*val-*.tar, or KEY.json split)
+    label_from: str = "auto"      # labelled shards: auto (KEY.cls, else KEY.json label), cls, or json:FIELD
     out: str = ""                 # output folder (results.json, config.yaml, run.log, caches)
     features: str = ""            # folder of the frozen-feature cache features-{train,val}.pt ("" = out); protocols
                                   # of one checkpoint may share it (each file is keyed by checkpoint, files, transform)
@@ -213,6 +216,8 @@ def validate(cfg: EvalConfig) -> None:
         require(value is None or value >= 1, key, value, "at least 1 (or unset for the protocol's default)")
     require(cfg.workers is None or cfg.workers >= 0, "workers", cfg.workers, ">= 0 (or unset for the default)")
     require(0 < cfg.crop_pct <= 1, "crop_pct", cfg.crop_pct, "in (0, 1]")
+    require(cfg.label_from in ("auto", "cls") or cfg.label_from.startswith("json:") and len(cfg.label_from) > 5,
+            "label_from", cfg.label_from, "auto, cls or json:FIELD (e.g. json:label)")
     require(cfg.knn.k >= 1, "knn.k", cfg.knn.k, "at least 1")
     require(cfg.knn.temperature > 0, "knn.temperature", cfg.knn.temperature, "above 0")
     lc, fc = cfg.linear, cfg.finetune
@@ -295,7 +300,8 @@ def _load(ctx: _Context, *, global_pool: bool = False, drop_path: float | Callab
 
 def _open_data(ctx: _Context, train_transform, val_transform) -> EvalData:
     cfg = ctx.cfg
-    ctx.data = open_eval_data(cfg.data, train_transform, val_transform, ctx.image_size, check=cfg.check)
+    ctx.data = open_eval_data(cfg.data, train_transform, val_transform, ctx.image_size, check=cfg.check,
+                              val_data=cfg.val_data, label_from=cfg.label_from)
     get_logger().info("eval %s of %s on %s: %d train / %d val images, %d classes, %d skipped, %d process(es)",
                       cfg.protocol, cfg.checkpoint, cfg.data, len(ctx.data.train), len(ctx.data.val),
                       len(ctx.data.classes), len(ctx.data.skipped), dist.world_size())

@@ -1,6 +1,8 @@
 """`salmae inspect STORE`: what a saliency store holds and, given the data, how well its maps localise.
 
-Map statistics are over rows with status ok. With `data` (the store's shards) and a `bbox` in a
+Map statistics are over rows with status ok. Every finished shard is decoded and checked first
+(`SaliencyStore.damaged_shards`): the rows of a damaged shard are listed as damaged, left out of
+the statistics, and the CLI exits 1. With `data` (the store's shards) and a `bbox` in a
 sample's KEY.json, the maps are scored against the box: the pointing game (is the centre of the
 argmax patch inside the box?) and the share of saliency mass inside the box next to the box's
 share of the frame's area (what a uniform map would score).
@@ -17,7 +19,8 @@ import numpy as np
 
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import atomic_write_json, confined
-from salmae.pipeline.saliency.store import STATUS_CODES, STATUS_OK, SaliencyStore
+from salmae.pipeline.saliency.store import (REPAIR_HINT, STATUS_CODES, STATUS_OK, SaliencyStore, StoreDamaged,
+                                            rows_text)
 
 EXAMPLE_KEYS = 5   # example keys listed per failure reason
 
@@ -30,11 +33,14 @@ def inspect_store(store: str | Path, data: str | None = None, png_dir: str | Pat
     `data` gives the images under the PNGs and, with `localise`, the boxes the maps are scored against
     (a scan of every shard's metadata: `localise=False` draws from unlabelled data without it)."""
     st = SaliencyStore.open(store)
-    status = st.status
+    damage = st.damaged_shards(thorough=True)        # decodes every finished shard: the maps are read below anyway
+    status = _status_beside(st, damage)
     ok_rows = np.flatnonzero(status == STATUS_OK)
     summary: dict[str, Any] = {
         "store": str(store), "rows": len(st), "grid": list(st.grid),
         "status": _status_counts(st, status),
+        "damaged": [{"shard": d.shard, "array": d.array, "rows": rows_text(d.rows), "problem": d.problem,
+                     "text": d.describe(st.path)} for d in damage],
         "attrs": {k: v for k, v in st.attrs.items() if k not in ("status_codes", "fingerprint")},
         "maps": _map_stats_streamed(st, ok_rows) if len(ok_rows) else {},
     }
@@ -56,6 +62,11 @@ def format_summary(summary: dict[str, Any], as_json: bool = False) -> str:
     for reason, info in summary["status"].items():
         examples = f"  e.g. {', '.join(info['examples'])}" if info.get("examples") else ""
         lines.append(f"  {reason:<18} {info['count']:>8}{examples}")
+    for d in summary.get("damaged", [])[:20]:
+        lines.append(f"  DAMAGED {d['text']}")
+    if summary.get("damaged"):
+        lines.append(f"  {len(summary['damaged'])} damaged shard files (their rows count as {DAMAGED!r}, left out of "
+                     f"the statistics); {REPAIR_HINT} (--out {summary['store']})")
     attrs = summary["attrs"]
     lines.append(f"  model {attrs.get('clip_model')} / {attrs.get('clip_pretrained')}, cam {attrs.get('cam')} "
                  f"at {attrs.get('layer')}, input {attrs.get('input_size')}, manifest {str(attrs.get('manifest_hash'))[:12]}")
@@ -87,13 +98,36 @@ def format_summary(summary: dict[str, Any], as_json: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------- statistics
+DAMAGED = "damaged_store"      # status shown for the rows of a damaged shard (not a stored code)
+DAMAGED_CODE = 255
+
+
+def _status_beside(st: SaliencyStore, damage: list) -> np.ndarray:
+    """[N] statuses, with DAMAGED_CODE for every row of a shard in `damage` (an unreadable status
+    shard is not read: its rows are all damaged)."""
+    skip = sorted({d.shard for d in damage})
+    if not skip:
+        return st.status
+    status = np.zeros(len(st), np.uint8)
+    for shard in range(st.n_shards):
+        rows = st.shard_rows(shard)
+        status[rows.start:rows.stop] = DAMAGED_CODE if shard in skip else st.status_of(rows)
+    return status
+
+
 def _status_counts(st: SaliencyStore, status: np.ndarray) -> dict[str, dict]:
     out = {}
     for code in np.unique(status):
         rows = np.flatnonzero(status == code)
         entry: dict[str, Any] = {"count": int(len(rows))}
+        if code == DAMAGED_CODE:
+            out[DAMAGED] = entry
+            continue
         if code >= 2:
-            entry["examples"] = [str(st.keys[r]) for r in rows[:EXAMPLE_KEYS]]
+            try:
+                entry["examples"] = [str(st.keys[r]) for r in rows[:EXAMPLE_KEYS]]
+            except StoreDamaged:             # a damaged key shard (listed under damaged): rows, not keys
+                entry["examples"] = [f"row {r}" for r in rows[:EXAMPLE_KEYS]]
         out[STATUS_CODES.get(int(code), f"code_{code}")] = entry
     return out
 

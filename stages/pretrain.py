@@ -408,11 +408,18 @@ def _dataset(cfg: PretrainConfig, model):
                           cfg.saliency, int(table.ok.sum()), len(table.ok), table.n_failed, table.n_zero,
                           "being skipped" if cfg.masking.skip_missing else "random masks")
     common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
-                  skip_missing=cfg.masking.skip_missing, seed=cfg.seed, max_pixels=cfg.max_pixels)
+                  skip_missing=cfg.masking.skip_missing, seed=cfg.seed, max_pixels=cfg.max_pixels,
+                  need_caption=needs_captions(cfg))
     if cfg.data_mode == "stream":
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                                      world=dist.world_size(), **common), manifest, store
     return IndexedPretrainDataset(manifest, urls, cache_images=cfg.cache_images, **common), manifest, store
+
+
+def needs_captions(cfg: PretrainConfig) -> bool:
+    """Captions matter only where masks read stage-1 saliency (made from them); random, block and grid
+    masks (and saliency from the model itself) also train on caption-free shards (e.g. imagenet-1k-wds)."""
+    return cfg.mask in ("saliency", "adaptive") and cfg.masking.source == "store"
 
 
 def _loss_reduction(cfg: PretrainConfig, plan: MaskPlan, model) -> str:

@@ -190,15 +190,21 @@ def protocols_of(runs: list[Run]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- grouping
+# Masking keys that set how many patches are hidden: a paired difference to the baseline compares
+# where patches are hidden, so the baseline must hide as many (block@0.6 was paired with random@0.75).
+COUNT_KEYS = ("masking.ratio", "masking.ratio_per")
+
+
 def _is_strategy_key(key: str) -> bool:
     return key == STRATEGY_KEY or key.startswith(STRATEGY_SECTION) or key == "saliency"
 
 
 def setting_key(run: Run, *, strategy: bool = True) -> str:
     """A run's pretraining setting: its config minus seed and execution details (and, with
-    strategy=False, minus the mask strategy and masking options)."""
+    strategy=False, minus the mask strategy and the masking options that do not change how many
+    patches are hidden: `COUNT_KEYS` stay)."""
     return _key({k: v for k, v in run.config.items()
-                 if k != "seed" and k not in IGNORED and (strategy or not _is_strategy_key(k))})
+                 if k != "seed" and k not in IGNORED and (strategy or not _is_strategy_key(k) or k in COUNT_KEYS)})
 
 
 def group_by_setting(runs: list[Run]) -> list[list[Run]]:
@@ -272,8 +278,9 @@ def differing_eval_keys(rows: list[Row]) -> dict[str, list[Any]]:
 
 
 def baseline_row(row: Row, rows: list[Row], baseline: str) -> Row | str:
-    """The row of the baseline strategy matching `row` in everything but the mask strategy and
-    masking options (same eval setting); or why there is none."""
+    """The row of the baseline strategy matching `row` in everything but the mask strategy and the
+    masking options that keep the number of hidden patches (same eval setting, same `COUNT_KEYS`);
+    or why there is none."""
     want = setting_key(row.first, strategy=False)
     matches = [b for b in rows if b is not row and b.first.strategy == baseline and b.setting == row.setting
                and setting_key(b.first, strategy=False) == want]
@@ -358,7 +365,8 @@ def _intro(runs: list[Run], pretrain_rows: list[Row], differing: dict[str, list[
              "are separate rows.", ""]
     if baseline:
         lines += [f"Δ vs {baseline}: the paired difference (this row − the {baseline} row with the same "
-                  "everything but the mask strategy and masking options), over the seeds both have, with its "
+                  "everything but the mask strategy and the masking options that keep the masked count: "
+                  "`masking.ratio` and `ratio_per` must match), over the seeds both have, with its "
                   "95% interval.", ""]
     if differing:
         lines.append("**Warning: these runs differ in more than the mask strategy and the seed** — "

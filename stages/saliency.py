@@ -8,7 +8,8 @@ Under torchrun rank 0 lists the job's shards not yet done and each rank computes
 contiguous block of them; `--set shards=LO:HI` splits a store across separate jobs. Ranks wait for
 rank 0's store and for each other's last shards with `dist.wait_for_all`, which has no 30-minute
 limit and logs while it waits. A rerun of the same command skips finished shards and ends with the
-same bytes as an uninterrupted run.
+same bytes as an uninterrupted run; it recomputes finished shards whose files are missing, and
+`--repair` also those that are unreadable or out of range (`store_setup.shards_to_compute`).
 
 Safety. Rank 0 holds a writer lock on the store for the job's shard range
 (`pipeline/saliency/store_lock.py`: disjoint `--set shards=LO:HI` jobs share a store, overlapping
@@ -38,7 +39,8 @@ from salmae.pipeline.saliency.gradcam import CAM_METHODS, DEFAULT_LAYER, check_l
 from salmae.pipeline.saliency.report import summarise
 from salmae.pipeline.saliency.store import SaliencyStore
 from salmae.pipeline.saliency.store_lock import StoreLock
-from salmae.pipeline.saliency.store_setup import DEFAULT_MAX_PIXELS, MANIFEST_NAME, open_manifest, prepare_store
+from salmae.pipeline.saliency.store_setup import (DEFAULT_MAX_PIXELS, MANIFEST_NAME, open_manifest, prepare_store,
+                                                  shards_to_compute)
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class SaliencyConfig:
     precision: str = "auto"           # autocast: auto (bf16 GPU, fp16 older GPU, fp32 CPU) | bf16 | fp16 | fp32
     compile: bool = False             # torch.compile the visual tower around the CAM layer (fast and library CAMs)
     overwrite: bool = False           # replace a store made with another config or other data
+    repair: bool = False              # decode every finished shard (checksums, map ranges); recompute damaged ones
     rows_per_shard: int = 1024        # rows per Zarr shard = unit of work, resume and writing
     seed: int = 0                     # seeds torch (only library CAMs with randomness use it)
     shards: str = ""                  # LO:HI = compute only Zarr shards LO..HI-1 (split one store across jobs)
@@ -118,8 +121,9 @@ def _run_locked(cfg: SaliencyConfig, out: Path, device: torch.device, lock: Stor
     started = time.time()
     run_id = f"{started:.6f}"
     job = job_shards(cfg.shards, store.n_shards)
-    # rank 0 lists the shards still to do before any rank can write a marker; all deal the same list
-    left = dist.broadcast_object([s for s in job if not store.is_done(s)] if dist.is_main() else None)
+    # rank 0 lists the shards still to do (or damaged) before any rank can write a marker; all deal the same list
+    left = dist.broadcast_object(shards_to_compute(cfg, store, manifest, job, provenance)
+                                 if dist.is_main() else None)
     todo = deal_todo(left, dist.world_size(), dist.rank())
     log.info("stage 1: %d rows in %d shards, %d left, %d to do on this rank (world %d); model %s/%s, cam %s at %s; "
              "batch %d, %s on %s%s", len(store), store.n_shards, len(left), len(todo), dist.world_size(),

@@ -1,6 +1,7 @@
-"""The README's "Bring your own weights" commands, run as written: in a folder holding tiny stand-ins under the
-README's file names (`mae_pretrain_vit_base.pth`, `imagenet/`), with tiny repositories under the README's hub names
-in an offline Hugging Face cache. Only the shard pattern is replaced (by the generated shapes) and small sizes are
+"""The README's "Weights: official MAE in, timm and Hugging Face out" commands, run as written: in a folder
+holding tiny stand-ins under the README's file names (`mae_pretrain_vit_base.pth`, `imagenet/`), with tiny
+repositories under the README's hub names in an offline Hugging Face cache. Only the shard pattern is replaced (by
+the generated shapes) and small sizes are
 appended (tiny model, 1 epoch, CPU, no workers)."""
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ SMALL = {  # appended to each command: tiny sizes for a CPU test
 
 
 def readme_commands() -> list[str]:
-    """The command lines of the first code block under '## Bring your own weights'."""
+    """The command lines of the first code block under "### Weights: official MAE in, timm and Hugging Face out"."""
     text = README.read_text(encoding="utf-8")
-    section = text.split("## Bring your own weights", 1)[1]
+    section = text.split("### Weights: official MAE in, timm and Hugging Face out", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 

@@ -52,6 +52,8 @@ def _store(path: Path, shapes_pattern: str, pending_rows=(), failed_rows=(), man
         st = status[rows.start:rows.stop].copy()
         st[[r - rows.start for r in pending_rows if r in rows]] = 0
         store.write_shard(shard, maps[rows.start:rows.stop], st, {})
+        if (st == 0).any():                              # not finished: a finished shard has no pending row
+            store.marker_path(shard).unlink()
     return path
 
 

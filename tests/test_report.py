@@ -28,14 +28,14 @@ T1 = 12.706205  # t_{0.975, 1}
 def make_run(root: Path, name: str, *, mask: str, seed: int, losses: list[float], top1: dict[str, float],
              epochs: int = 3, model: str = "tiny", cap: float = 0.25, saliency: str | None = "/s/store.zarr",
              eval_epochs: int = 90, compile: bool = False, eval_precision: str = "fp32",
-             checkpoint: bytes | None = None, recorded_sha: str | None = None) -> Path:
+             checkpoint: bytes | None = None, recorded_sha: str | None = None, ratio: str = "0.75") -> Path:
     """A run folder as stage 2 and 3 write it (config.yaml, metrics.jsonl, eval-*/results.json)."""
     run = root / name
     run.mkdir(parents=True)
     config = {"data": "/d/{00000..00003}.tar", "out": str(run), "saliency": saliency, "mask": mask,
               "model": model, "epochs": epochs, "batch_size": 64, "seed": seed, "device": "cpu", "workers": 2,
               "log_every": 20 + seed, "cache_images": seed % 2 == 1, "compile": compile, "precision": "fp32",
-              "masking": {"ratio": "0.75", "cap": cap, "select": "topk", "tau": 1.0, "inverse": False,
+              "masking": {"ratio": ratio, "cap": cap, "select": "topk", "tau": 1.0, "inverse": False,
                           "base": 0.75, "var": 0.1, "delta": 0.5, "source": "store"},
               "optim": {"blr": 1.5e-4, "weight_decay": 0.05}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -222,6 +222,22 @@ def test_paired_difference_to_the_baseline_over_matched_seeds(tmp_path):
     assert rows["random"]["Δ vs random (paired)"] == "(baseline)"
     assert rows["block"]["Δ vs random (paired)"] == "— (no random run with the same setting)"
     assert "Δ vs random" not in _report(tmp_path / "plain", runs)
+
+
+def test_runs_that_hide_another_number_of_patches_are_never_paired(tmp_path):
+    """The report paired block at ratio 0.6 with random at 0.75 as a 'paired difference' (issue 25, item 7)."""
+    runs = [make_run(tmp_path, f"rand-s{s}", mask="random", seed=s, losses=[0.6], top1={"knn": 60.0 + s},
+                     saliency=None) for s in (0, 1)]
+    runs += [make_run(tmp_path, f"block06-s{s}", mask="block", seed=s, losses=[0.6], top1={"knn": 50.0 + 2 * s},
+                      saliency=None, ratio="0.6") for s in (0, 1)]
+    runs += [make_run(tmp_path, f"sal075-s{s}", mask="saliency", seed=s, losses=[0.6], top1={"knn": 62.0 + s})
+             for s in (0, 1)]
+    rows = _table(_report(tmp_path, runs, baseline="random"), "knn")
+    by_ratio = {r["strategy"].split(";")[0]: r["Δ vs random (paired)"] for r in rows}
+    block = next(v for k, v in by_ratio.items() if k.startswith("block"))
+    assert block == "— (no random run with the same setting)"
+    saliency = next(v for k, v in by_ratio.items() if k.startswith("saliency"))
+    assert saliency.startswith("+2.00 ") and saliency.endswith("(n=2)")
 
 
 def test_unknown_baseline_is_a_one_line_error_and_cli_passes_it(tmp_path):

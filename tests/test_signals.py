@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -84,3 +85,23 @@ def test_pretrain_logs_one_line_releases_its_folder_and_resumes(tmp_path, shapes
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line).get("kind") == "epoch"]
     assert epochs == list(range(epoch + 2))                    # no epoch twice, none lost
+
+
+def _term_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)                    # only reached if the signal was noted instead of killing the process
+
+
+def test_a_forked_child_of_a_stage_dies_on_sigterm():
+    """`with Pool()` ends with Pool.terminate: SIGTERM to each worker, then a join. Pool workers forked inside
+    stage 1 inherited the deferred handler, noted the signal and waited on a lock the pool holds, and the join
+    hung for good (the manifest scan inside stage 1, under load). A forked child starts with the defaults."""
+    import multiprocessing as mp
+
+    from salmae.pipeline.signals import stop_signals
+
+    with stop_signals(deferred=True):
+        child = mp.get_context("fork").Process(target=_term_self)
+        child.start()
+        child.join(timeout=30)
+    assert child.exitcode == -signal.SIGTERM

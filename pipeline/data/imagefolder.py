@@ -22,24 +22,24 @@ process's `dataset.skipped`; it is never replaced by another image (that would c
 neighbour twice and hide the damage). The eval data path (`pipeline.eval.data`) turns the
 error into an `ok=False` item, which the protocols leave out and count as unreadable.
 
-`LabelledShards(spec, transform, split=None)` is the same for img2dataset shards whose KEY.json
-carries an integer `label` (the generated shapes): a small in-memory map-style dataset.
+`LabelledShards` (re-exported from `pipeline.data.class_shards`) is the same for labelled
+webdataset shards (KEY.cls, or an integer label in KEY.json), read by byte range.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import torch.distributed as torch_dist
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from salmae.pipeline import dist
-from salmae.pipeline.data.shards import DamagedSampleError, decode_image, iter_samples
+from salmae.pipeline.data.class_shards import LabelledShards  # noqa: F401  (re-exported: its old home)
+from salmae.pipeline.data.shards import DamagedSampleError, decode_image
 from salmae.pipeline.errors import SalmaeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
@@ -178,44 +178,3 @@ def load_imagefolder_splits(root: str | Path, train_transform: Callable | None =
     """(train_ds, val_ds, split) for `root/train` and `root/val`; see the module docstring."""
     split = ImageFolderSplit.open(root, train_transform, val_transform, check)
     return split.train, split.val, split
-
-
-@dataclass
-class LabelledShards(Dataset):
-    """Samples of img2dataset shards whose KEY.json has an integer `label`, held in memory.
-
-    Yields `(transform(rgb_pil), label)`. `split` keeps only samples whose KEY.json `split`
-    equals it (the shapes generator writes "train"/"val"). Damaged or unlabelled samples are
-    skipped and recorded in `skipped` as (key, reason). `classes[label]` is the KEY.json
-    `shape` (or the label as text).
-    """
-
-    spec: str | Sequence[str]
-    transform: Callable | None = None
-    split: str | None = None
-    items: list[tuple[str, bytes, int]] = field(default_factory=list, init=False, repr=False)
-    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
-    classes: list[str] = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        names: dict[int, str] = {}
-        for s in iter_samples(self.spec, decode=False):
-            label = s.meta.get("label")
-            if s.error or not isinstance(label, int):
-                self.skipped.append((s.key, s.error or "no_label"))
-            elif self.split is None or s.meta.get("split") == self.split:
-                self.items.append((s.key, s.image_bytes, label))
-                names.setdefault(label, str(s.meta.get("shape", label)))
-        if not self.items:
-            raise SalmaeError(f"no labelled samples in {self.spec!r}"
-                              f"{f' with split={self.split}' if self.split else ''}; "
-                              "their KEY.json needs an integer 'label' (see `salmae shapes`)")
-        self.classes = [names.get(i, str(i)) for i in range(max(names) + 1)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        key, data, label = self.items[index]
-        image = decode_image(data, key)
-        return (self.transform(image) if self.transform else image), label

@@ -7,7 +7,8 @@ a tar cut short) never raises here: the sample is yielded with `.error` set to a
 `DAMAGE_REASONS` code, so every sample is counted and reported by key.
 
 Shards are given as brace patterns (`'data/{00000..00331}.tar'`), globs, local paths, lists of
-those, or `pipe:` / URL specs streamed through webdataset's `gopen`. Every shard is read with
+those, `pipe:` commands (webdataset's `gopen`) or object-store / web URLs (`s3://`, `gs://`, `hf://`,
+`https://`: fsspec, `pipeline.data.remote`). Every shard is read with
 python's `tarfile` in stream mode, which records each member's byte offset (for random access
 through `read_member`) and lets us tell a truncated shard from a finished one.
 """
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from salmae.pipeline.data.remote import filesystem, glob_remote, is_remote, open_remote, read_range
 from salmae.pipeline.errors import SalmaeError
 
 DAMAGE_REASONS: dict[str, str] = {
@@ -39,6 +41,9 @@ DAMAGE_REASONS: dict[str, str] = {
     "truncated_tar": "the tar shard ends in the middle of this sample (key '' when no member could be read)",
     "too_large": "the image has more pixels than the reader's limit (stage 1: --set max_pixels)",
 }
+
+# Caption damage: fatal for what reads captions (stage 1, saliency masks), not for the image alone
+CAPTION_REASONS: tuple[str, ...] = ("missing_caption", "empty_caption")
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
@@ -70,6 +75,7 @@ class Sample:
     image_ext: str = ""  # extension of the image member ("jpg", "png", ...), "" if none
     image_offset: int = -1  # byte offset of the image member's data inside the tar, -1 if none
     image_nbytes: int = -1  # byte length of the image member's data, -1 if none
+    cls: str | None = None  # the .cls member (webdataset's class index as text), stripped; None if absent
 
     @property
     def ok(self) -> bool:
@@ -80,10 +86,10 @@ class Sample:
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Expand a shard spec into a list of shard URLs, in order.
 
-    `spec` is a brace pattern (`data/{00000..00003}.tar`), a glob (`data/*.tar`), a local path,
-    a `pipe:` command or URL, several of those joined by `::` (webdataset's separator), or a
-    list of any of them; `$VARS` are expanded. Raises SalmaeError if a local shard does not
-    exist or nothing is left.
+    `spec` is a brace pattern (`data/{00000..00003}.tar`), a glob (`data/*.tar`, also in an object
+    store), a local path, a `pipe:` command or URL, several of those joined by `::` (webdataset's
+    separator), or a list of any of them; `$VARS` are expanded. Raises SalmaeError if a local shard
+    does not exist, nothing is left, or a URL's fsspec driver is not installed.
     """
     # braceexpand is what webdataset's expand_urls uses; importing webdataset itself pulls in torch.
     from braceexpand import braceexpand
@@ -96,10 +102,18 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 urls.extend(_expand_local(url, pattern=str(item)))
     if not urls:
         raise SalmaeError(f"shard spec {spec!r} names no shards; pass a brace pattern like 'data/{{00000..00003}}.tar'")
+    for url in {u.split("://", 1)[0]: u for u in urls if is_remote(u)}.values():
+        filesystem(url)  # fsspec or a driver missing: one line naming the extra now, not a warning per shard later
     return urls
 
 
 def _expand_local(url: str, pattern: str) -> list[str]:
+    listable = is_remote(url) and not url.startswith(("http://", "https://"))  # "?" there starts a query
+    if listable and any(ch in url.split("://", 1)[1] for ch in "*?["):
+        found = glob_remote(url)
+        if not found:
+            raise SalmaeError(f"no shard matches {url} (from {pattern!r}); check the bucket and pattern")
+        return found
     if not _is_local(url):
         return [url]
     path = url.removeprefix("file:")
@@ -244,13 +258,16 @@ class _TailStream(io.RawIOBase):
         return not any(self.tail[pos - start: pos - start + n])
 
 
-def _open_stream(url: str) -> BinaryIO:
+def open_shard(url: str) -> BinaryIO:
+    """Open a shard for streaming: a local file, an object-store URL (fsspec) or a `pipe:` command (webdataset)."""
     if _is_local(url):
         path = url.removeprefix("file://").removeprefix("file:")
         try:
             return open(path, "rb")
         except OSError as e:
             raise SalmaeError(f"cannot open shard {path} ({e.strerror}); check the path") from None
+    if is_remote(url):
+        return open_remote(url)
     from webdataset.gopen import gopen
 
     return gopen(url, "rb")
@@ -272,7 +289,7 @@ def iter_shard(url: str, decode: bool = True, keys: Collection[str] | None = Non
     error="truncated_tar" carrying the key it was reading ("" if none).
     """
     wanted = set(keys) if keys is not None else None
-    raw = _open_stream(url)
+    raw = open_shard(url)
     stream = _TailStream(raw)
     group_key: str | None = None
     members: dict[str, tuple[bytes, int, int]] = {}  # ext -> (data, offset, size)
@@ -346,6 +363,8 @@ def _make_sample(key: str, url: str, members: dict[str, tuple[bytes, int, int]],
             errors.append("empty_caption")
     else:
         errors.append("missing_caption")
+    if "cls" in members:
+        sample.cls = members["cls"][0].decode("utf-8", errors="replace").strip()
     if "json" in members:
         try:
             meta = json.loads(members["json"][0])
@@ -365,11 +384,18 @@ def iter_samples(spec: str | Sequence[str], decode: bool = True) -> Iterator[Sam
 
 
 def read_member(shard_path: str | os.PathLike, offset: int, size: int) -> bytes:
-    """Read `size` bytes at `offset` of a local tar (a member's data, as recorded in a manifest)."""
-    path = Path(str(shard_path).removeprefix("file://").removeprefix("file:"))
+    """Read `size` bytes at `offset` of a tar (a member's data, as recorded in a manifest): a local
+    file by seek, an object-store URL by one byte-range request; a `pipe:` command cannot be."""
+    url = str(shard_path)
     if offset < 0 or size < 0:
-        raise SalmaeError(f"no member data recorded for this sample in {path} (offset {offset}); "
+        raise SalmaeError(f"no member data recorded for this sample in {url} (offset {offset}); "
                           "its image is missing, read it by key instead")
+    if url.startswith("pipe:"):
+        raise SalmaeError(f"shard {url!r} is a command, which cannot be read by byte range; use stream mode "
+                          "(pretrain: --set data_mode=stream) or give the shards as paths or s3:// / https:// URLs")
+    if is_remote(url):
+        return read_range(url, offset, size)
+    path = Path(url.removeprefix("file://").removeprefix("file:"))
     try:
         with open(path, "rb") as f:
             f.seek(offset)

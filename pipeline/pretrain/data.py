@@ -1,12 +1,14 @@
 """Stage-2 data: images with their saliency maps, augmented together, for MAE pretraining.
 
 Two modes:
-- ``indexed`` (default, local tar shards): a map-style dataset over the manifest's ok rows; an
-  image is read by random access (`image_offset`/`image_nbytes` through `shards.read_member`).
+- ``indexed`` (default; local tars, or object-store URLs read by byte range through fsspec): a
+  map-style dataset over the manifest's usable rows; an image is read by random access
+  (`image_offset`/`image_nbytes` through `shards.read_member`).
   `GlobalBatchSampler` draws one permutation per epoch (seeded by seed + epoch) and gives DDP
   rank r the slice [r*b, (r+1)*b) of every global batch of b * world samples, so K processes see
   exactly the batches one process would, and a resumed run the batches a straight run would.
-- ``stream`` (pipe:/remote shards): webdataset with a shuffle buffer, split by node and worker.
+- ``stream`` (pipe:/remote shards): webdataset with a shuffle buffer, split by node and worker;
+  object-store URLs are opened through fsspec (`pipeline.data.remote`), `pipe:` by webdataset.
 
 Saliency is looked up **by key** (manifest key -> store row), loaded into memory once
 (`SaliencyTable`). Each sample's augmentation is drawn from a generator seeded by
@@ -30,11 +32,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
-from salmae.pipeline.data.shards import decode_image, read_member, shard_name
+from salmae.pipeline.data.shards import CAPTION_REASONS, decode_image, open_shard, read_member, shard_name
 from salmae.pipeline.data.transforms import crop_flip_image, crop_flip_saliency_batch, sample_crop_box
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.saliency.preprocess import letterbox_frames
-from salmae.pipeline.saliency.store import CODE_OF, STATUS_OK, STATUS_PENDING, SaliencyStore
+from salmae.pipeline.saliency.store import (CODE_OF, REPAIR_HINT, STATUS_OK, STATUS_PENDING, SaliencyStore,
+                                            ShardDamage, StoreDamaged)
 
 
 # --------------------------------------------------------------------------- saliency lookup
@@ -62,22 +65,41 @@ class SaliencyTable:
 
 
 def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:
-    """Store row of each manifest row; SalmaeError if the store was built from another manifest
-    or does not cover every ok manifest row (absent, or still pending)."""
+    """Store row of each manifest row; SalmaeError if the store was built from another manifest,
+    does not cover every ok manifest row (pending), or is damaged (`StoreDamaged`: a shard file
+    missing or unreadable, keys that do not read back)."""
     store_hash = store.attrs.get("manifest_hash")
     if store_hash != manifest.hash:
         raise SalmaeError(f"saliency store {store.path} was built from another manifest (hash "
                           f"{str(store_hash)[:12]}… vs data {manifest.hash[:12]}…); rerun `salmae saliency` on this data")
-    store_rows = _store_rows(manifest.keys.to_bytes(), np.char.encode(store.keys.astype(str), "utf-8"))
     status = store.status
+    damaged = store.damaged_shards(status=status)              # O(shards) file checks: lost files are no maps
+    if damaged:
+        raise StoreDamaged(store.path, damaged)
+    store_rows = _store_rows(manifest.keys.to_bytes(), np.char.encode(store.keys.astype(str), "utf-8"))
     wanted = manifest.status.equals("ok")
-    pending = np.where(store_rows >= 0, status[np.maximum(store_rows, 0)] == STATUS_PENDING, True)
-    missing = np.nonzero(wanted & pending)[0]
+    absent = np.nonzero(wanted & (store_rows < 0))[0]
+    if len(absent):           # the store was made from this very manifest: a key it lacks was lost from it
+        shards = np.unique(absent // store.rows_per_shard)
+        raise SalmaeError(f"saliency store {store.path}: {len(absent)} keys of its manifest do not read back from it "
+                          f"(e.g. {manifest.keys[int(absent[0])]!r}; key column damaged in shards "
+                          f"{', '.join(map(str, shards[:8]))}{' …' if len(shards) > 8 else ''}); {REPAIR_HINT} "
+                          f"(it rewrites keys from the store's manifest), or recompute the store with --overwrite")
+    pending = wanted & (status[np.maximum(store_rows, 0)] == STATUS_PENDING)
+    marked = np.array([store.is_done(s) for s in range(store.n_shards)], dtype=bool)          # [shards]
+    lost = np.nonzero(pending & marked[np.maximum(store_rows, 0) // store.rows_per_shard])[0]
+    if len(lost):             # a finished shard whose statuses read as pending: damaged, a rerun skips it
+        rows = store_rows[lost]
+        raise StoreDamaged(store.path, [ShardDamage(int(s), "status", rows[rows // store.rows_per_shard == s],
+                                                    "reads as pending although the shard is marked done")
+                                        for s in np.unique(rows // store.rows_per_shard)])
+    missing = np.nonzero(pending)[0]
     if len(missing):
         shards = sorted(Counter(manifest.column("shard").take(missing)).items())
         listed = ", ".join(f"{name} ({count})" for name, count in shards[:8]) + (" …" if len(shards) > 8 else "")
         raise SalmaeError(f"saliency store {store.path} misses {len(missing)} of {int(wanted.sum())} rows "
-                          f"(absent or pending) in shards {listed}; finish it with `salmae saliency --out {store.path}`")
+                          f"(pending) in shards {listed}; finish it with the `salmae saliency` command that made it "
+                          f"(--out {store.path})")
     _check_frames_fit(manifest, store, store_rows)
     return store_rows
 
@@ -116,7 +138,7 @@ def _check_frames_fit(manifest, store: SaliencyStore, store_rows: np.ndarray) ->
 
 
 def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536) -> SaliencyTable:
-    """Check coverage, then gather the store's maps/frames into manifest row order.
+    """Check coverage and damage, then gather the store's maps/frames into manifest row order.
 
     Maps are held as float16 scaled to their own maximum (1.0): stage 2 only ever uses a map's
     order and proportions (top-k, sampling, SBAM's max-normalised threshold, area pooling), so the
@@ -127,17 +149,15 @@ def load_saliency_table(manifest, store: SaliencyStore, chunk_rows: int = 65_536
     found = store_rows >= 0
     gh, gw = store.grid
     maps = np.zeros((len(manifest), gh, gw), np.float16)
-    finite = np.ones(len(manifest), bool)
+    status = store.status[np.maximum(store_rows, 0)]
     take = np.nonzero(found)[0]
     for lo in range(0, len(take), chunk_rows):
         rows = take[lo:lo + chunk_rows]
-        chunk = store.read_unit(store_rows[rows])                                # [n, gh, gw] float16
-        finite[rows] = np.isfinite(chunk).all(axis=(1, 2))
-        maps[rows] = np.where(finite[rows, None, None], chunk, 0)
+        # [n, gh, gw] float16; a map no writer wrote (out of range, an ok map read as zero) is StoreDamaged
+        maps[rows] = store.read_unit_checked(store_rows[rows], status[rows])
     frames = np.zeros((len(manifest), 4), np.float32)
     frames[found] = store.frames(store_rows[found])
-    status = store.status[np.maximum(store_rows, 0)]
-    ok = found & (status == STATUS_OK) & finite  # frames: check_store_covers
+    ok = found & (status == STATUS_OK)  # frames: check_store_covers
     zero = found & ((status == CODE_OF["zero_map"]) | (ok & ~(maps.reshape(len(maps), -1) > 0).any(axis=1)))
     return SaliencyTable(maps, frames, ok & ~zero, zero)
 
@@ -192,18 +212,31 @@ def collate(items: list[dict], grid: tuple[int, int]) -> dict:
 
 
 # --------------------------------------------------------------------------- indexed mode
+def readable_rows(manifest, need_caption: bool = True) -> np.ndarray:
+    """[N] bool: rows whose image can be used; with `need_caption=False` (masks that read no stage-1
+    saliency) rows with only a missing or empty caption count as well (classification shards,
+    image-only webdatasets)."""
+    status = manifest.status
+    ok = status.equals("ok")
+    if not need_caption:
+        for reason in CAPTION_REASONS:  # a sample's first damage: an image problem would be named first
+            ok |= status.equals(reason)
+    return ok
+
+
 def _usable_rows(manifest, saliency: SaliencyTable | None, skip_missing: bool,
-                 max_pixels: int | None = None) -> tuple[np.ndarray, int]:
-    """Manifest rows with status ok, less those without ok saliency if `skip_missing` and those whose
-    header declares more than `max_pixels` (decoding them every epoch costs hundreds of MB per worker);
-    and how many were skipped."""
-    ok = manifest.status.equals("ok")
+                 max_pixels: int | None = None, need_caption: bool = True) -> tuple[np.ndarray, int]:
+    """Manifest rows with a usable image (`readable_rows`), less those without ok saliency if
+    `skip_missing` and those whose header declares more than `max_pixels` (decoding them every epoch
+    costs hundreds of MB per worker); and how many were skipped."""
+    readable = readable_rows(manifest, need_caption)
+    ok = readable.copy()
     if max_pixels is not None:
         pixels = manifest.column("width").astype(np.int64) * manifest.column("height").astype(np.int64)
         ok &= pixels <= max_pixels
     usable = ok & saliency.ok if (skip_missing and saliency is not None) else ok
     rows = np.nonzero(usable)[0].astype(np.int64)
-    return rows, int(manifest.status.equals("ok").sum()) - len(rows)
+    return rows, int(readable.sum()) - len(rows)
 
 
 def physical_memory_bytes() -> int | None:
@@ -270,7 +303,8 @@ class IndexedPretrainDataset(Dataset):
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
-                 augment: bool = True, max_pixels: int | None = None, cache_images: bool = False):
+                 augment: bool = True, max_pixels: int | None = None, cache_images: bool = False,
+                 need_caption: bool = True):
         by_name = {shard_name(u): u for u in shard_urls}
         encoded = manifest.table.column("shard").combine_chunks().dictionary_encode()
         names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
@@ -279,7 +313,7 @@ class IndexedPretrainDataset(Dataset):
         if absent:
             raise SalmaeError(f"manifest lists shards not in --data: {', '.join(absent[:5])}; "
                               "pass the shards the manifest was built from")
-        self.rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing, max_pixels)
+        self.rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing, max_pixels, need_caption)
         self.urls = [by_name[s] for s in names]                        # one per shard
         self.shard_of = shard_index.astype(np.int32)                   # [N] row -> shard
         self.offsets = np.asarray(manifest.column("image_offset"), dtype=np.int64)
@@ -288,6 +322,9 @@ class IndexedPretrainDataset(Dataset):
         self.img_size, self.grid, self.saliency = img_size, grid, saliency
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cache = None
+        if len(self.rows) and any(not _is_local_path(u) for u in self.urls):
+            read_member(self.urls[self.shard_of[self.rows[0]]], int(self.offsets[self.rows[0]]), 1)  # fail here, in
+            # one line, where the shards cannot serve byte ranges (pipe:) rather than in a loader worker
         if cache_images:
             width, height = (np.asarray(manifest.column(c), dtype=np.int64)[self.rows] for c in ("width", "height"))
             self.cache = DecodedImages(self.rows, width, height, self._decode, lambda r: self.keys[r].decode())
@@ -315,6 +352,27 @@ class IndexedPretrainDataset(Dataset):
         if step is not None:
             item["step"] = step
         return item
+
+
+def _open_shards(sources: Iterator[dict]) -> Iterator[dict]:
+    """webdataset stage: `{"url"}` -> `{"url", "stream"}`, each shard opened by `shards.open_shard` and
+    closed once the next is asked for (an unreadable shard is skipped with a warning, as webdataset does)."""
+    import warnings
+
+    for source in sources:
+        try:
+            stream = open_shard(source["url"])
+        except SalmaeError as e:
+            warnings.warn(f"skipping shard: {e}")
+            continue
+        try:
+            yield {**source, "stream": stream}
+        finally:
+            stream.close()
+
+
+def _is_local_path(url: str) -> bool:
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -357,12 +415,13 @@ class StreamPretrainDataset(IterableDataset):
 
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
-                 shuffle_buffer: int = 1000, batch_size: int = 1, world: int = 1, max_pixels: int | None = None):
+                 shuffle_buffer: int = 1000, batch_size: int = 1, world: int = 1, max_pixels: int | None = None,
+                 need_caption: bool = True):
         self.manifest, self.urls, self.img_size, self.grid = manifest, shard_urls, img_size, grid
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
-        rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing, max_pixels)
+        rows, self.n_skipped = _usable_rows(manifest, saliency, skip_missing, max_pixels, need_caption)
         keys = manifest.keys.to_bytes()[rows]
         order = np.argsort(keys)
         self._keys, self._rows = keys[order], rows[order]     # sorted keys -> manifest row (no dict per row)
@@ -408,16 +467,20 @@ class StreamPretrainDataset(IterableDataset):
 
     def _one_pass(self, round_: int) -> Iterator[dict]:
         import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         from salmae.pipeline import dist
 
         nodesplitter = wds.split_by_node if dist.world_size() > 1 else wds.single_node_only
         seed = self.seed * 1009 + self.epoch * 31 + round_
-        pipeline = wds.WebDataset(self.urls, shardshuffle=len(self.urls), nodesplitter=nodesplitter,
-                                  workersplitter=wds.split_by_worker, seed=seed,
-                                  handler=wds.warn_and_continue, empty_check=False)
+        # WebDataset's own stages, with our opener: object-store URLs go through fsspec, not gopen
+        stages = [wds.SimpleShardList(self.urls), nodesplitter, wds.split_by_worker,
+                  wds.shuffle(len(self.urls), seed=seed), _open_shards,
+                  wds.pipelinefilter(tar_file_expander)(handler=wds.warn_and_continue),
+                  wds.pipelinefilter(group_by_keys)(handler=wds.warn_and_continue)]
         if self.shuffle_buffer > 1:
-            pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed))
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=random.Random(seed)))
+        pipeline = wds.DataPipeline(*stages)
         for sample in pipeline:
             row = self._row_of(sample["__key__"])
             data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)

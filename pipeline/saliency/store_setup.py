@@ -106,7 +106,12 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
                    "rows_per_shard": cfg.rows_per_shard, "max_pixels": cfg.max_pixels, "resize": cfg.resize,
                    "interpolation": info.interpolation}
     if state == "ready":
-        attrs = SaliencyStore.open(out).attrs
+        try:
+            attrs = SaliencyStore.open(out).attrs
+        except SalmaeError:              # damaged attrs or arrays: --overwrite replaces the store
+            if not cfg.overwrite:
+                raise
+            attrs = {"fingerprint": {"damaged": True}}
         existing = {**FINGERPRINT_DEFAULTS, **attrs.get("fingerprint", {})}
         if attrs.get("format") != STORE_FORMAT and not cfg.overwrite:
             raise SalmaeError(f"store {out} has the older format {attrs.get('format')} (maps without a scale); "
@@ -124,10 +129,7 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
         lock.require_sole_holder("replacing it (--overwrite)")
     if manifest_file is None or not Path(manifest_file).is_file():
         raise SalmaeError(f"no manifest for store {out}; pass --data SHARDS (or --manifest FILE)")
-    widths = np.asarray(manifest.column("width"), dtype=np.int32)
-    heights = np.asarray(manifest.column("height"), dtype=np.int32)
-    sizes = np.stack([widths, heights], axis=1)                        # [N, 2] (W, H)
-    frames = store_frames(sizes, tuple(info.input_size), cfg.resize)   # [N, 4] x0, y0, x1, y1 (image pixels)
+    sizes, frames = _geometry(manifest, tuple(info.input_size), cfg.resize)
     attrs = {**record, "cam": cfg.cam, "layer": layer_path, "resize": cfg.resize,
              "input_size": record["input_size"], "frame": FRAME_CONVENTIONS[cfg.resize], "manifest_hash": manifest.hash,
              "salmae_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -143,6 +145,49 @@ def _create_or_check(cfg, out: Path, record: dict, layer_path: str, info, manife
     save_config(cfg, out / "config.yaml")
     fsync_paths([out / MANIFEST_NAME, out / "config.yaml"])
     finish_store(out, {"fingerprint": fingerprint})                    # last: only now is the store accepted
+
+
+def _geometry(manifest, input_size: tuple[int, int], resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """The store's image_size [N, 2] (W, H) and frame [N, 4] columns for `manifest`: the frame the map's
+    grid covers, in image pixels (squash: the whole image; letterbox: the CLIP input, padding included)."""
+    widths = np.asarray(manifest.column("width"), dtype=np.int32)
+    heights = np.asarray(manifest.column("height"), dtype=np.int32)
+    sizes = np.stack([widths, heights], axis=1)                        # [N, 2] (W, H)
+    return sizes, store_frames(sizes, input_size, resize)             # [N, 4] x0, y0, x1, y1
+
+
+def shards_to_compute(cfg, store: SaliencyStore, manifest, job: range, provenance: dict) -> list[int]:
+    """The job's shards to compute: those not finished, and finished ones that are damaged.
+
+    Every run checks its finished shards' files (a status file, and saliency and scale files where
+    a shard has ok rows: O(shards) file checks and the status bytes). With `repair` it decodes every
+    finished shard of the job (checksums, map ranges: reads every byte) and rewrites key, frame and
+    image_size shards that are unreadable or differ from the store's manifest. A damaged shard's
+    marker is removed before anything is recomputed, so a run stopped on the way still sees it as
+    not done; recomputing them with other settings than the store's is refused as any resume is
+    (`allow_mixed`). cfg: the stage's `SaliencyConfig` (read: repair, allow_mixed). Rank 0 only,
+    holding the lock for `job`.
+    """
+    log = get_logger()
+    if cfg.repair:
+        sizes, frames = _geometry(manifest, tuple(store.attrs["input_size"]), store.attrs.get("resize", "squash"))
+        keys = np.asarray(manifest.keys.tolist(), dtype=str)
+        for shard in job:
+            rows = store.shard_rows(shard)
+            fixed = store.repair_columns(shard, keys[rows.start:rows.stop], frames[rows.start:rows.stop],
+                                         sizes[rows.start:rows.stop])
+            if fixed:
+                log.warning("store %s: shard %d: rewrote its %s from the manifest (--repair)", store.path, shard,
+                            " and ".join(fixed))
+    damaged = store.damaged_shards([s for s in job if store.is_done(s)], thorough=cfg.repair)
+    for d in damaged:
+        log.warning("store %s: %s: recomputing the shard", store.path, d.describe(store.path))
+    for shard in sorted({d.shard for d in damaged}):
+        store.marker_path(shard).unlink(missing_ok=True)
+    if damaged:
+        fsync_paths([store.marker_path(0).parent])
+        _check_provenance(cfg, store.path, store.attrs.get("provenance") or {}, provenance)
+    return [s for s in job if not store.is_done(s)]
 
 
 def _check_provenance(cfg, out: Path, begun: dict, now: dict) -> None:
