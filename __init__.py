@@ -6,6 +6,8 @@ models, one package per stage's machinery) and `salmae.stages` holds one module 
 and `pip install` adds one package, `salmae`, to site-packages (not `pipeline` and `stages`).
 """
 
-from .pipeline import __version__
+# Absolute, not `from .pipeline`: pytest imports this file as a plain module when the checkout's
+# folder is not a valid Python name (e.g. `salmae-main`), and a relative import fails there.
+from salmae.pipeline import __version__
 
 __all__ = ["__version__"]
