@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.errors import SalmaeError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -108,7 +108,10 @@ def seed_everything(seed: int) -> None:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: seed numpy and `random` from the worker's torch seed, which the
-    loader derives from its `generator` (so the same seed gives the same augmentations)."""
+    loader derives from its `generator` (so the same seed gives the same augmentations); and ignore
+    SIGTERM/SIGINT, so that a signal sent to the whole process group (SLURM, `timeout`) is the main
+    process's to handle (one line, lock released) instead of a worker's death ending it in a traceback."""
+    signals.ignore_in_worker()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -59,14 +59,17 @@ def test_pretrain_logs_one_line_releases_its_folder_and_resumes(tmp_path, shapes
             "--set", "arch.img_size=32", "--set", "arch.patch_size=8", "--set", "arch.embed_dim=32",
             "--set", "arch.depth=1", "--set", "arch.num_heads=2", "--set", "arch.decoder_embed_dim=32",
             "--set", "arch.decoder_depth=1", "--set", "arch.decoder_num_heads=2"]
-    job = subprocess.Popen(args + ["--epochs", "200"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+    # one loader worker, and the signal to the whole process group, as SLURM and `timeout` send it: a worker
+    # that died of it first ended the run in a DataLoader traceback
+    job = subprocess.Popen(args + ["--epochs", "200", "--set", "workers=1"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint-latest.pth").exists() and time.time() < deadline and job.poll() is None:
             time.sleep(0.2)
         assert (out / "checkpoint-latest.pth").exists(), job.stderr.read() if job.poll() is not None else "slow"
-        job.send_signal(signal.SIGTERM)
+        time.sleep(1.0)                                        # inside the next epoch, its worker running
+        os.killpg(job.pid, signal.SIGTERM)
         _, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
