@@ -152,8 +152,8 @@ def _log_stop(out: Path, name: str) -> None:
     if latest.is_file():
         try:
             kept = f"checkpoint-latest.pth holds epoch {int(load_checkpoint(latest)['epoch'])}"
-        except SalmaeError:
-            kept = "checkpoint-latest.pth is unreadable"
+        except SalmaeError as e:
+            kept = f"checkpoint-latest.pth could not be read back ({str(e)[:160]})"
     get_logger().error("stage 2 stopped by %s; %s: run the same command with --resume latest to continue",
                        name, kept)
 

@@ -353,6 +353,7 @@ def test_auto_precision_is_fp32_on_cpu_and_a_bad_name_is_a_one_line_error(colour
         run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "bad", precision="fp8"))
 
 
+@pytest.mark.slow   # 34 s of inductor compile on the 2-core CPU: kept out of the 10-minute default run
 def test_finetune_compiled_equals_eager(colour_folder, mae_checkpoint, tmp_path):
     """torch.compile (inductor on the CPU) gives the eager loss to 1e-4 relative (measured: equal).
     ~20 s when inductor's cache is cold, ~3 s warm."""

@@ -78,7 +78,7 @@ def test_pretrain_logs_one_line_releases_its_folder_and_resumes(tmp_path, shapes
     assert err.strip().splitlines()[-1].startswith("salmae: interrupted by SIGTERM; finished work is kept")
     assert "Traceback" not in err
     log = (out / "run.log").read_text()
-    assert "stage 2 stopped by SIGTERM; checkpoint-latest.pth holds epoch" in log
+    assert "stage 2 stopped by SIGTERM; " in log and "run the same command with --resume latest" in log
     assert not (out / LOCK_NAME).exists()
     epoch = int(load_checkpoint(out / "checkpoint-latest.pth")["epoch"])
     again = subprocess.run(args + ["--epochs", str(epoch + 2), "--resume", "latest"], env=env, capture_output=True,
