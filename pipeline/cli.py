@@ -36,8 +36,12 @@ class _Group(click.Group):
             ctx.exit(SalmaeError.exit_code)
         except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under `pipeline.signals` (SLURM preemption)
             name = getattr(e, "name", "SIGINT")
-            click.echo(f"salmae: interrupted by {name}; finished work is kept: run the same command to resume "
-                       "(pretrain/finetune: with --resume latest)", err=True)
+            if getattr(e, "saved", False):     # a safe point: exit 75, what an sbatch script requeues on
+                click.echo(f"salmae: stopped by {name} at a safe point, its state written: run the same command "
+                           "to continue (pretrain: with --resume latest)", err=True)
+            else:
+                click.echo(f"salmae: interrupted by {name}; finished work is kept: run the same command to resume "
+                           "(pretrain/finetune: with --resume latest)", err=True)
             ctx.exit(getattr(e, "exit_code", 130))
         except OSError as e:
             message = _os_error_line(e)

@@ -1,7 +1,11 @@
-"""Distributed helpers that read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+"""Distributed helpers that read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or srun's.
 
-The same command runs as one plain process or as K processes under torchrun: without
-torchrun's variables every helper here answers as rank 0 of a world of 1.
+The same command runs as one plain process, as K processes under torchrun, or as K tasks that
+SLURM's `srun` starts itself (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, with MASTER_ADDR
+and MASTER_PORT set by the sbatch script): without either set of variables every helper here
+answers as rank 0 of a world of 1. srun passes each task's exit status on (torchrun turns any
+worker's failure into its own status 1), so an sbatch script that requeues on stage 2's exit 75
+starts its ranks with srun.
 
 One process group serves both devices: on a CUDA machine it is created with
 ``backend="cpu:gloo,cuda:nccl"``, so a collective runs over NCCL when its tensor lives on the
@@ -38,21 +42,35 @@ WAIT_TIMEOUT = datetime.timedelta(days=365)
 _wait_group: tuple[Any, Any] | None = None   # (the main group it was made in, the gloo group `wait_for_all` uses)
 
 
+def launch_env(env: dict | None = None) -> dict[str, int]:
+    """{RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE} of this process: torchrun's variables, else those
+    of an srun step with more than one task (SLURM_STEP_NUM_TASKS: set by srun, not in the batch
+    script itself, whose SLURM_NTASKS counts the tasks it may start), else one process."""
+    env = os.environ if env is None else env
+    srun = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in env
+    if srun and not ("RANK" in env and "WORLD_SIZE" in env):
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]   # "4(x2)" or "4,3"
+        return {"RANK": int(env["SLURM_PROCID"]), "WORLD_SIZE": int(env["SLURM_STEP_NUM_TASKS"]),
+                "LOCAL_RANK": int(env.get("SLURM_LOCALID", 0)), "LOCAL_WORLD_SIZE": int(per_node or 1)}
+    return {k: int(env.get(k, default)) for k, default in
+            (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))}
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if dist.is_initialized() else launch_env()["RANK"]
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return dist.get_world_size() if dist.is_initialized() else launch_env()["WORLD_SIZE"]
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return launch_env()["LOCAL_RANK"]
 
 
 def local_world_size() -> int:
-    """Processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE or srun's tasks per node; 1 alone)."""
+    return launch_env()["LOCAL_WORLD_SIZE"]
 
 
 def is_main() -> bool:
@@ -60,8 +78,9 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+def launched_as_group() -> bool:
+    """Started as one of several processes, by torchrun or by srun (see `launch_env`)."""
+    return launch_env()["WORLD_SIZE"] > 1
 
 
 def backend_for(device: torch.device) -> str:
@@ -70,13 +89,19 @@ def backend_for(device: torch.device) -> str:
 
 
 def init(device: torch.device) -> None:
-    """Join the process group if torchrun started us with more than one process (idempotent)."""
-    if dist.is_initialized() or not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    """Join the process group if torchrun or srun started us with more than one process (idempotent)."""
+    if dist.is_initialized() or not launched_as_group():
         return
+    launch = launch_env()
+    if not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):   # torchrun sets them; sbatch for srun
+        raise SalmaeError(f"rank {launch['RANK']} of {launch['WORLD_SIZE']} (srun) needs MASTER_ADDR and "
+                          "MASTER_PORT: in the sbatch script, export MASTER_ADDR=$(scontrol show hostnames "
+                          "$SLURM_JOB_NODELIST | head -n1) MASTER_PORT=29500 before srun")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
+        dist.init_process_group(backend=backend_for(device), timeout=TIMEOUT, rank=launch["RANK"],
+                                world_size=launch["WORLD_SIZE"])
     except (RuntimeError, ValueError, OSError) as e:   # DistNetworkError and DistStoreError are RuntimeErrors
         raise SalmaeError(init_failure(e)) from None
     _make_wait_group()

@@ -134,9 +134,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return _records(path.read_text(errors="replace"))
 
 
-def truncate_metrics(path: str | Path, keep_epochs_below: int) -> int:
+def truncate_metrics(path: str | Path, keep_epochs_below: int, keep_steps_below: int | None = None) -> int:
     """Drop the records of epochs >= `keep_epochs_below` (a resumed run writes them again) and any
-    line cut short; rewrite the file atomically. Returns the number of records dropped."""
+    line cut short; rewrite the file atomically. Returns the number of records dropped.
+    `keep_steps_below`: a resume inside that epoch keeps its "step" records of global steps below it."""
     from salmae.pipeline.files import atomic_write_text
 
     path = Path(path)
@@ -144,7 +145,13 @@ def truncate_metrics(path: str | Path, keep_epochs_below: int) -> int:
         return 0
     text = path.read_text(errors="replace")
     records = _records(text)
-    kept = [r for r in records if not (isinstance(r.get("epoch"), int) and r["epoch"] >= keep_epochs_below)]
+    def stays(r: dict) -> bool:
+        if not (isinstance(r.get("epoch"), int) and r["epoch"] >= keep_epochs_below):
+            return True
+        return (keep_steps_below is not None and r.get("kind") == "step" and r["epoch"] == keep_epochs_below
+                and isinstance(r.get("step"), int) and r["step"] < keep_steps_below)
+
+    kept = [r for r in records if stays(r)]
     lines = sum(1 for line in text.splitlines() if line.strip())
     if len(kept) != lines:
         atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in kept))

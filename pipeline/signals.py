@@ -1,4 +1,4 @@
-"""SIGTERM handled like Ctrl-C: SLURM's preemption and time limit stop a job cleanly.
+"""SIGTERM and SIGUSR1 handled like Ctrl-C: SLURM's preemption and time limit stop a job cleanly.
 
 SLURM (and Kubernetes, and `kill`) end a job with SIGTERM, whose default action kills Python at
 once: no `finally` runs, so stage 1 left its store lock behind and stage 2 wrote nothing to
@@ -12,7 +12,13 @@ Two ways to stop:
 - at a boundary (`stop_signals(deferred=True)`): the first signal only sets a flag that a loop
   reads with `requested()` at a safe point and answers with `raise interrupted()`; a second
   signal raises at once. Stage 1 stops at the next batch boundary this way, its finished shards
-  written and marked.
+  written and marked; stage 2 at the next logging step on which every rank agrees, after
+  writing a checkpoint of that step. SIGUSR1 (what `sbatch --signal=USR1@120` sends before a
+  time limit) is handled too, in deferred blocks only.
+
+Exit status: a job that stopped at a safe point with its state written exits `REQUEUE_EXIT` (75,
+sysexits' EX_TEMPFAIL: "try again later"), which an sbatch script turns into `scontrol requeue`;
+a job stopped at once exits 128 + the signal's number, as a shell reports a killed command.
 
 Forked children never keep these handlers (`os.register_at_fork`): a multiprocessing pool stops
 its workers with SIGTERM (`Pool.terminate`, which `with Pool()` calls), and a worker that had
@@ -32,17 +38,21 @@ import threading
 from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DEFERRED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
+REQUEUE_EXIT = 75                   # stopped at a safe point, state written: run again (sbatch: requeue)
 _state = {"pending": None}          # the signal number a deferred handler has seen, if any
 
 
 class Interrupted(KeyboardInterrupt):
-    """The job was asked to stop by `signum`; `exit_code` is the shell's 128 + signum."""
+    """The job was asked to stop by `signum`. `saved`: it stopped at a safe point with its state
+    written (exit status `REQUEUE_EXIT`); otherwise where it was (the shell's 128 + signum)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, saved: bool = False):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.name = signal.Signals(signum).name
-        self.exit_code = 128 + signum
+        self.saved = saved
+        self.exit_code = REQUEUE_EXIT if saved else 128 + signum
 
 
 def requested() -> int | None:
@@ -50,16 +60,24 @@ def requested() -> int | None:
     return _state["pending"]
 
 
+def agree(signum: int) -> None:
+    """The ranks agreed to stop for `signum` (another rank's signal, if this one got none): `interrupted()`
+    then names it."""
+    if _state["pending"] is None:
+        _state["pending"] = signum
+
+
 def interrupted() -> Interrupted:
-    """The exception to raise at a safe point after `requested()`."""
-    return Interrupted(_state["pending"] or signal.SIGINT)
+    """The exception to raise at a safe point after `requested()`, the state written."""
+    return Interrupted(_state["pending"] or signal.SIGINT, saved=True)
 
 
 @contextlib.contextmanager
 def stop_signals(deferred: bool = False) -> Iterator[None]:
     """Within the block SIGINT and SIGTERM raise `Interrupted` (at once, or at the loop's next
-    `requested()` check when `deferred`, a second signal then raising at once). Restores the previous
-    handlers on exit. Outside the main thread (signal handlers cannot be set there) it does nothing."""
+    `requested()` check when `deferred`, a second signal then raising at once; a deferred block also
+    takes SIGUSR1). Restores the previous handlers on exit. Outside the main thread (signal handlers
+    cannot be set there) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -70,8 +88,8 @@ def stop_signals(deferred: bool = False) -> Iterator[None]:
             return
         raise Interrupted(signum)
 
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
+    previous = {s: signal.getsignal(s) for s in (DEFERRED_SIGNALS if deferred else STOP_SIGNALS)}
+    for s in previous:
         signal.signal(s, handler)
     try:
         yield
@@ -83,9 +101,10 @@ def stop_signals(deferred: bool = False) -> Iterator[None]:
 
 def _defaults_in_child() -> None:
     """After a fork: a child never runs this module's handlers (see the module docstring)."""
-    if any(getattr(signal.getsignal(s), "__qualname__", "").startswith("stop_signals.") for s in STOP_SIGNALS):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    ours = [s for s in DEFERRED_SIGNALS
+            if getattr(signal.getsignal(s), "__qualname__", "").startswith("stop_signals.")]
+    for s in ours:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
     _state["pending"] = None
 
 
@@ -93,6 +112,6 @@ os.register_at_fork(after_in_child=_defaults_in_child)
 
 
 def ignore_in_worker(worker_id: int | None = None) -> None:
-    """In a DataLoader worker: ignore SIGINT/SIGTERM (the main process stops the workers)."""
-    for s in STOP_SIGNALS:
+    """In a DataLoader worker: ignore SIGINT/SIGTERM/SIGUSR1 (the main process stops the workers)."""
+    for s in DEFERRED_SIGNALS:
         signal.signal(s, signal.SIG_IGN)

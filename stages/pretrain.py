@@ -133,7 +133,9 @@ def run(cfg: PretrainConfig) -> dict:
     device = pick_device(cfg.device)
     dist.init(device)
     lock = RunLock(cfg.out, "pretrain")      # one job per run folder: rank 0 holds it for the job
-    with signals.stop_signals():             # SIGTERM (SLURM) like Ctrl-C: one line in run.log, lock released
+    # SIGTERM/SIGUSR1 (SLURM) and Ctrl-C: every rank stops after the same step, rank 0 writes a checkpoint
+    # of it, the lock is released and the job exits 75 (requeue); a second signal stops at once
+    with signals.stop_signals(deferred=True):
         if dist.is_main():
             lock.acquire()
         try:
@@ -151,7 +153,10 @@ def _log_stop(out: Path, name: str) -> None:
     kept = "no checkpoint yet"
     if latest.is_file():
         try:
-            kept = f"checkpoint-latest.pth holds epoch {int(load_checkpoint(latest)['epoch'])}"
+            state = load_checkpoint(latest)
+            at = state.get("position")
+            kept = (f"checkpoint-latest.pth holds epoch {at['epoch']} to step {at['step']} of {at['steps']}" if at
+                    else f"checkpoint-latest.pth holds epoch {int(state['epoch'])}")
         except SalmaeError as e:
             kept = f"checkpoint-latest.pth could not be read back ({str(e)[:160]})"
     get_logger().error("stage 2 stopped by %s; %s: run the same command with --resume latest to continue",
@@ -198,14 +203,16 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * eff_batch / 256
     optimizer = build_optimizer(model, lr, cfg.optim.weight_decay, device, decay_tokens=cfg.optim.decay_tokens)
     scaler = grad_scaler(device, cfg.precision)
-    start_epoch = 0
+    start_epoch, position = 0, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+        position = _resume_position(cfg, state, len(loader))
+        log.info("resumed from %s at epoch %d%s", ckpt_path, start_epoch,
+                 f" step {position['step']}" if position else "")
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -217,21 +224,27 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
              len(dataset), f" (decoded in memory: {cache.nbytes / 2**20:.1f} MiB)" if cache is not None else "",
              cfg.mask, cfg.model, model.model_args, cfg.batch_size, cfg.optim.accum_iter,
              world, eff_batch, lr, cfg.precision, ", compiled" if cfg.compile else "", cfg.workers)
-    metrics = MetricsWriter(out / "metrics.jsonl", purge_step=start_epoch * len(loader))  # a resume's TB: no repeats
+    metrics = MetricsWriter(out / "metrics.jsonl",   # a resume's TensorBoard: no step twice
+                            purge_step=start_epoch * len(loader) + (position["step"] if position else 0))
     viz = _viz_batch(cfg, dataset) if dist.is_main() and cfg.viz_samples > 0 else None
     lr_at = lambda e: cosine_lr(e, lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)  # noqa: E731
     reduction = _loss_reduction(cfg, plan, model)
     stats: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        sampler_or_ds = sampler if sampler is not None else dataset
-        sampler_or_ds.set_epoch(epoch)
+        start_step, carried = (position["step"], position["totals"]) if position and position["epoch"] == epoch \
+            else (0, None)
+        if sampler is not None:           # stream mode has none: its epochs restart whole
+            sampler.set_epoch(epoch, start_step)
         dataset.set_epoch(epoch)
         stats = train_one_epoch(train_model, model, loader, optimizer, device, epoch, plan, lr_at,
                                 batch_size=cfg.batch_size, accum_iter=cfg.optim.accum_iter, metrics=metrics,
                                 log_every=cfg.log_every, precision=cfg.precision, scaler=scaler,
                                 check_syncs=cfg.check_syncs, loss_reduction=reduction,
-                                step_partial=cfg.optim.step_partial)
+                                step_partial=cfg.optim.step_partial, start_step=start_step, totals=carried)
+        if "stopped_at" in stats:          # every rank agreed to stop after this step (a signal)
+            _stop_mid_epoch(cfg, out, model, optimizer, scaler, epoch, stats, data_identity,
+                            exact=sampler is not None)
         seconds = time.time() - t0
         metrics.write(kind="epoch", epoch=epoch, loss=stats["loss"], masked=stats["masked"],
                       fallback=stats["fallback"], zero_maps=stats["zero_maps"], lr=optimizer.param_groups[0]["lr"],
@@ -245,6 +258,9 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
             if viz is not None:
                 _write_png(out / "png" / f"epoch-{epoch:04d}.png", model, viz, plan, device)
         dist.barrier("rank 0 to write the checkpoint")
+        if stats["stop"]:                  # the ranks agreed on the epoch's last step: its checkpoint is written
+            log.info("stop requested: epoch %d is written to checkpoint-latest.pth", epoch)
+            raise signals.interrupted()
     if dataset.n_skipped:
         log.info("%d samples were skipped (without ok saliency under skip_missing, or over max_pixels)",
                  dataset.n_skipped)
@@ -372,7 +388,9 @@ def _settle_run_folder(out: Path, state: dict | None) -> None:
     if removed:
         get_logger().info("removed %d temp files a killed run left in %s", len(removed), out)
     if state is not None:
-        truncate_metrics(out / "metrics.jsonl", keep_epochs_below=int(state["epoch"]) + 1)
+        at = state.get("position")     # a stop inside an epoch: its steps before the stop stay
+        truncate_metrics(out / "metrics.jsonl", keep_epochs_below=int(state["epoch"]) + 1,
+                         keep_steps_below=int(state["step"]) if at else None)
     elif (out / "metrics.jsonl").exists():
         truncate_metrics(out / "metrics.jsonl", keep_epochs_below=0)   # a fresh start in a folder without checkpoints
 
@@ -456,7 +474,9 @@ def _manifest(cfg: PretrainConfig, urls: list[str]):
         get_logger().info("building the manifest of %d shards into %s", len(urls), staged)
         build_manifest(urls, staged)
     dist.barrier(f"rank 0 to build the manifest of --data into {staged}")
-    return load_manifest(staged)
+    manifest = load_manifest(staged)
+    dist.barrier("every rank to read the staged manifest")    # rank 0 renames it once the checks pass
+    return manifest
 
 
 def _staged_manifest(out: Path) -> Path:
@@ -493,14 +513,54 @@ def _mask_plan(cfg: PretrainConfig) -> MaskPlan:
                     source=m.source, seed=cfg.seed)
 
 
-def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict, data_identity: dict) -> None:
+def _stop_mid_epoch(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict, data_identity: dict,
+                    exact: bool) -> None:
+    """The ranks agreed to stop after step `stats['stopped_at']` of `epoch`: rank 0 writes that position
+    (indexed mode; a stream cannot seek, so there the last epoch's checkpoint is what resumes), then
+    every rank raises the deferred `Interrupted` (exit 75: requeue)."""
+    log = get_logger()
+    if exact:
+        if dist.is_main():
+            _save(cfg, out, model, optimizer, scaler, epoch - 1, stats, data_identity,
+                  position={"epoch": epoch, "step": stats["stopped_at"], "steps": stats["steps"],
+                            "totals": stats["totals"]})
+        dist.barrier("rank 0 to write the checkpoint")
+        log.info("stop requested: epoch %d step %d of %d is written to checkpoint-latest.pth", epoch,
+                 stats["stopped_at"], stats["steps"])
+    else:
+        log.info("stop requested at epoch %d step %d: stream mode cannot resume inside an epoch, so the run "
+                 "resumes from the last epoch's checkpoint", epoch, stats["stopped_at"])
+    raise signals.interrupted()
+
+
+def _resume_position(cfg: PretrainConfig, state: dict, steps: int) -> dict | None:
+    """Where inside an epoch a stopped run resumes (None: at the epoch's start). The epoch's steps must be
+    those the position was saved with (the same data and batch, as the resume checks have made sure)."""
+    at = state.get("position")
+    if not at:
+        return None
+    if cfg.data_mode == "stream" or int(at["steps"]) != steps:
+        now = "stream mode, which cannot seek" if cfg.data_mode == "stream" else f"{steps} steps per epoch"
+        raise SalmaeError(f"checkpoint {cfg.resume} stopped at step {at['step']} of {at['steps']} in epoch "
+                          f"{at['epoch']}, but this run has {now}; resume with the --batch-size, world size "
+                          "and data_mode it ran with")
+    return at
+
+
+def _save(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict, data_identity: dict,
+          position: dict | None = None) -> None:
+    """Rank 0: checkpoint-latest.pth after `epoch` (the last whole epoch), or at `position` inside the
+    next one ({epoch, step, steps, totals}: a stop's), and every `save_every` epochs a numbered copy."""
     config = config_to_dict(cfg)
     config["model_args"] = dict(model.model_args)
+    done = (epoch + 1) * stats["steps"] + (position["step"] if position else 0)
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict() if scaler is not None else None,
-                 epoch=epoch, step=(epoch + 1) * stats["steps"], config=config, loss=float(stats["loss"]),
-                 data=data_identity)
+                 epoch=epoch, step=done, config=config,
+                 loss=float(stats["loss"]) if "loss" in stats else None, data=data_identity, position=position)
     save_checkpoint(out / "checkpoint-latest.pth", **state)
+    if position is not None:
+        return
     if cfg.save_every > 0 and (epoch + 1) % cfg.save_every == 0:
         save_checkpoint(out / f"checkpoint-{epoch:04d}.pth", **state)
 

@@ -36,7 +36,7 @@ def test_stage1_stops_at_a_batch_boundary_releases_its_lock_and_resumes_to_the_s
     out = tmp_path / "store.zarr"
     with pytest.raises(Interrupted) as stopped:
         run(_cfg(shapes_pattern, out))
-    assert stopped.value.exit_code == 143 and stopped.value.name == "SIGTERM"
+    assert stopped.value.exit_code == 75 and stopped.value.name == "SIGTERM"   # stopped at a safe point: requeue
     assert not (out / "_locks").exists()                       # released: a requeue is not refused
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the stage's only
     done = sorted(p.name for p in (out / "_done").glob("*")) if (out / "_done").exists() else []
@@ -74,13 +74,15 @@ def test_pretrain_logs_one_line_releases_its_folder_and_resumes(tmp_path, shapes
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == 143, err
-    assert err.strip().splitlines()[-1].startswith("salmae: interrupted by SIGTERM; finished work is kept")
+    assert job.returncode == 75, err                           # stopped after a step, its checkpoint written
+    assert err.strip().splitlines()[-1].startswith("salmae: stopped by SIGTERM at a safe point, its state written")
     assert "Traceback" not in err
     log = (out / "run.log").read_text()
-    assert "stage 2 stopped by SIGTERM; " in log and "run the same command with --resume latest" in log
+    assert "stage 2 stopped by SIGTERM; checkpoint-latest.pth holds epoch" in log
+    assert "run the same command with --resume latest" in log
     assert not (out / LOCK_NAME).exists()
-    epoch = int(load_checkpoint(out / "checkpoint-latest.pth")["epoch"])
+    state = load_checkpoint(out / "checkpoint-latest.pth")
+    epoch = int(state["epoch"])                                # the last whole epoch; `position`: the steps after it
     again = subprocess.run(args + ["--epochs", str(epoch + 2), "--resume", "latest"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr

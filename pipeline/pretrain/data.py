@@ -380,17 +380,20 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     batch of b*world, and yields it as `[(index, step), ...]` (the step seeds that batch's masks).
 
     The tail that does not fill a global batch is dropped (as DistributedSampler + drop_last).
+    `set_epoch(epoch, start_step)` resumes an epoch a stop cut short: the same permutation, from
+    that step on (`len` stays the epoch's steps, which the lr schedule and the masks count in).
     """
 
     def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0):
         self.n, self.b, self.world, self.rank, self.seed, self.epoch = n, batch_size, world, rank, seed, 0
+        self.start = 0
         self.steps = n // (batch_size * world)
         if self.steps == 0:
             raise SalmaeError(f"{n} training samples cannot fill one global batch of {batch_size} x {world} "
                               "processes; lower --batch-size")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
 
     def __len__(self) -> int:
         return self.steps
@@ -398,7 +401,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 9_973 + self.epoch))
         g = self.b * self.world
-        for step in range(self.steps):
+        for step in range(self.start, self.steps):
             lo = step * g + self.rank * self.b
             yield [(i, step) for i in perm[lo:lo + self.b].tolist()]
 

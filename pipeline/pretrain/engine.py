@@ -5,9 +5,16 @@ device and runs the model: images arrive as uint8 and are normalised there, mask
 (`pipeline.pretrain.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
 device or talks to other processes, except where the algorithm needs it (DDP's gradient
 all-reduce): the loss is summed on the device, and on logging steps (every `log_every` steps and
-the last) one all-reduce of [loss, masked, fallbacks, zero maps] gives every rank the same numbers and the
-same verdict on a non-finite loss. A bad loss is therefore caught within `log_every` steps, before
-any checkpoint is written.
+the last) one all-reduce of [loss, masked, fallbacks, zero maps, stop votes] gives every rank the same
+numbers, the same verdict on a non-finite loss, and the same answer to "was a stop asked for?". A bad
+loss is therefore caught within `log_every` steps, before any checkpoint is written.
+
+A stop (SIGTERM, SIGUSR1, Ctrl-C under `pipeline.signals`' deferred handler) is a vote that one rank
+casts at a logging step; once the all-reduce has counted it, every rank ends the epoch after the same
+step, the first at which the optimizer has stepped (the end of an accumulation group), and the
+caller writes a checkpoint of that position. Resumed with `start_step` and the epoch's running
+`totals`, the epoch continues as if it had never stopped: the batches (`GlobalBatchSampler`), their
+augmentations and masks are functions of (seed, epoch, step), so the weights are bit-identical.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import contextlib
 import math
 import time
 from typing import Callable
+
+from salmae.pipeline import signals
 
 import torch
 
@@ -56,9 +65,17 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     lr_at: Callable[[float], float], *, batch_size: int, accum_iter: int = 1,
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False,
-                    loss_reduction: str = "mean", step_partial: bool = False) -> dict:
+                    loss_reduction: str = "mean", step_partial: bool = False, start_step: int = 0,
+                    totals: dict | None = None, stop_requested: Callable[[], object] | None = None) -> dict:
     """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts)
-    and the steady-state {timed_steps, timed_seconds} (`steady_state`).
+    and the steady-state {timed_steps, timed_seconds} (`steady_state`), plus `stop`: whether the ranks
+    agreed to stop (see the module docstring).
+
+    A stop before the epoch's end returns early with `stopped_at` (the steps done, the position to save)
+    and `totals` (the running sums to save with it); `start_step` and `totals` resume from them (the
+    loader then yields the batches from `start_step` on, as `GlobalBatchSampler.set_epoch` arranges).
+    `stop_requested` (default `signals.requested`: a signal number or None) is read on each logging step:
+    this rank's vote.
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
@@ -74,19 +91,23 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     rows = (dist.rank() * batch_size, batch_size * world)
     ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
     compiled = ddp is not model               # the host-sync recorder patches torch: not under dynamo
-    window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps since the last log
+    votes = len(signals.DEFERRED_SIGNALS)                      # a slot for each signal that asks for a stop
+    window = torch.zeros(4 + votes, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps, votes
     host = [0.0, 0.0, 0.0]                                      # masked, fallbacks, zero maps known on the host
-    since, done, totals = 0, 0, {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
+    since, done = 0, start_step
+    totals = dict(totals) if totals else {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
+    stopping = False                                            # the ranks agreed to stop: at the next optimizer step
     clock: list[tuple[int, float]] = []                        # (steps done, time) at each logging step's sync
     stats = pixel_stats(device)                                 # built once: a step makes no tensor from lists
     optimizer.zero_grad(set_to_none=True)
-    bar = progress_bar(loader, total=steps, desc=f"epoch {epoch}", unit="step", disable=not dist.is_main(), leave=False)
-    for step, batch in zip(range(steps), bar):  # stream mode: stop at len(loader)
+    bar = progress_bar(loader, total=steps - start_step, desc=f"epoch {epoch}", unit="step",
+                       disable=not dist.is_main(), leave=False)
+    for step, batch in zip(range(start_step, steps), bar):  # stream mode: stop at len(loader)
         progress = epoch + step / steps
         if step % accum_iter == 0:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(progress)
-        logging_step = step % log_every == 0 or step + 1 == steps
+        logging_step = step % log_every == 0 or step + 1 == steps or stopping
         with no_host_syncs(device, check_syncs and not logging_step, f"epoch {epoch} step {step}",
                            record=not compiled):
             imgs = normalise(batch["image"].to(device, non_blocking=True), stats)
@@ -116,8 +137,10 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                 window[i] += value
         since += 1
         if logging_step:  # the only host sync and collective of a step
-            packed = window + torch.tensor([0.0, *host], dtype=torch.float64).to(device)
-            loss_sum, masked_sum, fallback_sum, zero_sum = dist.all_reduce_sum(packed).tolist()
+            mine = (stop_requested or signals.requested)()              # this rank's signal, if any
+            vote = [1.0 if mine == s else 0.0 for s in signals.DEFERRED_SIGNALS]
+            packed = window + torch.tensor([0.0, *host, *vote], dtype=torch.float64).to(device)
+            loss_sum, masked_sum, fallback_sum, zero_sum, *voted = dist.all_reduce_sum(packed).tolist()
             loss_mean = loss_sum / (since * world)
             if not math.isfinite(loss_mean):
                 raise SalmaeError(f"loss became {loss_mean} at epoch {epoch} step {step}; stopped, the last good "
@@ -135,12 +158,17 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
             window.zero_()
             host, since = [0.0, 0.0, 0.0], 0
             clock.append((step + 1, time.perf_counter()))   # the device has finished every step so far
+            if any(voted) and not stopping:     # every rank stops, named after the signal a rank got
+                stopping = True
+                signals.agree(signals.DEFERRED_SIGNALS[max(range(votes), key=voted.__getitem__)])
         done = step + 1
+        if stopping and sync and done < steps:   # the optimizer has stepped: a position that resumes exactly
+            return {"stop": True, "stopped_at": done, "totals": totals, "steps": steps}
     if done != steps:  # every per-epoch mean below divides by `steps`
         raise SalmaeError(f"the loader gave {done} of its {steps} batches in epoch {epoch}; in stream mode use "
                           "no more --workers than shards per process (each worker needs a shard)")
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
-            "zero_maps": totals["zero_maps"], "steps": steps, **steady_state(clock)}
+            "zero_maps": totals["zero_maps"], "steps": steps, "stop": stopping, **steady_state(clock)}
 
 
 def steady_state(clock: list[tuple[int, float]]) -> dict:
