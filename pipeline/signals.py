@@ -112,6 +112,24 @@ os.register_at_fork(after_in_child=_defaults_in_child)
 
 
 def ignore_in_worker(worker_id: int | None = None) -> None:
-    """In a DataLoader worker: ignore SIGINT/SIGTERM/SIGUSR1 (the main process stops the workers)."""
+    """In a DataLoader worker: ignore SIGINT/SIGTERM/SIGUSR1 (the main process stops the workers), and stay
+    quiet when a main process stopped at once (stage 3) hangs up while fetching a batch's shared memory:
+    the worker's `multiprocessing.resource_sharer` thread would print that broken connection as a
+    traceback, although the batch was only being dropped."""
+    import sys
+
     for s in DEFERRED_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    sys.excepthook = _quiet_hangup(sys.excepthook)
+
+
+def _quiet_hangup(hook):
+    def excepthook(kind, value, tb):
+        frames, at = [], tb
+        while at is not None:
+            frames.append(at.tb_frame.f_code.co_filename)
+            at = at.tb_next
+        if issubclass(kind, (EOFError, ConnectionError)) and any(f.endswith("resource_sharer.py") for f in frames):
+            return
+        hook(kind, value, tb)
+    return excepthook

@@ -110,3 +110,30 @@ def test_a_forked_child_of_a_stage_dies_on_sigterm():
         child.start()
         child.join(timeout=30)
     assert child.exitcode == -signal.SIGTERM
+
+
+def test_a_loader_worker_is_quiet_when_its_main_process_hangs_up_on_a_batch(capsys, monkeypatch):
+    """Stopped at once (stage 3), a main process may hang up while fetching a batch's shared memory; the worker's
+    resource_sharer thread printed that broken connection as a traceback after the one-line stop (seen in CI)."""
+    import multiprocessing.resource_sharer as resource_sharer
+
+    from salmae.pipeline.signals import ignore_in_worker
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    try:
+        ignore_in_worker()
+
+        def serve():                                   # raises where the sharer's thread reads the request
+            exec(compile("raise EOFError('peer hung up')", resource_sharer.__file__, "exec"))
+
+        for error, shown in ((serve, False), (lambda: 1 / 0, True)):
+            try:
+                error()
+            except BaseException:                      # noqa: BLE001
+                sys.excepthook(*sys.exc_info())
+            assert ("Traceback" in capsys.readouterr().err) is shown
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
