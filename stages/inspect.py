@@ -288,9 +288,7 @@ def _box_localisation(st: SaliencyStore, status: np.ndarray, box_file: BoxFile, 
                 outside.append(key)
                 continue
             flat = np.clip(m.reshape(-1).astype(np.float64), 0, None)            # [gh*gw]
-            cells = _patch_boxes(frame, st.grid)                                 # [gh*gw, 4]
-            top = cells[int(flat.argmax())]
-            cx, cy = (top[0] + top[2]) / 2, (top[1] + top[3]) / 2
+            cx, cy = _cell_centre(frame, st.grid, int(flat.argmax()))
             hits.append(any(_contains(b, cx, cy) for b in placed))
             mass.append(float((flat * _union_cover(frame, st.grid, placed)).sum() / flat.sum())
                         if flat.sum() > 0 else float("nan"))
@@ -312,6 +310,14 @@ def _box_localisation(st: SaliencyStore, status: np.ndarray, box_file: BoxFile, 
                 "size_mismatch": mismatch, "outside_image": outside}
     out["examples"] = {name: keys[:EXAMPLE_KEYS] for name, keys in examples.items() if keys}
     return out
+
+
+def _cell_centre(frame: np.ndarray, grid: tuple[int, int], cell: int) -> tuple[float, float]:
+    """Pixel centre (x, y) of cell `cell` (row-major) of a `grid` over `frame`: `_patch_boxes`' centre, one cell."""
+    gh, gw = grid
+    i, j = divmod(cell, gw)
+    xs, ys = np.linspace(frame[0], frame[2], gw + 1), np.linspace(frame[1], frame[3], gh + 1)
+    return float((xs[j] + xs[j + 1]) / 2), float((ys[i] + ys[i + 1]) / 2)
 
 
 def _place_boxes(boxes: np.ndarray, source: tuple[int, int] | None, image: tuple[int, int],
@@ -356,10 +362,8 @@ def _union_cover(frame: np.ndarray, grid: tuple[int, int], boxes: np.ndarray) ->
     area = np.outer(np.diff(ys), np.diff(xs)) * inside                        # [ny, nx]
     col = np.clip(np.searchsorted(x_edges, cx, side="right") - 1, 0, gw - 1)  # [nx] cell column of each piece
     row = np.clip(np.searchsorted(y_edges, cy, side="right") - 1, 0, gh - 1)  # [ny]
-    cover = np.zeros((gh, gw))
-    np.add.at(cover, (row[:, None], col[None, :]), area)
-    cell_area = (frame[2] - frame[0]) / gw * (frame[3] - frame[1]) / gh
-    return (cover / cell_area).reshape(-1)
+    cover = np.bincount((row[:, None] * gw + col).ravel(), weights=area.ravel(), minlength=gh * gw)   # [gh*gw]
+    return cover / ((frame[2] - frame[0]) / gw * (frame[3] - frame[1]) / gh)
 
 
 def _format_boxes(b: dict[str, Any]) -> list[str]:
@@ -373,7 +377,9 @@ def _format_boxes(b: dict[str, Any]) -> list[str]:
                  f"{b['random_point']:.3f} for a uniform random point ({verdict}); mass in boxes {b['mass_in_box']:.3f}"]
     else:
         lines = [f"{head}: no ok row with boxes to score"]
-    skipped = [f"{b['keys_not_in_store']} keys not in the store", f"{b['not_ok']} rows not ok"]
+    missing = b["examples"].get("keys_not_in_store")
+    skipped = [f"{b['keys_not_in_store']} keys not in the store" + (f" (e.g. {', '.join(map(repr, missing))})"
+                                                                    if missing else ""), f"{b['not_ok']} rows not ok"]
     if b["size_mismatch"]:
         skipped.append(f"{b['size_mismatch']} whose stored image has another aspect than their VOC <size> "
                        f"(--boxes-resize border|center_crop: the shards' img2dataset resize_mode)")

@@ -95,7 +95,7 @@ def test_pointing_game_on_a_hand_built_store_from_a_csv(hand_store, tmp_path):
     _assert_counts(b)
     text = format_summary(s)
     assert "pointing game 0.500 (95% 0.150-0.850, 2/4 maps) vs 0.363 for a uniform random point" in text
-    assert "1 keys not in the store, 1 rows not ok; 1 ok rows have no boxes" in text
+    assert "1 keys not in the store (e.g. 'zz'), 1 rows not ok; 1 ok rows have no boxes" in text
     assert json.loads(format_summary(s, as_json=True))["boxes"]["hits"] == 2
 
 
@@ -172,3 +172,14 @@ def test_cli_boxes(hand_store, tmp_path):
     res = CliRunner().invoke(cli, ["inspect", str(hand_store), "--boxes", str(wrong)])
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert "none of the 1 keys in" in res.output and "store: 'k0', 'k1'" in res.output
+
+
+def test_wilson_interval_values_and_edges():
+    from salmae.pipeline.stats import wilson_interval
+
+    assert wilson_interval(2, 4) == pytest.approx((0.15004, 0.84996), abs=1e-5)
+    assert wilson_interval(20, 20) == pytest.approx((0.83887, 1.0), abs=1e-5)     # never 1 +- 0 at all hits
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.16113), abs=1e-5)
+    assert wilson_interval(81, 100) == pytest.approx((0.72221, 0.87485), abs=1e-5)
+    with pytest.raises(ValueError):
+        wilson_interval(1, 0)
