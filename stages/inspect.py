@@ -278,7 +278,7 @@ def _box_localisation(st: SaliencyStore, status: np.ndarray, box_file: BoxFile, 
     mismatch, outside = [], []
     for lo in range(0, len(scored), MAP_CHUNK_ROWS):
         maps = st.read(rows[lo:lo + MAP_CHUNK_ROWS])
-        for m, (row, key), frame, size in zip(maps, scored[lo:lo + MAP_CHUNK_ROWS], frames[lo:], sizes[lo:]):
+        for m, (_, key), frame, size in zip(maps, scored[lo:lo + MAP_CHUNK_ROWS], frames[lo:], sizes[lo:]):
             placed = _place_boxes(np.asarray(box_file.boxes[key], np.float64), box_file.sizes.get(key),
                                   (int(size[0]), int(size[1])), resize)
             if placed is None:
