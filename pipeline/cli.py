@@ -244,13 +244,18 @@ def clip_train(config_path, overrides, **named) -> None:
 @click.option("--random", "n_random", type=int, help="Draw N random ok rows.")
 @click.option("--strategy", default="saliency", show_default=True, help="Mask strategy drawn in the overlays.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed) -> None:
+@click.option("--boxes", type=click.Path(), help="Object boxes to score the maps against (pointing game): PASCAL VOC "
+                                                 "XML (ImageNet val's), a folder of them, or a CSV key,x0,y0,x1,y1.")
+@click.option("--boxes-resize", type=click.Choice(["scale", "border", "center_crop"]), default="scale",
+              show_default=True, help="How VOC boxes (in the pixels of their <size>) reach a stored image of another "
+                                      "aspect: the shards' img2dataset resize_mode (scale: same aspect only).")
+def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed, boxes, boxes_resize) -> None:
     """Summarise a saliency store: rows, status counts, grid, attrs, map statistics; damaged shards (exit 1)."""
     from salmae.stages.inspect import format_summary, inspect_store
 
     summary = inspect_store(store, data=data, png_dir=png_dir,
                             keys=keys.split(",") if keys else None, n_random=n_random,
-                            strategy=strategy, seed=seed)
+                            strategy=strategy, seed=seed, boxes=boxes, boxes_resize=boxes_resize)
     click.echo(format_summary(summary, as_json=as_json))
     if summary["damaged"]:
         sys.exit(1)

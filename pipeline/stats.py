@@ -50,6 +50,20 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, t_quantile_975(n - 1) * sd / math.sqrt(n)
 
 
+def wilson_interval(hits: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion hits / n: (low, high), within [0, 1].
+
+    Unlike the normal interval it stays inside [0, 1] and is not empty at 0 or n hits (a pointing
+    game of 1.0 over 20 images is [0.84, 1], not 1 +- 0). n = 0 is an error.
+    """
+    if n < 1 or not 0 <= hits <= n:
+        raise ValueError(f"wilson_interval needs 0 <= hits <= n and n >= 1, got {hits} of {n}")
+    p, z2 = hits / n, _Z975 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = _Z975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def paired_diff(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[int, float | None, float | None]:
     """a - b over the seeds both hold: (n matched, mean difference, 95% half width).
 

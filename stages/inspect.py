@@ -6,6 +6,15 @@ the statistics, and the CLI exits 1. With `data` (the store's shards) and a `bbo
 sample's KEY.json, the maps are scored against the box: the pointing game (is the centre of the
 argmax patch inside the box?) and the share of saliency mass inside the box next to the box's
 share of the frame's area (what a uniform map would score).
+
+With `boxes` (a user's PASCAL VOC XML, a folder of them, or a CSV key,x0,y0,x1,y1:
+`pipeline/data/boxes.py`) the same check runs on real data: for each ok row with boxes, a hit when
+the centre of the map's argmax patch (placed in image pixels through the row's frame) lies inside
+any of its boxes, with a 95% Wilson interval over the rows; the share of the map's mass on the
+union of its boxes; and the expected hit rate of a uniform random point in the image (the mean
+share of the image the boxes cover), which the pointing game must clear for the maps to point at
+objects. Keys in the file but not in the store, rows that are not ok and ok rows without boxes are
+counted; no matching key at all is an error.
 """
 
 from __future__ import annotations
@@ -17,22 +26,34 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from salmae.pipeline.data.boxes import BoxFile, read_boxes
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import atomic_write_json, confined
 from salmae.pipeline.saliency.store import (REPAIR_HINT, STATUS_CODES, STATUS_OK, SaliencyStore, StoreDamaged,
                                             rows_text)
+from salmae.pipeline.stats import wilson_interval
 
 EXAMPLE_KEYS = 5   # example keys listed per failure reason
+BOX_RESIZES = ("scale", "border", "center_crop")   # how a VOC <size> maps onto the stored image (`_place_boxes`)
 
 
 def inspect_store(store: str | Path, data: str | None = None, png_dir: str | Path | None = None,
                   keys: Sequence[str] | None = None, n_random: int | None = None, strategy: str = "saliency",
-                  seed: int = 0, localise: bool = True) -> dict[str, Any]:
+                  seed: int = 0, localise: bool = True, boxes: str | Path | None = None,
+                  boxes_resize: str = "scale") -> dict[str, Any]:
     """Summarise `store` (see module doc); write overlay PNGs for `keys` / `n_random` rows into `png_dir`.
 
     `data` gives the images under the PNGs and, with `localise`, the boxes the maps are scored against
-    (a scan of every shard's metadata: `localise=False` draws from unlabelled data without it)."""
+    (a scan of every shard's metadata: `localise=False` draws from unlabelled data without it).
+    `boxes`: a box file scored by the pointing game (`_box_localisation`); `boxes_resize`: how boxes
+    given in the pixels of a VOC file's <size> reach the stored image when the aspect differs
+    (`_place_boxes`)."""
+    if boxes_resize not in BOX_RESIZES:
+        raise SalmaeError(f"unknown --boxes-resize {boxes_resize!r}; use one of {', '.join(BOX_RESIZES)}")
+    box_file = read_boxes(boxes) if boxes is not None else None    # a malformed file fails before the long scan
     st = SaliencyStore.open(store)
+    if box_file is not None:
+        _rows_of_boxes(st, box_file)                               # and so does one whose keys are not the store's
     damage = st.damaged_shards(thorough=True)        # decodes every finished shard: the maps are read below anyway
     status = _status_beside(st, damage)
     ok_rows = np.flatnonzero(status == STATUS_OK)
@@ -48,6 +69,8 @@ def inspect_store(store: str | Path, data: str | None = None, png_dir: str | Pat
     if data is not None and localise:
         meta = _read_meta(data, set(st.keys.tolist()))
         summary["localisation"] = _localisation(st, ok_rows, meta)
+    if box_file is not None:
+        summary["boxes"] = _box_localisation(st, status, box_file, boxes_resize)
     if png_dir is not None:
         rows = _rows_to_draw(st, ok_rows, keys, n_random, seed)
         summary["png"] = _write_pngs(st, rows, data, meta, Path(png_dir), strategy, seed)
@@ -92,6 +115,8 @@ def format_summary(summary: dict[str, Any], as_json: bool = False) -> str:
                 lines.append(f"  argmax on the distractor {loc['argmax_on_distractor']:.3f}; pointing game {split}")
         else:
             lines.append("  bbox: no ok rows with a bbox in the data's metadata")
+    if summary.get("boxes"):
+        lines += _format_boxes(summary["boxes"])
     if summary.get("png"):
         lines.append(f"  wrote {len(summary['png'])} overlay PNGs to {Path(summary['png'][0]).parent}")
     return "\n".join(lines)
@@ -224,6 +249,144 @@ def _localisation(st: SaliencyStore, ok_rows: np.ndarray, meta: dict[str, dict])
 
 def _contains(box: Sequence[float], x: float, y: float) -> bool:
     return bool(box[0] <= x <= box[2] and box[1] <= y <= box[3])
+
+
+# ---------------------------------------------------------------------------- --boxes: the pointing game on real data
+MAP_CHUNK_ROWS = 65_536     # maps read at a time when scoring boxes (memory O(chunk), not O(rows))
+
+
+def _rows_of_boxes(st: SaliencyStore, box_file: BoxFile) -> dict[str, int]:
+    """key -> store row of every key of `box_file` the store holds; none at all is a one-line error."""
+    rows = {key: row for key in box_file.boxes if (row := st.row_of(key)) is not None}
+    if not rows:
+        theirs = ", ".join(repr(k) for k in list(box_file.boxes)[:2])
+        ours = ", ".join(repr(str(k)) for k in st.keys[:2])
+        raise SalmaeError(f"none of the {len(box_file.boxes)} keys in {box_file.path} is a key of store {st.path} "
+                          f"(boxes: {theirs}; store: {ours}): name the images by their img2dataset keys (a VOC "
+                          "file's <filename> without extension, else the file's name; a CSV's first column)")
+    return rows
+
+
+def _box_localisation(st: SaliencyStore, status: np.ndarray, box_file: BoxFile, resize: str) -> dict[str, Any]:
+    """Pointing game (Wilson 95% interval), mass on the boxes and the random-point rate over the ok rows
+    that have boxes; counts of what could not be scored (status: [N], damaged shards' rows not ok)."""
+    rows_of = _rows_of_boxes(st, box_file)
+    scored = sorted((row, key) for key, row in rows_of.items() if status[row] == STATUS_OK)
+    rows = np.asarray([r for r, _ in scored], dtype=np.int64)
+    frames, sizes = st.frames(rows), st.image_sizes(rows)
+    hits, mass, share = [], [], []
+    mismatch, outside = [], []
+    for lo in range(0, len(scored), MAP_CHUNK_ROWS):
+        maps = st.read(rows[lo:lo + MAP_CHUNK_ROWS])
+        for m, (_, key), frame, size in zip(maps, scored[lo:lo + MAP_CHUNK_ROWS], frames[lo:], sizes[lo:]):
+            placed = _place_boxes(np.asarray(box_file.boxes[key], np.float64), box_file.sizes.get(key),
+                                  (int(size[0]), int(size[1])), resize)
+            if placed is None:
+                mismatch.append(key)
+                continue
+            if not len(placed):
+                outside.append(key)
+                continue
+            flat = np.clip(m.reshape(-1).astype(np.float64), 0, None)            # [gh*gw]
+            cx, cy = _cell_centre(frame, st.grid, int(flat.argmax()))
+            hits.append(any(_contains(b, cx, cy) for b in placed))
+            mass.append(float((flat * _union_cover(frame, st.grid, placed)).sum() / flat.sum())
+                        if flat.sum() > 0 else float("nan"))
+            share.append(float(_union_cover(np.array([0, 0, *size], np.float64), (1, 1), placed)[0]))
+    n, n_hits = len(hits), int(sum(hits))
+    out: dict[str, Any] = {
+        "file": box_file.path, "format": box_file.format, "resize": resize, "n": n, "hits": n_hits,
+        "pointing_game": n_hits / n if n else None,
+        "ci95": list(wilson_interval(n_hits, n)) if n else None,
+        "mass_in_box": float(np.nanmean(mass)) if n and not np.isnan(mass).all() else None,
+        "random_point": float(np.mean(share)) if n else None,
+        "box_keys": len(box_file.boxes), "boxes": sum(len(b) for b in box_file.boxes.values()),
+        "keys_not_in_store": len(box_file.boxes) - len(rows_of),
+        "not_ok": len(rows_of) - len(scored),
+        "size_mismatch": len(mismatch), "outside_image": len(outside),
+        "ok_rows_without_boxes": int((status == STATUS_OK).sum()) - len(scored),
+    }
+    examples = {"keys_not_in_store": [k for k in box_file.boxes if k not in rows_of],
+                "size_mismatch": mismatch, "outside_image": outside}
+    out["examples"] = {name: keys[:EXAMPLE_KEYS] for name, keys in examples.items() if keys}
+    return out
+
+
+def _cell_centre(frame: np.ndarray, grid: tuple[int, int], cell: int) -> tuple[float, float]:
+    """Pixel centre (x, y) of cell `cell` (row-major) of a `grid` over `frame`: `_patch_boxes`' centre, one cell."""
+    gh, gw = grid
+    i, j = divmod(cell, gw)
+    xs, ys = np.linspace(frame[0], frame[2], gw + 1), np.linspace(frame[1], frame[3], gh + 1)
+    return float((xs[j] + xs[j + 1]) / 2), float((ys[i] + ys[i + 1]) / 2)
+
+
+def _place_boxes(boxes: np.ndarray, source: tuple[int, int] | None, image: tuple[int, int],
+                 resize: str) -> np.ndarray | None:
+    """Boxes [k, 4] given in the pixels of a `source` (W, H) image -> pixels of the stored `image` (W, H),
+    clipped to it, empty ones dropped: [k', 4]. None when they cannot be placed.
+
+    No `source` (a CSV) or the same size: as given. Otherwise the shards hold a resized copy: `scale`
+    (same aspect within 2%: img2dataset's keep_ratio or any aspect-keeping resize; another aspect:
+    None), `border` (img2dataset's default: longest side fitted, centred on padding), `center_crop`
+    (shortest side fitted, centre cropped).
+    """
+    width, height = image
+    if source is not None and tuple(source) != (width, height):
+        w, h = source
+        if resize == "scale":
+            if abs((width / height) / (w / h) - 1) > 0.02:
+                return None
+            sx, sy, ox, oy = width / w, height / h, 0.0, 0.0
+        else:
+            sx = sy = (min if resize == "border" else max)(width / w, height / h)
+            ox, oy = (width - w * sx) / 2, (height - h * sy) / 2
+        boxes = boxes * np.array([sx, sy, sx, sy]) + np.array([ox, oy, ox, oy])
+    boxes = np.clip(boxes, 0, [width, height, width, height])
+    return boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+
+
+def _union_cover(frame: np.ndarray, grid: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
+    """Share of each cell's area [gh*gw] of a `grid` over `frame` (x0, y0, x1, y1) that lies in the union
+    of `boxes` [k, 4] (exact: overlapping boxes count once).
+
+    The cell edges and the box edges cut the frame into rectangles that each lie in one cell and are
+    either inside the union or outside it; their areas are summed per cell.
+    """
+    gh, gw = grid
+    x_edges, y_edges = np.linspace(frame[0], frame[2], gw + 1), np.linspace(frame[1], frame[3], gh + 1)
+    xs = np.unique(np.concatenate([x_edges, np.clip(boxes[:, [0, 2]].ravel(), x_edges[0], x_edges[-1])]))
+    ys = np.unique(np.concatenate([y_edges, np.clip(boxes[:, [1, 3]].ravel(), y_edges[0], y_edges[-1])]))
+    cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2                   # [nx], [ny] piece centres
+    inside = ((boxes[:, 0, None, None] <= cx) & (cx <= boxes[:, 2, None, None])
+              & (boxes[:, 1, None, None] <= cy[:, None]) & (cy[:, None] <= boxes[:, 3, None, None])).any(0)  # [ny, nx]
+    area = np.outer(np.diff(ys), np.diff(xs)) * inside                        # [ny, nx]
+    col = np.clip(np.searchsorted(x_edges, cx, side="right") - 1, 0, gw - 1)  # [nx] cell column of each piece
+    row = np.clip(np.searchsorted(y_edges, cy, side="right") - 1, 0, gh - 1)  # [ny]
+    cover = np.bincount((row[:, None] * gw + col).ravel(), weights=area.ravel(), minlength=gh * gw)   # [gh*gw]
+    return cover / ((frame[2] - frame[0]) / gw * (frame[3] - frame[1]) / gh)
+
+
+def _format_boxes(b: dict[str, Any]) -> list[str]:
+    """The text lines of a `_box_localisation` result."""
+    head = f"  boxes {b['file']} ({b['format']}, {b['box_keys']} keys, {b['boxes']} boxes)"
+    if b["n"]:
+        lo, hi = b["ci95"]
+        where = "above" if lo > b["random_point"] else "below" if hi < b["random_point"] else "includes"
+        verdict = {"above": "interval above it", "below": "interval below it", "includes": "interval includes it"}[where]
+        lines = [f"{head}: pointing game {b['pointing_game']:.3f} (95% {lo:.3f}-{hi:.3f}, {b['hits']}/{b['n']} maps) vs "
+                 f"{b['random_point']:.3f} for a uniform random point ({verdict}); mass in boxes {b['mass_in_box']:.3f}"]
+    else:
+        lines = [f"{head}: no ok row with boxes to score"]
+    missing = b["examples"].get("keys_not_in_store")
+    skipped = [f"{b['keys_not_in_store']} keys not in the store" + (f" (e.g. {', '.join(map(repr, missing))})"
+                                                                    if missing else ""), f"{b['not_ok']} rows not ok"]
+    if b["size_mismatch"]:
+        skipped.append(f"{b['size_mismatch']} whose stored image has another aspect than their VOC <size> "
+                       f"(--boxes-resize border|center_crop: the shards' img2dataset resize_mode)")
+    if b["outside_image"]:
+        skipped.append(f"{b['outside_image']} whose boxes lie outside the image")
+    lines.append(f"  boxes not scored: {', '.join(skipped)}; {b['ok_rows_without_boxes']} ok rows have no boxes")
+    return lines
 
 
 # ---------------------------------------------------------------------------- data and figures

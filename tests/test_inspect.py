@@ -196,3 +196,32 @@ def test_safe_file_names_keep_plain_keys_and_never_collide():
     names = [safe_file_name(k) for k in ("a/b", "a_b", "a:b", "../a_b", ".a_b")]
     assert len(set(names)) == 5 and names[1] == "a_b"
     assert len(safe_file_name("k" * 500)) == 100 + 9
+
+
+def test_boxes_from_the_generated_shapes_score_as_their_metadata(store, shapes_pattern, tmp_path):
+    """`--boxes` on boxes written from the shapes' own metadata (the named object's bbox) gives the
+    pointing game, mass and area share of the `--data` metadata check on the same maps, in both formats;
+    keys left out of the file are counted as ok rows without boxes."""
+    from salmae.pipeline.data.shards import iter_samples
+
+    meta = {s.key: s.meta for s in iter_samples(shapes_pattern, decode=False)}
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("".join(f"{k},{','.join(map(str, m['bbox']))}\n" for k, m in sorted(meta.items())))
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    for k, m in meta.items():
+        x0, y0, x1, y1 = m["bbox"]
+        (voc / f"{k}.xml").write_text(f"<annotation><filename>{k}.jpg</filename><size><width>{m['width']}</width>"
+                                      f"<height>{m['height']}</height></size><object><bndbox><xmin>{x0}</xmin>"
+                                      f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object></annotation>")
+    s = inspect_store(store, data=shapes_pattern, boxes=csv)
+    loc = s["localisation"]
+    for b in (s["boxes"], inspect_store(store, boxes=voc)["boxes"]):
+        assert (b["n"], b["keys_not_in_store"], b["not_ok"], b["ok_rows_without_boxes"]) == (64, 0, 0, 0)
+        assert b["pointing_game"] == pytest.approx(loc["pointing_game"]) and b["hits"] == round(64 * loc["pointing_game"])
+        assert b["mass_in_box"] == pytest.approx(loc["mass_in_box"], rel=1e-9)
+        assert b["random_point"] == pytest.approx(loc["box_area_share"], rel=1e-9)
+        assert b["ci95"][0] <= b["pointing_game"] <= b["ci95"][1]
+    csv.write_text("".join(f"{k},{','.join(map(str, m['bbox']))}\n" for k, m in sorted(meta.items())[:10]))
+    part = inspect_store(store, boxes=csv)["boxes"]
+    assert (part["n"], part["ok_rows_without_boxes"]) == (10, 54)

@@ -99,13 +99,33 @@ def test_cc3m_recipes_resolve_to_mae_settings(name, tmp_path):
     assert {"random", "saliency-0.25"} <= set(cfg.settings) and "linear" in cfg.protocols
     paths = study._paths(cfg, tmp_path)
     pre = study.pretrain_config(cfg, paths, "saliency-0.25", 0, tmp_path / "r")
-    assert (pre.model, pre.epochs, pre.optim.blr, pre.optim.accum_iter, pre.optim.warmup_epochs) == ("base", 100, 1.5e-4, 8, 40)
+    # warmup scaled to the 100-epoch schedule (MAE's 40 is for 800/1600 epochs); the CAM the CPU study validated
+    assert (pre.model, pre.epochs, pre.optim.blr, pre.optim.accum_iter, pre.optim.warmup_epochs) == ("base", 100, 1.5e-4, 8, 10)
     assert pre.masking.cap == 0.25 and pre.masking.ratio == "0.75" and pre.arch.img_size is None
+    assert cfg.cam == "hirescam" and "inspect" in (root / name).read_text()
     lin = study.eval_config(cfg, "linear", tmp_path / "r", paths, 0)
     assert (lin.epochs, lin.global_batch, lin.linear.blr, lin.global_pool, lin.crop_pct) == (None, None, 0.1, False, 0.875)
     assert lin.linear.augment is True and lin.data == "imagenet"
     if "finetune" in cfg.protocols:
         assert study.eval_config(cfg, "finetune", tmp_path / "r", paths, 0).global_pool is None  # the recipe pools
+
+
+def test_cc3m_sweep_states_the_warmup_40_variant_as_a_command_that_resolves(tmp_path):
+    """The sweep's header holds MAE's 40-epoch warmup as a sensitivity variant: its --set items resolve."""
+    import shlex
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "cc3m-vitb-sweep.yaml"
+    lines = recipe.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "--out runs/study/cc3m-vitb-sweep-warmup40" in line) - 1
+    command = " ".join(line.lstrip("# ").rstrip("\\") for line in lines[start:start + 3])
+    words = shlex.split(command)
+    assert words[:6] == ["torchrun", "--standalone", "--nproc-per-node", "8", "-m", "salmae"]
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    cfg = resolve_config(study.StudyConfig, recipe, sets, base=study.preset_values("cpu"))
+    study.validate(cfg)
+    pre = study.pretrain_config(cfg, study._paths(cfg, tmp_path), "saliency-0.25", 0, tmp_path / "r")
+    assert cfg.settings == ["random", "saliency-0.25"] and (pre.optim.warmup_epochs, pre.optim.accum_iter) == (40, 8)
 
 
 def test_summary_means_intervals_and_paired_differences():
