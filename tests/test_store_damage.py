@@ -22,15 +22,10 @@ from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.pretrain.data import load_saliency_table
 from salmae.pipeline.saliency.store import SaliencyStore, StoreDamaged
 from salmae.stages.inspect import inspect_store
-from salmae.stages.saliency import SaliencyConfig, run
+from salmae.stages.saliency import run
+from test_saliency_stage import _cfg
 
 ARRAYS = ("saliency", "scale", "status", "key", "frame", "image_size")
-
-
-def _cfg(data, out, **kw):
-    base = dict(data=str(data), out=Path(out), clip_model="salmae-micro", clip_pretrained="none",
-                rows_per_shard=16, batch_size=8, workers=0, device="cpu")
-    return SaliencyConfig(**{**base, **kw})
 
 
 def _array_bytes(store: Path) -> dict[str, bytes]:
