@@ -277,7 +277,11 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed, boxes
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the MAE (default: off).")
 @_config_options
 def pretrain(config_path, overrides, **named) -> None:
-    """Stage 2: MAE pretraining with saliency-capped (or baseline) masks."""
+    """Stage 2: MAE pretraining with saliency-capped (or baseline) masks.
+
+    SIGTERM, SIGUSR1 or Ctrl-C stop every rank after the same step and write a checkpoint of it; the exit
+    status is then 75 (requeue), and --resume latest continues as if the run had never stopped.
+    """
     _run_stage("salmae.stages.pretrain", "PretrainConfig", config_path, overrides, **named)
 
 
