@@ -101,11 +101,11 @@ def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
                      resume=resume))
 
 
-@pytest.mark.parametrize("mask", ["random", "adaptive"])
+@pytest.mark.parametrize("mask", ["random", "adaptive", "sbam"])
 def test_resume_equivalence(tmp_path, shapes_pattern, store_path, mask):
     from salmae.stages.pretrain import run
 
-    kw = dict(saliency=str(store_path), mask=mask, batch_size=16, viz_samples=0)
+    kw = dict(saliency=str(store_path), mask=mask, batch_size=16, viz_samples=2 if mask == "sbam" else 0)
     run(_cfg(tmp_path / "straight", shapes_pattern, epochs=2, **kw))
     run(_cfg(tmp_path / "split", shapes_pattern, epochs=1, **kw))
     run(_cfg(tmp_path / "split", shapes_pattern, epochs=2, resume="latest", **kw))

@@ -18,6 +18,9 @@ forked workers share); its items equal the uncached ones bit for bit.
 An item is ``{"image": [3, S, S], "saliency": [L], "saliency_ok": bool, "row": int}``;
 samples whose store status is not ok carry zeros and ``saliency_ok=False`` (the training loop
 falls back to random masks for them and counts them), or are skipped (``skip_missing``).
+
+`shuffle_maps` gives each row another row's map (`masking.map=shuffled`, a control): the other
+image's map, laid over this image's frame and cut by this image's own crop and flip.
 """
 
 from __future__ import annotations
@@ -62,6 +65,29 @@ class SaliencyTable:
     @property
     def n_zero(self) -> int:
         return int(self.zero.sum())
+
+
+def shuffled_rows(ok: np.ndarray, seed: int) -> np.ndarray:
+    """[N] int64: the row whose map each row gets under `masking.map=shuffled`.
+
+    The rows with a usable map (`ok` [N] bool) are put in one seeded random cycle and each takes the
+    next one's map: a derangement (no row keeps its own map, each map is used once) that is fixed
+    for the whole run and a function of `seed` alone. Other rows keep their own (they have none).
+    """
+    source = np.arange(len(ok), dtype=np.int64)
+    rows = np.nonzero(ok)[0]
+    if len(rows) < 2:
+        return source
+    cycle = rows[np.random.default_rng([seed, 0x5EED]).permutation(len(rows))]
+    source[cycle] = np.roll(cycle, -1)
+    return source
+
+
+def shuffle_maps(table: SaliencyTable, seed: int) -> SaliencyTable:
+    """The table with each usable row holding another usable row's map (`shuffled_rows`); frames,
+    ok and zero flags stay the row's own, so the map is cut by this image's crop and flip."""
+    source = shuffled_rows(table.ok, seed)
+    return SaliencyTable(table.maps[source], table.frames, table.ok, table.zero)
 
 
 def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:

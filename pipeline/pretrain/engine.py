@@ -39,16 +39,21 @@ def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epoc
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def model_salience(raw_model, plan: MaskPlan, imgs: torch.Tensor) -> torch.Tensor:
+    """[N, L] salience from the model itself: SBAM's for `sbam`, else the online variant."""
+    return raw_model.sbam_salience(imgs) if plan.strategy == "sbam" else raw_model.token_salience(imgs)
+
+
 def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, progress: float, seed: int,
                  rows: tuple[int, int]) -> dict:
     """The step's masks on the device: the loader's (moved, non-blocking), or built here from the
-    model's own salience for `source=online` (the one plan that needs the model), on the device with
+    model's own salience (`sbam`, `source=online`: the plans that need the model), on the device with
     a generator there and a fixed padded width, so that nothing waits for the host."""
     device = imgs.device
     if "ids_keep" in batch:
         return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
                 for k in (*MASK_KEYS, "valid", "weight")} | {k: batch[k] for k in ("masked", "n_fallback", "n_zero")}
-    sal = raw_model.token_salience(imgs)                                           # [N, L] on the device
+    sal = model_salience(raw_model, plan, imgs)                                    # [N, L] on the device
     return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal)
 
 
