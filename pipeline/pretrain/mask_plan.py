@@ -64,6 +64,9 @@ class MaskPlan:
     source: str = "store"              # store | online (salience from the model's patch embeddings)
     seed: int = 0
 
+    def __post_init__(self):   # a plan built from an old name (`adaptive`) is the strategy it names
+        object.__setattr__(self, "strategy", masking.canonical_strategy(self.strategy))
+
     @property
     def uses_saliency(self) -> bool:
         """The masks read a salience map (the store's, or one made from the model)."""
