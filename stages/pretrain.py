@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 
@@ -248,7 +249,8 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
                       fallback=stats["fallback"], zero_maps=stats["zero_maps"], lr=optimizer.param_groups[0]["lr"],
                       seconds=seconds, timed_steps=stats["timed_steps"], timed_seconds=round(stats["timed_seconds"], 4),
                       images=stats["steps"] * eff_batch // cfg.optim.accum_iter, precision=cfg.precision,
-                      compile=cfg.compile, loss_mean={"mean": "patch", "image_mean": "image"}[reduction])
+                      compile=cfg.compile, loss_mean={"mean": "patch", "image_mean": "image"}[reduction],
+                      **(stats.get("object_check") or {}))   # the manipulation check (labelled data)
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
                  stats["masked"], stats["fallback"], seconds)
         if dist.is_main():
@@ -261,7 +263,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
                  dataset.n_skipped)
     dist.barrier()
     return {"run": str(out), "epochs": cfg.epochs, "loss": stats.get("loss"),
-            "checkpoint": str(out / "checkpoint-latest.pth")}
+            "checkpoint": str(out / "checkpoint-latest.pth"), "object_check": stats.get("object_check")}
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
@@ -419,6 +421,7 @@ def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
 def _dataset(cfg: PretrainConfig, model):
     from salmae.pipeline.pretrain.data import (IndexedPretrainDataset, StreamPretrainDataset,
                                              load_saliency_table, shuffle_maps)
+    from salmae.pipeline.pretrain.object_check import read_object_boxes
     from salmae.pipeline.data.shards import expand_shards
     from salmae.pipeline.saliency.store import SaliencyStore
 
@@ -438,9 +441,14 @@ def _dataset(cfg: PretrainConfig, model):
             get_logger().info("masking.map=shuffled: each of the %d usable rows masks by another row's map "
                               "(a fixed derangement for seed %d), under its own crop and flip", int(table.ok.sum()),
                               cfg.seed)
+    boxes = read_object_boxes(manifest, urls)
+    if boxes is not None:
+        get_logger().info("manipulation check: main-object boxes (KEY.json bbox) for %d of %d rows; metrics.jsonl "
+                          "records per epoch the share of object patches hidden", int(np.isfinite(boxes[:, 0]).sum()),
+                          len(boxes))
     common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
                   skip_missing=cfg.masking.skip_missing, seed=cfg.seed, max_pixels=cfg.max_pixels,
-                  need_caption=needs_captions(cfg))
+                  need_caption=needs_captions(cfg), boxes=boxes)
     if cfg.data_mode == "stream":
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                                      world=dist.world_size(), **common), manifest, store

@@ -275,7 +275,7 @@ def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, 
     from salmae.stages import pretrain
 
     result = pretrain.run(pretrain_config(cfg, paths, setting, seed, run_dir))
-    return {k: result.get(k) for k in ("epochs", "loss")} if isinstance(result, dict) else result
+    return {k: result.get(k) for k in ("epochs", "loss", "object_check")} if isinstance(result, dict) else result
 
 
 def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, folder: Path) -> dict:

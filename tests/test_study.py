@@ -182,6 +182,12 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
     assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "adaptive"]
     assert masks["inverse-0.25"]["masking"]["inverse"] is True and masks["saliency-0.25"]["masking"]["cap"] == 0.25
+    # the manipulation check of every run, per epoch, and the last epoch's in the pretrain step's marker
+    from salmae.pipeline.pretrain.object_check import read_object_check
+    for s in settings:
+        epochs = read_object_check(out / "runs" / f"{s}-s0")
+        marker = json.loads((out / ".done" / f"pretrain-{s}-s0.json").read_text())["result"]["object_check"]
+        assert [e["epoch"] for e in epochs] == [0, 1] and marker == {k: epochs[-1][k] for k in marker}
     for folder in (out / "runs" / "random-s0", out / "floor" / "s0"):             # both probes, one extraction
         assert sorted(p.name for p in (folder / "features").iterdir()) == ["features-train.pt", "features-val.pt"]
         assert not list(folder.glob("eval-*/features-*.pt"))

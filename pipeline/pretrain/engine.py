@@ -5,9 +5,9 @@ device and runs the model: images arrive as uint8 and are normalised there, mask
 (`pipeline.pretrain.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
 device or talks to other processes, except where the algorithm needs it (DDP's gradient
 all-reduce): the loss is summed on the device, and on logging steps (every `log_every` steps and
-the last) one all-reduce of [loss, masked, fallbacks, zero maps] gives every rank the same numbers and the
-same verdict on a non-finite loss. A bad loss is therefore caught within `log_every` steps, before
-any checkpoint is written.
+the last) one all-reduce of [loss, masked, fallbacks, zero maps, the manipulation check's four counts]
+gives every rank the same numbers and the same verdict on a non-finite loss. A bad loss is therefore
+caught within `log_every` steps, before any checkpoint is written.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from salmae.pipeline.device import autocast
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.host_syncs import no_host_syncs
 from salmae.pipeline.logging import MetricsWriter
+from salmae.pipeline.pretrain import object_check
 from salmae.pipeline.pretrain.mask_plan import MaskPlan, batch_masks, step_seed
 from salmae.pipeline.progress import progress_bar
 
@@ -52,9 +53,11 @@ def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, pro
     device = imgs.device
     if "ids_keep" in batch:
         return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
-                for k in (*MASK_KEYS, "valid", "weight")} | {k: batch[k] for k in ("masked", "n_fallback", "n_zero")}
+                for k in (*MASK_KEYS, "valid", "weight")} | {k: batch.get(k) for k in ("masked", "n_fallback",
+                                                                                       "n_zero", "object_stats")}
     sal = model_salience(raw_model, plan, imgs)                                    # [N, L] on the device
-    return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal)
+    objects = batch["object"].to(device, non_blocking=True) if "object" in batch else None
+    return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal, objects=objects)
 
 
 def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, epoch: int, plan: MaskPlan,
@@ -62,8 +65,9 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False,
                     loss_reduction: str = "mean", step_partial: bool = False) -> dict:
-    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts)
-    and the steady-state {timed_steps, timed_seconds} (`steady_state`).
+    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts),
+    the steady-state {timed_steps, timed_seconds} (`steady_state`) and `object_check` (the shares of
+    `pipeline.pretrain.object_check.summarise`; None without main-object boxes).
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
@@ -79,8 +83,10 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     rows = (dist.rank() * batch_size, batch_size * world)
     ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
     compiled = ddp is not model               # the host-sync recorder patches torch: not under dynamo
-    window = torch.zeros(4, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps since the last log
-    host = [0.0, 0.0, 0.0]                                      # masked, fallbacks, zero maps known on the host
+    # loss, masked, fallbacks, zero maps and the 4 object counts (`object_check.object_stats`) since the last log
+    window = torch.zeros(8, dtype=torch.float64, device=device)
+    host = torch.zeros(8, dtype=torch.float64)                 # the same, where known on the host (loader tensors)
+    objects = torch.zeros(4, dtype=torch.float64)              # the epoch's object counts, summed over ranks
     since, done, totals = 0, 0, {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
     clock: list[tuple[int, float]] = []                        # (steps done, time) at each logging step's sync
     stats = pixel_stats(device)                                 # built once: a step makes no tensor from lists
@@ -114,15 +120,19 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window[0] += loss.detach()
-        for i, value in ((1, m["masked"]), (2, m["n_fallback"]), (3, m["n_zero"])):
+        for i, value in ((1, m["masked"]), (2, m["n_fallback"]), (3, m["n_zero"]), (slice(4, 8), m["object_stats"])):
+            if value is None:
+                continue
             if value.device.type == "cpu":
-                host[i - 1] += float(value)  # a loader tensor: no device involved
+                host[i] += value  # a loader tensor: no device involved
             else:
                 window[i] += value
         since += 1
         if logging_step:  # the only host sync and collective of a step
-            packed = window + torch.tensor([0.0, *host], dtype=torch.float64).to(device)
-            loss_sum, masked_sum, fallback_sum, zero_sum = dist.all_reduce_sum(packed).tolist()
+            packed = window + host.to(device)
+            reduced = dist.all_reduce_sum(packed).tolist()
+            loss_sum, masked_sum, fallback_sum, zero_sum = reduced[:4]
+            objects += torch.tensor(reduced[4:], dtype=torch.float64)
             loss_mean = loss_sum / (since * world)
             if not math.isfinite(loss_mean):
                 raise SalmaeError(f"loss became {loss_mean} at epoch {epoch} step {step}; stopped, the last good "
@@ -138,14 +148,16 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                               lr=optimizer.param_groups[0]["lr"], masked=masked, fallback=int(round(fallback_sum)),
                               zero_maps=int(round(zero_sum)), steps=since)
             window.zero_()
-            host, since = [0.0, 0.0, 0.0], 0
+            host.zero_()
+            since = 0
             clock.append((step + 1, time.perf_counter()))   # the device has finished every step so far
         done = step + 1
     if done != steps:  # every per-epoch mean below divides by `steps`
         raise SalmaeError(f"the loader gave {done} of its {steps} batches in epoch {epoch}; in stream mode use "
                           "no more --workers than shards per process (each worker needs a shard)")
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
-            "zero_maps": totals["zero_maps"], "steps": steps, **steady_state(clock)}
+            "zero_maps": totals["zero_maps"], "steps": steps, **steady_state(clock),
+            "object_check": object_check.summarise(objects)}
 
 
 def steady_state(clock: list[tuple[int, float]]) -> dict:

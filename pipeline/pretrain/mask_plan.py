@@ -18,6 +18,9 @@ one fixed width, the plan's largest possible keep count (`keep_slots`), and mark
 decision to use an attention mask is made here, on the host, never by reading a device tensor.
 At the batch sizes of real runs the padding costs little: the largest keep count of 256 images
 is already close to the plan's maximum.
+
+The manipulation check: where a batch carries its main objects' patches (`object`, labelled proxy
+data, see `pipeline.pretrain.object_check`), the masks' effect on them is counted beside the masks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from salmae.pipeline.pretrain import masking
+from salmae.pipeline.pretrain.object_check import object_stats
 
 _warned: set[str] = set()
 
@@ -106,7 +110,8 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
 def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, seed: int,
                 rows: tuple[int, int], saliency: torch.Tensor | None = None,
                 saliency_ok: torch.Tensor | None = None,
-                saliency_zero: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                saliency_zero: torch.Tensor | None = None,
+                objects: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Masks for one (rank-local slice of a global) batch of `n` images.
 
     Args:
@@ -120,10 +125,12 @@ def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, 
         saliency_ok: [n] bool; images without a usable map get a random mask (cap 0 with the same
             generator, exactly `random_mask`'s rule) and are counted as fallbacks.
         saliency_zero: [n] bool; the fallbacks whose map was all zero (counted on their own too).
+        objects: [n, L] bool main-object patches (labelled data), or None.
     Returns:
         ids_keep [n, K] int64, mask [n, L] float (1 = masked), ids_restore [n, L] int64,
         valid [n, K] bool or None (None: no padding), weight [n, L] or None,
-        n_fallback [] int64, n_zero [] int64, masked [] float64 (masked patches summed over the batch).
+        n_fallback [] int64, n_zero [] int64, masked [] float64 (masked patches summed over the batch),
+        object_stats [4] float64 (`object_check.object_stats`) or None without `objects`.
     """
     length = grid[0] * grid[1]
     slots = plan.keep_slots(length)
@@ -162,7 +169,8 @@ def batch_masks(plan: MaskPlan, n: int, grid: tuple[int, int], progress: float, 
         valid = masking.keep_valid(ids_keep, mask)
     weight = masking.boundary_weights(mask, grid, plan.boundary_weight) if plan.boundary_weight != 1.0 else None
     return {"ids_keep": ids_keep, "mask": mask, "ids_restore": ids_restore, "valid": valid, "weight": weight,
-            "n_fallback": n_fallback, "n_zero": n_zero, "masked": mask.double().sum()}
+            "n_fallback": n_fallback, "n_zero": n_zero, "masked": mask.double().sum(),
+            "object_stats": object_stats(mask, objects.to(mask.device)) if objects is not None else None}
 
 
 class MaskingCollate:
@@ -187,7 +195,8 @@ class MaskingCollate:
         batch["step"] = step
         masks = batch_masks(self.plan, len(items), self.grid, epoch + step / self.steps_per_epoch,
                             step_seed(self.plan.seed, epoch, step), self.rows,
-                            batch.get("saliency"), batch.get("saliency_ok"), batch.get("saliency_zero"))
+                            batch.get("saliency"), batch.get("saliency_ok"), batch.get("saliency_zero"),
+                            batch.get("object"))
         batch.update({k: v for k, v in masks.items() if v is not None})
         return batch
 
