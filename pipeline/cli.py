@@ -265,8 +265,9 @@ def inspect(store, as_json, data, png_dir, keys, n_random, strategy, seed, boxes
 @cli.command(cls=_ConfigCommand, config=("salmae.stages.pretrain", "PretrainConfig"))
 @click.option("--data", help="Image shards to pretrain on.")
 @click.option("--out", help="Run folder (created; holds config.yaml, checkpoints, metrics.jsonl).")
-@click.option("--saliency", help="Stage-1 Zarr store (needed for saliency/adaptive masks).")
-@click.option("--mask", type=click.Choice(["random", "block", "grid", "saliency", "adaptive"]))
+@click.option("--saliency", help="Stage-1 Zarr store (needed for saliency/amr-capped masks).")
+@click.option("--mask", type=click.Choice(["random", "block", "grid", "saliency", "amr-capped", "sbam", "adaptive"]),
+              help="Mask strategy (adaptive: the deprecated name of amr-capped).")
 @click.option("--model", type=click.Choice(["tiny", "small", "base", "large", "huge"]))
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)

@@ -44,7 +44,7 @@ class DemoConfig:
     clip_seconds: float = 600.0        # wall-clock cap on those steps (a busy machine stops early)
     cam: str = "hirescam"              # stage-1 CAM for the tiny CLIP: Grad-CAM's token-averaged gradient
                                        # lights up background here (BENCHMARKS.md, stage-1 localisation)
-    strategies: list[str] = field(default_factory=lambda: ["random", "saliency", "block", "adaptive"])  # mask
+    strategies: list[str] = field(default_factory=lambda: ["random", "saliency", "block", "amr-capped"])  # mask
                                        # strategies pretrained (each seed), compared in report.md
     cap: float = 0.25                  # saliency cap (share of patches masked by saliency)
     ratio: str = "0.75"                # mask ratio

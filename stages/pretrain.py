@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 
@@ -22,13 +23,13 @@ from salmae.pipeline.config import config_to_dict, require, resume_differences, 
 from salmae.pipeline.data.transforms import normalise, pixel_stats
 from salmae.pipeline.device import (default_workers, grad_scaler, loader_generator, pick_device, pin_memory,
                              resolve_precision, seed_everything, seed_worker)
-from salmae.pipeline.pretrain.engine import cosine_lr, train_one_epoch
-from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, step_seed
+from salmae.pipeline.pretrain.engine import cosine_lr, model_salience, train_one_epoch
+from salmae.pipeline.pretrain.mask_plan import MaskingCollate, MaskPlan, batch_masks, resolve_strategy, step_seed
 from salmae.pipeline.data.manifest import first_difference, shard_hashes
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import atomic_write_json
 from salmae.pipeline.logging import MetricsWriter, get_logger, setup_logging
-from salmae.pipeline.pretrain.masking import RatioSpec
+from salmae.pipeline.pretrain.masking import RatioSpec, canonical_strategy
 from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.models.mae import build_mae
 from salmae.pipeline.models.mae_init import init_mae, resumed_init
@@ -55,14 +56,23 @@ class MaskConfig:
 
     ratio: str = "0.75"                    # a number, or uniform:LO,HI sampled per image/batch
     ratio_per: Literal["image", "batch"] = "image"  # where a ratio distribution is sampled
-    cap: float = 0.25                      # saliency: fraction of patches masked by saliency
+    cap: float = 0.25                      # saliency: share masked by saliency (0.05, 0.1, 0.25 ...) of cap_of
+    cap_of: Literal["image", "salient"] = "image"  # image: cap is a fraction of all patches; salient: of the
+                                           # map's salient area, the smallest set of patches holding half the
+                                           # map's mass (after crop and flip), counted per image
+    map: Literal["own", "shuffled"] = "own"  # own: each image's map; shuffled (a control): another image's map
+                                           # (a fixed derangement of the rows, by seed) under this image's crop
+                                           # and flip, same cap
     cap_ramp_epochs: float = 0             # ramp the cap linearly from 0 over these epochs (0 = off)
     select: Literal["topk", "sample"] = "topk"  # saliency: most salient, or sampled ∝ s^(1/tau)
     tau: float = 1.0                       # temperature of select=sample
     inverse: bool = False                  # mask the least salient (ablation)
-    base: float = 0.75                     # adaptive: base ratio
-    var: float = 0.1                       # adaptive: ratio spread around base
-    delta: float = 0.5                     # adaptive: salient threshold on max-normalised maps
+    base: float = 0.75                     # amr-capped, sbam: base ratio
+    var: float = 0.1                       # amr-capped, sbam: ratio spread around base
+    delta: float = 0.5                     # amr-capped, sbam: salient threshold (amr-capped: on max-normalised
+                                           # maps; sbam: on min-max normalised salience)
+    sbam_ratio_per: Literal["batch", "image"] = "batch"  # sbam: one ratio per batch from its mean salient
+                                           # share (SBAM's released code), or one per image (the paper's wording)
     boundary_weight: float = 1.0           # loss weight of masked patches bordering visible ones
     source: Literal["store", "online"] = "store"  # saliency from the stage-1 store or the model itself
     skip_missing: bool = False             # skip samples without ok saliency (default: random mask)
@@ -89,9 +99,11 @@ class PretrainConfig:
 
     data: str = ""                         # image shards (brace pattern, paths, pipe: URLs)
     out: Path = Path("runs/pretrain")      # run folder
-    saliency: str | None = None            # stage-1 Zarr store (saliency/adaptive masks; PNG column)
+    saliency: str | None = None            # stage-1 Zarr store (saliency/amr-capped masks; PNG column)
     manifest: str | None = None            # manifest of `data` (default: built by scanning the shards)
-    mask: Literal["random", "block", "grid", "saliency", "adaptive"] = "saliency"  # mask strategy
+    mask: Literal["random", "block", "grid", "saliency", "amr-capped", "sbam", "adaptive"] = "saliency"  # mask
+                                           # strategy; amr-capped: AMR-like ratio + capped top-k over the stored
+                                           # map (`adaptive` is its deprecated name); sbam: SBAM as released
     model: Literal["tiny", "small", "base", "large", "huge"] = "tiny"  # MAE preset
     epochs: int = 10                       # total epochs
     batch_size: int = 64                   # images per process per iteration
@@ -174,7 +186,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
         cfg = replace(cfg, **resumed_init(cfg.init, state.get("config") or {}))
         _check_resume(cfg, state, ckpt_path)
     plan = _mask_plan(cfg)
-    if plan.uses_saliency and plan.source == "store" and not cfg.saliency:
+    if plan.reads_store and not cfg.saliency:
         raise SalmaeError(f"--mask {cfg.mask} needs a saliency store: pass --saliency STORE.zarr "
                           "(or --set masking.source=online)")
     seed_everything(cfg.seed + dist.rank())  # as MAE; DDP then copies rank 0's initial weights to every rank
@@ -250,7 +262,8 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
                       fallback=stats["fallback"], zero_maps=stats["zero_maps"], lr=optimizer.param_groups[0]["lr"],
                       seconds=seconds, timed_steps=stats["timed_steps"], timed_seconds=round(stats["timed_seconds"], 4),
                       images=stats["steps"] * eff_batch // cfg.optim.accum_iter, precision=cfg.precision,
-                      compile=cfg.compile, loss_mean={"mean": "patch", "image_mean": "image"}[reduction])
+                      compile=cfg.compile, loss_mean={"mean": "patch", "image_mean": "image"}[reduction],
+                      **(stats.get("object_check") or {}))   # the manipulation check (labelled data)
         log.info("epoch %d: loss %.4f, %.1f masked/img, %d saliency fallbacks, %.1fs", epoch, stats["loss"],
                  stats["masked"], stats["fallback"], seconds)
         if dist.is_main():
@@ -266,7 +279,7 @@ def _train(cfg: PretrainConfig, device: torch.device) -> dict:
                  dataset.n_skipped)
     dist.barrier()
     return {"run": str(out), "epochs": cfg.epochs, "loss": stats.get("loss"),
-            "checkpoint": str(out / "checkpoint-latest.pth")}
+            "checkpoint": str(out / "checkpoint-latest.pth"), "object_check": stats.get("object_check")}
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
@@ -287,6 +300,18 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devi
 RESUME_MAY_CHANGE = ("epochs", "out", "resume", "device", "workers", "log_every", "save_every", "viz_samples",
                      "compile", "precision", "check_syncs", "manifest", "model_args", "cache_images",
                      "init", "init_sha256")   # a resume's weights are the checkpoint's (init: mae_init.resumed_init)
+
+
+# Masking keys added after runs were saved, with the value those runs computed with: a checkpoint
+# that lacks one ran with it, so its resume is not refused for the key's absence.
+ADDED_MASKING_KEYS = {"cap_of": "image", "map": "own", "sbam_ratio_per": "batch"}
+
+
+def _as_resumed(config: dict) -> dict:
+    """A config compared on resume: added masking keys filled in, `adaptive` read as `amr-capped`."""
+    masking = config.get("masking")
+    masking = {**ADDED_MASKING_KEYS, **masking} if isinstance(masking, dict) else masking
+    return {**config, "masking": masking, "mask": canonical_strategy(str(config.get("mask")))}
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -310,7 +335,10 @@ def validate(cfg: PretrainConfig) -> None:
     require(0 < m.base < 1, "masking.base", m.base, "between 0 and 1")
     require(m.var >= 0 and 0 < m.base - m.var and m.base + m.var < 1, "masking.var", m.var,
             f">= 0 with base ± var inside (0, 1) (base is {m.base})")
-    require(0 <= m.delta <= 1, "masking.delta", m.delta, "between 0 and 1 (a threshold on max-normalised maps)")
+    require(0 <= m.delta <= 1, "masking.delta", m.delta, "between 0 and 1 (a threshold on normalised maps)")
+    plan = _mask_plan(cfg, warn=False)
+    require(m.map == "own" or plan.reads_store, "masking.map", m.map,
+            "own unless the masks read the store's maps (mask saliency or amr-capped with source=store)")
     require(m.boundary_weight > 0, "masking.boundary_weight", m.boundary_weight, "above 0")
     require(o.blr > 0, "optim.blr", o.blr, "above 0")
     require(o.lr is None or o.lr > 0, "optim.lr", o.lr, "above 0 (or unset to use blr)")
@@ -333,7 +361,7 @@ def _check_resume(cfg: PretrainConfig, state: dict, path: Path) -> None:
     # data is identified by its manifest's content hash (`_check_same_data`), not by how its path is
     # spelled; checkpoints from before that was recorded still compare the --data string
     by_content = ("data", "saliency") if state.get("data") else ()
-    changed = resume_differences(saved, config_to_dict(cfg), RESUME_MAY_CHANGE + by_content)
+    changed = resume_differences(_as_resumed(saved), _as_resumed(config_to_dict(cfg)), RESUME_MAY_CHANGE + by_content)
     if changed:
         raise SalmaeError(f"--resume would change the run in {cfg.out} ({'; '.join(changed)}); resume with the "
                           "saved settings (config.yaml) or start a new --out")
@@ -410,7 +438,8 @@ def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
 
 def _dataset(cfg: PretrainConfig, model):
     from salmae.pipeline.pretrain.data import (IndexedPretrainDataset, StreamPretrainDataset,
-                                             load_saliency_table)
+                                             load_saliency_table, shuffle_maps)
+    from salmae.pipeline.pretrain.object_check import read_object_boxes
     from salmae.pipeline.data.shards import expand_shards
     from salmae.pipeline.saliency.store import SaliencyStore
 
@@ -425,9 +454,19 @@ def _dataset(cfg: PretrainConfig, model):
         get_logger().info("saliency store %s: %d of %d rows usable, %d (%d of them all-zero maps) fall back to %s",
                           cfg.saliency, int(table.ok.sum()), len(table.ok), table.n_failed, table.n_zero,
                           "being skipped" if cfg.masking.skip_missing else "random masks")
+        if cfg.masking.map == "shuffled":
+            table = shuffle_maps(table, cfg.seed)
+            get_logger().info("masking.map=shuffled: each of the %d usable rows masks by another row's map "
+                              "(a fixed derangement for seed %d), under its own crop and flip", int(table.ok.sum()),
+                              cfg.seed)
+    boxes = read_object_boxes(manifest, urls)
+    if boxes is not None:
+        get_logger().info("manipulation check: main-object boxes (KEY.json bbox) for %d of %d rows; metrics.jsonl "
+                          "records per epoch the share of object patches hidden", int(np.isfinite(boxes[:, 0]).sum()),
+                          len(boxes))
     common = dict(img_size=model.model_args["img_size"], grid=model.grid, saliency=table,
                   skip_missing=cfg.masking.skip_missing, seed=cfg.seed, max_pixels=cfg.max_pixels,
-                  need_caption=needs_captions(cfg))
+                  need_caption=needs_captions(cfg), boxes=boxes)
     if cfg.data_mode == "stream":
         return StreamPretrainDataset(manifest, urls, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                                      world=dist.world_size(), **common), manifest, store
@@ -437,14 +476,15 @@ def _dataset(cfg: PretrainConfig, model):
 def needs_captions(cfg: PretrainConfig) -> bool:
     """Captions matter only where masks read stage-1 saliency (made from them); random, block and grid
     masks (and saliency from the model itself) also train on caption-free shards (e.g. imagenet-1k-wds)."""
-    return cfg.mask in ("saliency", "adaptive") and cfg.masking.source == "store"
+    return _mask_plan(cfg, warn=False).reads_store
 
 
 def _loss_reduction(cfg: PretrainConfig, plan: MaskPlan, model) -> str:
-    """The model's loss reduction for `loss_mean` (auto: per-image means when masked counts vary)."""
+    """The model's loss reduction for `loss_mean` (auto: per-image means when masked counts vary, except
+    for `sbam`, which keeps MAE's mean over masked patches as SBAM's released code does)."""
     mode = cfg.loss_mean
     if mode == "auto":
-        mode = "image" if plan.keep_slots(model.num_patches) is not None else "patch"
+        mode = "image" if plan.keep_slots(model.num_patches) is not None and plan.strategy != "sbam" else "patch"
     return {"patch": "mean", "image": "image_mean"}[mode]
 
 
@@ -505,12 +545,14 @@ def _loader(cfg: PretrainConfig, dataset, device, plan: MaskPlan, grid: tuple[in
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **kw), sampler
 
 
-def _mask_plan(cfg: PretrainConfig) -> MaskPlan:
+def _mask_plan(cfg: PretrainConfig, warn: bool = True) -> MaskPlan:
+    """The config's masking resolved; `warn`: log once that a deprecated strategy name was used."""
     m = cfg.masking
-    return MaskPlan(strategy=cfg.mask, ratio=RatioSpec.parse(m.ratio, m.ratio_per), cap=m.cap,
+    strategy = resolve_strategy(cfg.mask) if warn else canonical_strategy(cfg.mask)
+    return MaskPlan(strategy=strategy, ratio=RatioSpec.parse(m.ratio, m.ratio_per), cap=m.cap, cap_of=m.cap_of,
                     cap_ramp_epochs=m.cap_ramp_epochs, select=m.select, tau=m.tau, inverse=m.inverse,
-                    base=m.base, var=m.var, delta=m.delta, boundary_weight=m.boundary_weight,
-                    source=m.source, seed=cfg.seed)
+                    base=m.base, var=m.var, delta=m.delta, sbam_per=m.sbam_ratio_per,
+                    boundary_weight=m.boundary_weight, source=m.source, seed=cfg.seed)
 
 
 def _stop_mid_epoch(cfg, out: Path, model, optimizer, scaler, epoch: int, stats: dict, data_identity: dict,
@@ -584,9 +626,9 @@ def _write_png(path: Path, model, batch: dict, plan: MaskPlan, device) -> None:
     model.eval()
     n = batch["image"].shape[0]
     imgs = normalise(batch["image"].to(device), pixel_stats(device))
-    sal = model.token_salience(imgs) if plan.source == "online" else batch["saliency"]
+    sal = model_salience(model, plan, imgs) if plan.model_salience else batch["saliency"]
     m = batch_masks(plan, n, model.grid, 1e9, step_seed(plan.seed, -1, 0), (0, n), sal.to(device),
-                    batch["saliency_ok"].to(device) if plan.source != "online" else None)
+                    batch["saliency_ok"].to(device) if not plan.model_salience else None)
     _, pred, mask = model(imgs, masking=(m["ids_keep"], m["mask"], m["ids_restore"]), valid=m["valid"])
     save_mae_grid(path, model, imgs.cpu(), sal.cpu(), pred.cpu(), mask.cpu())
     model.train(was_training)

@@ -52,9 +52,11 @@ STRATEGY_PARAMS = {
     "block": ("ratio",),
     "grid": ("ratio",),
     "saliency": ("ratio", "cap", "cap_ramp_epochs", "select", "tau", "inverse"),
-    "adaptive": ("base", "var", "delta"),
+    "amr-capped": ("base", "var", "delta", "cap"),
+    "adaptive": ("base", "var", "delta"),          # the deprecated name of amr-capped
+    "sbam": ("base", "var", "delta", "sbam_ratio_per"),
 }
-USES_SALIENCY = ("saliency", "adaptive")
+USES_SALIENCY = ("saliency", "amr-capped", "adaptive")   # masks read the stage-1 store (sbam: the model's own)
 STRATEGY_KEY, STRATEGY_SECTION = "mask", "masking."
 # Pretraining keys that never change what was learned (where and how a run was executed).
 IGNORED = {"out", "resume", "device", "workers", "log_every", "viz_samples", "save_every", "check_syncs",

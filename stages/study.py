@@ -39,7 +39,7 @@ from salmae.stages.study_settings import parse_setting
 BASELINE = "random"
 PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")
 SWEEP = ["random", "saliency-0.1", "saliency-0.25", "saliency-0.5", "saliency-0.75", "inverse-0.25",
-         "block", "adaptive"]
+         "block", "amr-capped"]
 
 
 def _micro_arch() -> ArchConfig:
@@ -56,7 +56,9 @@ class StudyConfig:
     seeds: int = 5                     # seeds 0..seeds-1 for every setting (paired by seed); at the seeds'
                                        # own spread (SD 1.45 points) 4 miss the +-2 target, 5 meet it (STUDY.md)
     settings: list[str] = field(default_factory=lambda: ["random", "saliency-0.25", "saliency-0.75"])
-                                       # random | block | grid | adaptive | saliency-CAP | inverse-CAP
+                                       # random | block | grid | amr-capped | sbam | saliency-CAP | inverse-CAP |
+                                       # shuffled-CAP (another image's map); CAP@salient: a share of the map's
+                                       # salient area (e.g. saliency-0.5@salient)
     # data: generated main-object shapes unless the user's are named
     data: str = ""                     # pretraining + stage-1 caption shards ("" = generate)
     eval_data: str = ""                # labelled ImageFolder root with train/ and val/ ("" = generate, own seed)
@@ -258,7 +260,8 @@ def pretrain_config(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed:
     from salmae.stages import pretrain
 
     spec = parse_setting(setting)
-    items = [f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}", f"masking.inverse={spec['inverse']}"]
+    items = [f"masking.ratio={cfg.ratio}", f"optim.blr={cfg.blr}", f"masking.inverse={spec['inverse']}",
+             f"masking.map={spec['map']}", f"masking.cap_of={spec['cap_of']}"]
     if spec["cap"] is not None:
         items.append(f"masking.cap={spec['cap']}")
     return resolve_config(pretrain.PretrainConfig, None, items + list(cfg.pretrain_set),
@@ -272,7 +275,7 @@ def _pretrain(cfg: StudyConfig, paths: dict[str, Any], setting: str, seed: int, 
     from salmae.stages import pretrain
 
     result = pretrain.run(pretrain_config(cfg, paths, setting, seed, run_dir))
-    return {k: result.get(k) for k in ("epochs", "loss")} if isinstance(result, dict) else result
+    return {k: result.get(k) for k in ("epochs", "loss", "object_check")} if isinstance(result, dict) else result
 
 
 def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, folder: Path) -> dict:

@@ -106,7 +106,7 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
     from salmae.pipeline import dist
     from salmae.pipeline.device import pick_device
     from salmae.stages.bench.report import machine_info
-    from salmae.stages.study_settings import parse_setting
+    from salmae.stages.study_settings import on_cap_curve, parse_setting
 
     out = Path(out)
     table = load_results(out, cfg.settings, cfg.protocols, cfg.seeds, cfg.floor)
@@ -115,11 +115,10 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
     found = checks(rows, cfg.protocols, classes)
     compute = _step_seconds(out)
     caps = {s: (0.0 if s == "random" else parse_setting(s)["cap"]) for s in cfg.settings}
-    png = plot_accuracy_vs_cap({p: {s: (caps[s], table[s][p]) for s in cfg.settings
-                                    if s == "random" or (caps[s] is not None and not parse_setting(s)["inverse"])}
+    png = plot_accuracy_vs_cap({p: {s: (caps[s], table[s][p]) for s in cfg.settings if on_cap_curve(s)}
                                 for p in cfg.protocols},
-                               {p: {s: table[s][p] for s in list(table) if s == "floor" or caps.get(s) is None
-                                    or parse_setting(s)["inverse"]} for p in cfg.protocols},
+                               {p: {s: table[s][p] for s in list(table) if s == "floor" or not on_cap_curve(s)}
+                                for p in cfg.protocols},
                                out / "accuracy_vs_cap.png", chance=100.0 / classes if classes else None)
     study = {
         "date": time.strftime("%Y-%m-%d"), "preset": cfg.preset,

@@ -106,8 +106,9 @@ def test_every_stage_command_lists_every_config_key_in_help():
 
 def test_help_shows_type_default_and_the_dataclass_comment():
     out = " ".join(CliRunner().invoke(cli, ["pretrain", "--help"]).output.split())   # undo the wrapping
-    assert "masking.cap saliency: fraction of patches masked by saliency [float; default: 0.25]" in out
-    assert "mask mask strategy [random|block|grid|saliency|adaptive; default: saliency]" in out
+    assert "masking.cap saliency: share masked by saliency (0.05, 0.1, 0.25 ...) of cap_of [float; default: 0.25]" in out
+    assert "mask mask strategy; amr-capped: AMR-like ratio + capped top-k over the stored map" in out
+    assert "|sbam|adaptive; default: saliency]" in out
     assert ("optim.step_partial step a last accumulation group cut short by the epoch's end (MAE drops it: its "
             "gradient is cleared at the next epoch) [bool; default: false]") in out     # a continuation line
     assert "optim.*: AdamW with per-iteration cosine schedule, as MAE." in out           # the section's docstring

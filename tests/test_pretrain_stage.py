@@ -94,6 +94,11 @@ def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
     # rows 3 and 40 have failed saliency: trained with random masks and counted, once per epoch
     # (64 rows / batch 8: every row is seen in each of the 2 epochs)
     assert [r["fallback"] for r in records if r["kind"] == "epoch"] == [2, 2]
+    # the manipulation check: the data's json has each main object's box; every epoch records its shares
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert all(0 < r["object_hidden"] <= 1 and r["object_hidden"] + r["object_seen"] == pytest.approx(1)
+               and 0 <= r["object_all_hidden"] <= 1 and r["object_patches"] >= 1 for r in epochs)
+    assert summary["object_check"] == {k: epochs[-1][k] for k in summary["object_check"]}
     # the second run in the same folder without --resume refuses to overwrite; an empty resume is none
     for resume in (None, ""):
         with pytest.raises(SalmaeError, match="already holds checkpoints; pass --resume latest"):
@@ -101,11 +106,11 @@ def test_end_to_end_saliency_run(tmp_path, shapes_pattern, store_path):
                      resume=resume))
 
 
-@pytest.mark.parametrize("mask", ["random", "adaptive"])
+@pytest.mark.parametrize("mask", ["random", "adaptive", "sbam"])
 def test_resume_equivalence(tmp_path, shapes_pattern, store_path, mask):
     from salmae.stages.pretrain import run
 
-    kw = dict(saliency=str(store_path), mask=mask, batch_size=16, viz_samples=0)
+    kw = dict(saliency=str(store_path), mask=mask, batch_size=16, viz_samples=2 if mask == "sbam" else 0)
     run(_cfg(tmp_path / "straight", shapes_pattern, epochs=2, **kw))
     run(_cfg(tmp_path / "split", shapes_pattern, epochs=1, **kw))
     run(_cfg(tmp_path / "split", shapes_pattern, epochs=2, resume="latest", **kw))

@@ -19,9 +19,10 @@ from salmae.stages.study_report import checks, load_results, summarise
 
 
 def test_settings_parse_into_masks_and_caps():
-    assert study.parse_setting("random") == {"mask": "random", "cap": None, "inverse": False}
-    assert study.parse_setting("saliency-0.25") == {"mask": "saliency", "cap": 0.25, "inverse": False}
-    assert study.parse_setting("inverse-0.5") == {"mask": "saliency", "cap": 0.5, "inverse": True}
+    own = {"map": "own", "cap_of": "image"}
+    assert study.parse_setting("random") == {"mask": "random", "cap": None, "inverse": False, **own}
+    assert study.parse_setting("saliency-0.25") == {"mask": "saliency", "cap": 0.25, "inverse": False, **own}
+    assert study.parse_setting("inverse-0.5") == {"mask": "saliency", "cap": 0.5, "inverse": True, **own}
     for bad in ("saliency", "saliency-0", "saliency-1.5", "sal-0.25", "saliency-x", "unknown"):
         with pytest.raises(SalmaeError, match="unknown study setting"):
             study.parse_setting(bad)
@@ -64,6 +65,11 @@ def test_settings_differ_only_in_their_masks_and_seeds_only_in_the_seed(tmp_path
     assert a["arch"]["img_size"] == 32 and a["arch"]["patch_size"] == 4 and a["epochs"] == cfg.epochs
     _, inv = _configs(cfg, "saliency-0.25", "inverse-0.25", tmp_path=tmp_path)
     assert inv["masking"]["inverse"] is True and inv["masking"]["cap"] == 0.25
+    sal, shuffled, salient = _configs(cfg, "saliency-0.25", "shuffled-0.25", tmp_path=tmp_path) + \
+        _configs(cfg, "saliency-0.25", "saliency-0.25@salient", tmp_path=tmp_path)[1:]
+    assert {k for k in sal["masking"] if sal["masking"][k] != shuffled["masking"][k]} == {"map"}  # same cap
+    assert (shuffled["masking"]["map"], salient["masking"]["cap_of"], salient["masking"]["cap"]) == \
+        ("shuffled", "salient", 0.25)
     s0, s1 = _configs(cfg, "random", "random", 0, 1, tmp_path=tmp_path)
     assert {k for k in s0 if s0[k] != s1[k]} == {"out", "seed"}
     assert a["compile"] is True and b["compile"] is True                           # the cpu preset compiles
@@ -202,6 +208,12 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
     assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "adaptive"]
     assert masks["inverse-0.25"]["masking"]["inverse"] is True and masks["saliency-0.25"]["masking"]["cap"] == 0.25
+    # the manipulation check of every run, per epoch, and the last epoch's in the pretrain step's marker
+    from salmae.pipeline.pretrain.object_check import read_object_check
+    for s in settings:
+        epochs = read_object_check(out / "runs" / f"{s}-s0")
+        marker = json.loads((out / ".done" / f"pretrain-{s}-s0.json").read_text())["result"]["object_check"]
+        assert [e["epoch"] for e in epochs] == [0, 1] and marker == {k: epochs[-1][k] for k in marker}
     for folder in (out / "runs" / "random-s0", out / "floor" / "s0"):             # both probes, one extraction
         assert sorted(p.name for p in (folder / "features").iterdir()) == ["features-train.pt", "features-val.pt"]
         assert not list(folder.glob("eval-*/features-*.pt"))

@@ -24,7 +24,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from salmae.pipeline.errors import SalmaeError
-from salmae.pipeline.pretrain.masking import keep_valid, online_saliency, random_mask
+from salmae.pipeline.pretrain.masking import keep_valid, online_saliency, random_mask, sbam_salience
 
 # tiny: our test/demo size (64 px shapes, 8 px patches -> 8x8 grid, ~1.2 M parameters).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -171,7 +171,7 @@ class MaskedAutoencoderViT(nn.Module):
         """latent [N, 1+K, D], mask [N, L], ids_restore [N, L] -> pred [N, L, p*p*C].
 
         Visible patch l is encoder token ids_restore[l] (its place in the shuffle); masked
-        patches take the mask token. Padding tokens (adaptive batches) are never gathered.
+        patches take the mask token. Padding tokens (amr-capped, sbam batches) are never gathered.
         """
         x = self.decoder_embed(latent)
         n, k1, d = x.shape
@@ -245,8 +245,15 @@ class MaskedAutoencoderViT(nn.Module):
 
     @torch.no_grad()
     def token_salience(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Online (SBAM-style) salience from this model's patch embeddings: imgs -> [N, L]."""
+        """Online (SBAM-like) salience from this model's patch embeddings: imgs -> [N, L]."""
         return online_saliency(self.patch_embed(imgs))
+
+    @torch.no_grad()
+    def sbam_salience(self, imgs: torch.Tensor) -> torch.Tensor:
+        """SBAM's salience (`masking.sbam_salience`) of the patch + position embeddings, as SBAM's
+        `forward_encoder` computes it before masking: imgs [N, C, H, W] -> [N, L] in [0, 1].
+        Only the mask's order depends on it (an argsort), so no gradient is lost by not tracking it."""
+        return sbam_salience(self.patch_embed(imgs) + self.pos_embed[:, 1:, :])
 
 
 def _padding_attn_mask(valid: torch.Tensor) -> torch.Tensor:

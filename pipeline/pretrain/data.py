@@ -18,6 +18,11 @@ forked workers share); its items equal the uncached ones bit for bit.
 An item is ``{"image": [3, S, S], "saliency": [L], "saliency_ok": bool, "row": int}``;
 samples whose store status is not ok carry zeros and ``saliency_ok=False`` (the training loop
 falls back to random masks for them and counts them), or are skipped (``skip_missing``).
+With main-object boxes (labelled data, `object_check.read_object_boxes`) a batch also carries
+``object`` [B, L] bool, the object's patches after the same crop and flip (the manipulation check).
+
+`shuffle_maps` gives each row another row's map (`masking.map=shuffled`, a control): the other
+image's map, laid over this image's frame and cut by this image's own crop and flip.
 """
 
 from __future__ import annotations
@@ -62,6 +67,29 @@ class SaliencyTable:
     @property
     def n_zero(self) -> int:
         return int(self.zero.sum())
+
+
+def shuffled_rows(ok: np.ndarray, seed: int) -> np.ndarray:
+    """[N] int64: the row whose map each row gets under `masking.map=shuffled`.
+
+    The rows with a usable map (`ok` [N] bool) are put in one seeded random cycle and each takes the
+    next one's map: a derangement (no row keeps its own map, each map is used once) that is fixed
+    for the whole run and a function of `seed` alone. Other rows keep their own (they have none).
+    """
+    source = np.arange(len(ok), dtype=np.int64)
+    rows = np.nonzero(ok)[0]
+    if len(rows) < 2:
+        return source
+    cycle = rows[np.random.default_rng([seed, 0x5EED]).permutation(len(rows))]
+    source[cycle] = np.roll(cycle, -1)
+    return source
+
+
+def shuffle_maps(table: SaliencyTable, seed: int) -> SaliencyTable:
+    """The table with each usable row holding another usable row's map (`shuffled_rows`); frames,
+    ok and zero flags stay the row's own, so the map is cut by this image's crop and flip."""
+    source = shuffled_rows(table.ok, seed)
+    return SaliencyTable(table.maps[source], table.frames, table.ok, table.zero)
 
 
 def check_store_covers(manifest, store: SaliencyStore) -> np.ndarray:
@@ -169,9 +197,9 @@ def sample_seed(seed: int, epoch: int, row: int) -> int:
 
 
 def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple[int, int],
-              saliency: SaliencyTable | None, augment: bool = True) -> dict:
+              saliency: SaliencyTable | None, augment: bool = True, boxes: np.ndarray | None = None) -> dict:
     """Augment one image (PIL, or uint8 [3, H, W] as `TF.to_image` makes it) and its map with the
-    crop/flip drawn for (seed, epoch, row).
+    crop/flip drawn for (seed, epoch, row); `boxes` [N, 4]: main-object boxes by row (NaN: none).
 
     The image stays uint8 (`image` [3, S, S]); the training process normalises it on its device.
     """
@@ -184,6 +212,10 @@ def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple
         box, flip = (0, 0, w, h), False
     item = {"image": crop_flip_image(image, box, flip, img_size), "row": row, "saliency_ok": False,
             "saliency_zero": False, "epoch": epoch}
+    if boxes is not None:  # cropped and flipped with the batch in `collate`, as the maps
+        item["object_box"] = torch.from_numpy(boxes[row])
+        item["box"] = torch.tensor(box, dtype=torch.float64)
+        item["flip"] = flip
     if saliency is None:
         item["saliency"] = torch.zeros(grid[0] * grid[1])
         return item
@@ -201,13 +233,18 @@ def make_item(image, row: int, seed: int, epoch: int, img_size: int, grid: tuple
 def collate(items: list[dict], grid: tuple[int, int]) -> dict:
     """Batch `make_item` outputs; crop/flip/pool the raw saliency maps of the whole batch at once.
 
-    Returns `image` [B, 3, H, W] uint8, `row` [B], `saliency` [B, Gh*Gw] (zeros where not ok), `saliency_ok` [B].
+    Returns `image` [B, 3, H, W] uint8, `row` [B], `saliency` [B, Gh*Gw] (zeros where not ok), `saliency_ok` [B],
+    and with object boxes `object` [B, Gh*Gw] bool (the main object's patches).
     """
+    from salmae.pipeline.pretrain.object_check import object_patches
+
     batch = default_collate(items)
+    box, flip = batch.pop("box", None), batch.pop("flip", None)
     if "saliency_raw" in batch:
-        pooled = crop_flip_saliency_batch(batch.pop("saliency_raw"), batch.pop("frame"), batch.pop("box"),
-                                          batch.pop("flip"), grid)                # [B, Gh, Gw]
+        pooled = crop_flip_saliency_batch(batch.pop("saliency_raw"), batch.pop("frame"), box, flip, grid)  # [B, Gh, Gw]
         batch["saliency"] = pooled.flatten(1)
+    if "object_box" in batch:
+        batch["object"] = object_patches(batch.pop("object_box"), box, flip, grid)
     return batch
 
 
@@ -304,7 +341,7 @@ class IndexedPretrainDataset(Dataset):
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
                  augment: bool = True, max_pixels: int | None = None, cache_images: bool = False,
-                 need_caption: bool = True):
+                 need_caption: bool = True, boxes: np.ndarray | None = None):
         by_name = {shard_name(u): u for u in shard_urls}
         encoded = manifest.table.column("shard").combine_chunks().dictionary_encode()
         names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
@@ -319,7 +356,7 @@ class IndexedPretrainDataset(Dataset):
         self.offsets = np.asarray(manifest.column("image_offset"), dtype=np.int64)
         self.nbytes = np.asarray(manifest.column("image_nbytes"), dtype=np.int64)
         self.keys = manifest.keys.to_bytes()                           # bytes: for error messages only
-        self.img_size, self.grid, self.saliency = img_size, grid, saliency
+        self.img_size, self.grid, self.saliency, self.boxes = img_size, grid, saliency, boxes
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cache = None
         if len(self.rows) and any(not _is_local_path(u) for u in self.urls):
@@ -348,7 +385,8 @@ class IndexedPretrainDataset(Dataset):
         index, step = index if isinstance(index, tuple) else (index, None)
         row = int(self.rows[index])
         image = self.cache.image(row) if self.cache is not None else self._decode(row)
-        item = make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency, self.augment)
+        item = make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency, self.augment,
+                         self.boxes)
         if step is not None:
             item["step"] = step
         return item
@@ -419,8 +457,9 @@ class StreamPretrainDataset(IterableDataset):
     def __init__(self, manifest, shard_urls: list[str], img_size: int, grid: tuple[int, int],
                  saliency: SaliencyTable | None = None, skip_missing: bool = False, seed: int = 0,
                  shuffle_buffer: int = 1000, batch_size: int = 1, world: int = 1, max_pixels: int | None = None,
-                 need_caption: bool = True):
+                 need_caption: bool = True, boxes: np.ndarray | None = None):
         self.manifest, self.urls, self.img_size, self.grid = manifest, shard_urls, img_size, grid
+        self.boxes = boxes
         self.saliency, self.skip_missing, self.seed, self.epoch = saliency, skip_missing, seed, 0
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
@@ -493,4 +532,5 @@ class StreamPretrainDataset(IterableDataset):
                 image = decode_image(data, key=sample["__key__"])
             except SalmaeError:
                 continue
-            yield make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency)
+            yield make_item(image, row, self.seed, self.epoch, self.img_size, self.grid, self.saliency,
+                            boxes=self.boxes)

@@ -5,9 +5,10 @@ device and runs the model: images arrive as uint8 and are normalised there, mask
 (`pipeline.pretrain.mask_plan.MaskingCollate`, in the loader workers). Nothing in a step waits for the
 device or talks to other processes, except where the algorithm needs it (DDP's gradient
 all-reduce): the loss is summed on the device, and on logging steps (every `log_every` steps and
-the last) one all-reduce of [loss, masked, fallbacks, zero maps, stop votes] gives every rank the same
-numbers, the same verdict on a non-finite loss, and the same answer to "was a stop asked for?". A bad
-loss is therefore caught within `log_every` steps, before any checkpoint is written.
+the last) one all-reduce of [loss, masked, fallbacks, zero maps, the manipulation check's four counts,
+stop votes] gives every rank the same numbers, the same verdict on a non-finite loss, and the same
+answer to "was a stop asked for?". A bad loss is therefore caught within `log_every` steps, before
+any checkpoint is written.
 
 A stop (SIGTERM, SIGUSR1, Ctrl-C under `pipeline.signals`' deferred handler) is a vote that one rank
 casts at a logging step; once the all-reduce has counted it, every rank ends the epoch after the same
@@ -34,6 +35,7 @@ from salmae.pipeline.device import autocast
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.host_syncs import no_host_syncs
 from salmae.pipeline.logging import MetricsWriter
+from salmae.pipeline.pretrain import object_check
 from salmae.pipeline.pretrain.mask_plan import MaskPlan, batch_masks, step_seed
 from salmae.pipeline.progress import progress_bar
 
@@ -48,17 +50,24 @@ def cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epoc
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def model_salience(raw_model, plan: MaskPlan, imgs: torch.Tensor) -> torch.Tensor:
+    """[N, L] salience from the model itself: SBAM's for `sbam`, else the online variant."""
+    return raw_model.sbam_salience(imgs) if plan.strategy == "sbam" else raw_model.token_salience(imgs)
+
+
 def device_masks(batch: dict, plan: MaskPlan, raw_model, imgs: torch.Tensor, progress: float, seed: int,
                  rows: tuple[int, int]) -> dict:
     """The step's masks on the device: the loader's (moved, non-blocking), or built here from the
-    model's own salience for `source=online` (the one plan that needs the model), on the device with
+    model's own salience (`sbam`, `source=online`: the plans that need the model), on the device with
     a generator there and a fixed padded width, so that nothing waits for the host."""
     device = imgs.device
     if "ids_keep" in batch:
         return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None)
-                for k in (*MASK_KEYS, "valid", "weight")} | {k: batch[k] for k in ("masked", "n_fallback", "n_zero")}
-    sal = raw_model.token_salience(imgs)                                           # [N, L] on the device
-    return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal)
+                for k in (*MASK_KEYS, "valid", "weight")} | {k: batch.get(k) for k in ("masked", "n_fallback",
+                                                                                       "n_zero", "object_stats")}
+    sal = model_salience(raw_model, plan, imgs)                                    # [N, L] on the device
+    objects = batch["object"].to(device, non_blocking=True) if "object" in batch else None
+    return batch_masks(plan, imgs.shape[0], raw_model.grid, progress, seed, rows, sal, objects=objects)
 
 
 def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, epoch: int, plan: MaskPlan,
@@ -67,9 +76,10 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False,
                     loss_reduction: str = "mean", step_partial: bool = False, start_step: int = 0,
                     totals: dict | None = None, stop_requested: Callable[[], object] | None = None) -> dict:
-    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts)
-    and the steady-state {timed_steps, timed_seconds} (`steady_state`), plus `stop`: whether the ranks
-    agreed to stop (see the module docstring).
+    """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts),
+    the steady-state {timed_steps, timed_seconds} (`steady_state`), `object_check` (the shares of
+    `pipeline.pretrain.object_check.summarise`; None without main-object boxes) and `stop`: whether the
+    ranks agreed to stop (see the module docstring).
 
     A stop before the epoch's end returns early with `stopped_at` (the steps done, the position to save)
     and `totals` (the running sums to save with it); `start_step` and `totals` resume from them (the
@@ -92,10 +102,13 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     ddp = getattr(model, "_orig_mod", model)  # compiled DDP: no_sync lives on the DDP module
     compiled = ddp is not model               # the host-sync recorder patches torch: not under dynamo
     votes = len(signals.DEFERRED_SIGNALS)                      # a slot for each signal that asks for a stop
-    window = torch.zeros(4 + votes, dtype=torch.float64, device=device)  # loss, masked, fallbacks, zero maps, votes
-    host = [0.0, 0.0, 0.0]                                      # masked, fallbacks, zero maps known on the host
+    # loss, masked, fallbacks, zero maps, the 4 object counts (`object_check.object_stats`) since the last log,
+    # then the stop votes
+    window = torch.zeros(8 + votes, dtype=torch.float64, device=device)
+    host = torch.zeros(8 + votes, dtype=torch.float64)         # the same, where known on the host (loader tensors)
     since, done = 0, start_step
-    totals = dict(totals) if totals else {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0}
+    totals = dict(totals) if totals else {"loss": 0.0, "masked": 0.0, "fallback": 0, "zero_maps": 0,
+                                          "objects": [0.0] * 4}   # objects: the epoch's counts, summed over ranks
     stopping = False                                            # the ranks agreed to stop: at the next optimizer step
     clock: list[tuple[int, float]] = []                        # (steps done, time) at each logging step's sync
     stats = pixel_stats(device)                                 # built once: a step makes no tensor from lists
@@ -130,17 +143,21 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window[0] += loss.detach()
-        for i, value in ((1, m["masked"]), (2, m["n_fallback"]), (3, m["n_zero"])):
+        for i, value in ((1, m["masked"]), (2, m["n_fallback"]), (3, m["n_zero"]), (slice(4, 8), m["object_stats"])):
+            if value is None:
+                continue
             if value.device.type == "cpu":
-                host[i - 1] += float(value)  # a loader tensor: no device involved
+                host[i] += value  # a loader tensor: no device involved
             else:
                 window[i] += value
         since += 1
         if logging_step:  # the only host sync and collective of a step
             mine = (stop_requested or signals.requested)()              # this rank's signal, if any
-            vote = [1.0 if mine == s else 0.0 for s in signals.DEFERRED_SIGNALS]
-            packed = window + torch.tensor([0.0, *host, *vote], dtype=torch.float64).to(device)
-            loss_sum, masked_sum, fallback_sum, zero_sum, *voted = dist.all_reduce_sum(packed).tolist()
+            host[8:] = torch.tensor([1.0 if mine == s else 0.0 for s in signals.DEFERRED_SIGNALS], dtype=torch.float64)
+            reduced = dist.all_reduce_sum(window + host.to(device)).tolist()
+            loss_sum, masked_sum, fallback_sum, zero_sum = reduced[:4]
+            totals["objects"] = [a + b for a, b in zip(totals["objects"], reduced[4:8])]
+            voted = reduced[8:]
             loss_mean = loss_sum / (since * world)
             if not math.isfinite(loss_mean):
                 raise SalmaeError(f"loss became {loss_mean} at epoch {epoch} step {step}; stopped, the last good "
@@ -156,7 +173,8 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                               lr=optimizer.param_groups[0]["lr"], masked=masked, fallback=int(round(fallback_sum)),
                               zero_maps=int(round(zero_sum)), steps=since)
             window.zero_()
-            host, since = [0.0, 0.0, 0.0], 0
+            host.zero_()
+            since = 0
             clock.append((step + 1, time.perf_counter()))   # the device has finished every step so far
             if any(voted) and not stopping:     # every rank stops, named after the signal a rank got
                 stopping = True
@@ -168,7 +186,8 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
         raise SalmaeError(f"the loader gave {done} of its {steps} batches in epoch {epoch}; in stream mode use "
                           "no more --workers than shards per process (each worker needs a shard)")
     return {"loss": totals["loss"] / steps, "masked": totals["masked"] / steps, "fallback": totals["fallback"],
-            "zero_maps": totals["zero_maps"], "steps": steps, "stop": stopping, **steady_state(clock)}
+            "zero_maps": totals["zero_maps"], "steps": steps, "stop": stopping, **steady_state(clock),
+            "object_check": object_check.summarise(totals["objects"])}
 
 
 def steady_state(clock: list[tuple[int, float]]) -> dict:

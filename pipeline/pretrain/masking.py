@@ -1,4 +1,4 @@
-"""Patch masks for MAE: random, block, grid, saliency-capped and adaptive (SBAM), as pure functions.
+"""Patch masks for MAE: random, block, grid, saliency-capped, amr-capped and SBAM, as pure functions.
 
 Every strategy returns MAE's triple over a batch of N images with L = gh * gw patches:
 
@@ -11,7 +11,19 @@ All strategies are built the same way: compute a per-patch *key* whose ascending
 the first ``n_keep`` entries. That is exactly MAE's ``random_masking``, so `random_mask` with the
 same noise reproduces MAE bit for bit, and every other strategy only changes the key.
 
-Variable keep counts (``adaptive``, or a ratio sampled per image): ``ids_keep`` is padded to
+The saliency strategies:
+
+- ``saliency``: the top-salient patches of a map up to a cap, the rest at random up to the ratio
+  (`saliency_mask`); the cap is a fraction of the image, or of the map's salient area
+  (`salient_area`: the smallest set of patches holding half the map's mass).
+- ``amr-capped`` (called ``adaptive`` before; the old name is a deprecated alias): an AMR-like
+  per-image ratio from the share of patches above ``delta`` of the map's maximum, then the capped
+  rule at that ratio (`amr_capped_mask`). It reads the stage-1 map; it is not SBAM.
+- ``sbam``: SBAM as released (`sbam_salience`, `sbam_ratio`, `sbam_mask`): salience from the MAE's
+  own patch + position embeddings, a ratio from the salient share, patches masked in the order
+  of salience plus U(0, 0.5) noise, no cap.
+
+Variable keep counts (``amr-capped``, ``sbam``, or a ratio sampled per image): ``ids_keep`` is padded to
 ``K = max_i n_keep_i``, or to a width ``keep_width >= K`` given by the caller (the plan's largest
 possible count: no device value is read on the host to learn K). Row i is valid for its first
 ``n_keep_i = L - mask[i].sum()`` entries; the entries after them are padding (they point at masked
@@ -19,8 +31,9 @@ patches: the next ones in the shuffle). `keep_valid(ids_keep, mask)` returns the
 validity mask; the MAE model turns it into a key-padding attention mask, so no token attends to
 padding.
 
-Masked count convention (all strategies but `grid`): ``n_mask = L - int(L * (1 - ratio))``, which
-is MAE's ``len_keep = int(L * (1 - mask_ratio))``.
+Masked count convention (all strategies but `grid` and `sbam`): ``n_mask = L - int(L * (1 - ratio))``,
+which is MAE's ``len_keep = int(L * (1 - mask_ratio))``; `sbam` computes SBAM's own ``len_keep`` in
+float32, as its released code does.
 
 Determinism: every random draw comes from ``generator`` (a ``torch.Generator``) and is made on
 the generator's device, so a generator on the GPU never copies draws from the host (a CUDA
@@ -43,7 +56,13 @@ from salmae.pipeline.errors import SalmaeError
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Rows = tuple[int, int] | None
-STRATEGIES = ("random", "block", "grid", "saliency", "adaptive")
+STRATEGIES = ("random", "block", "grid", "saliency", "amr-capped", "sbam")
+ALIASES = {"adaptive": "amr-capped"}   # deprecated name -> strategy (configs and scripts still use it)
+
+
+def canonical_strategy(name: str) -> str:
+    """A strategy name with deprecated aliases resolved (`adaptive` -> `amr-capped`)."""
+    return ALIASES.get(name, name)
 
 
 # --------------------------------------------------------------------------- randomness
@@ -245,11 +264,26 @@ def _as_count(cap: float | torch.Tensor, length: int, n: int, device) -> torch.T
     return torch.floor(cap * length + 1e-9).long()
 
 
-def adaptive_ratio(saliency: torch.Tensor, base: float = 0.75, var: float = 0.1, delta: float = 0.5) -> torch.Tensor:
-    """SBAM's per-image ratio r_i = base - var + 2*var*|{p: s_ip > delta}| / L.
+def salient_area(saliency: torch.Tensor) -> torch.Tensor:
+    """Size of each map's salient area: the smallest number of patches holding half its mass.
+
+    saliency: [N, L] non-negative -> [N] int64 (0 for an all-zero map). Patches are taken from the
+    most salient down until their sum reaches half of the row's sum; a cap given relative to this
+    area (`cap_of=salient`) hides that share of the region the map calls salient, whatever its size.
+    """
+    s = saliency.double().clamp_min(0)
+    mass = torch.sort(s, dim=1, descending=True).values.cumsum(dim=1)      # [N, L]
+    half = 0.5 * mass[:, -1:]                                               # [N, 1]
+    area = (mass < half).sum(dim=1) + 1                                     # first k with mass >= half
+    return torch.where(mass[:, -1] > 0, area, torch.zeros_like(area))
+
+
+def amr_ratio(saliency: torch.Tensor, base: float = 0.75, var: float = 0.1, delta: float = 0.5) -> torch.Tensor:
+    """The `amr-capped` per-image ratio r_i = base - var + 2*var*|{p: s_ip > delta}| / L (AMR-like).
 
     saliency: [N, L]; each row is scaled to [0, 1] by its max before thresholding (all-zero rows
-    count no salient patch). Returns [N] float64.
+    count no salient patch). Returns [N] float64. Unlike SBAM's released code (`sbam_ratio`), the
+    map is not min-max normalised and the share is per image, not the batch's mean.
     """
     s = saliency.double()
     s = s / s.amax(dim=1, keepdim=True).clamp_min(1e-12)
@@ -257,12 +291,92 @@ def adaptive_ratio(saliency: torch.Tensor, base: float = 0.75, var: float = 0.1,
     return base - var + 2 * var * frac
 
 
-def adaptive_mask(saliency: torch.Tensor, base: float = 0.75, var: float = 0.1, delta: float = 0.5,
-                  cap: float = 0.25, generator: torch.Generator | None = None, rows: Rows = None,
-                  **saliency_opts) -> Triple:
-    """SBAM per-image adaptive ratio, then the saliency-capped rule at r_i (padded ids_keep, see module doc)."""
-    ratio = adaptive_ratio(saliency, base, var, delta)
+def amr_capped_mask(saliency: torch.Tensor, base: float = 0.75, var: float = 0.1, delta: float = 0.5,
+                    cap: float | torch.Tensor = 0.25, generator: torch.Generator | None = None, rows: Rows = None,
+                    **saliency_opts) -> Triple:
+    """`amr-capped`: the per-image `amr_ratio`, then the saliency-capped rule at r_i (padded ids_keep)."""
+    ratio = amr_ratio(saliency, base, var, delta)
     return saliency_mask(saliency, ratio, cap=cap, generator=generator, rows=rows, **saliency_opts)
+
+
+adaptive_ratio = amr_ratio           # the names before `adaptive` became `amr-capped`
+adaptive_mask = amr_capped_mask
+
+
+# --------------------------------------------------------------------------- SBAM, as released
+# Choi et al., "Salience-Based Adaptive Masking", ECCV 2024; released code github.com/doihye/SBAM,
+# models_mae.py at commit 84beb18 (`saliency_guided_masking`, lines 93-124, called from
+# `forward_encoder`, lines 126-132). Our reading, line by line:
+# - l.128-130: the tokens are the patch embeddings plus the position embeddings (no cls token, no
+#   norm), before any masking: the salience follows the model's own embedding as it trains;
+# - l.96-98: affinity x·xᵀ (no 1/sqrt(D) scale), softmax over the last axis (each token's row sums
+#   to 1), then the sum over the first axis: token j's salience is how much every token draws from
+#   it (the README calls it outgoing attention);
+# - l.100-101: min-max normalised per image to [0, 1];
+# - l.103-106: the salient share is the count above `delta` per image, *averaged over the batch*,
+#   over L: one share, hence one ratio, per (per-GPU) batch;
+# - l.108-109: ratio = base - var + 2*var*share, len_keep = int(L * (1 - ratio)) (line 108 reads an
+#   undefined `mask_ratio`; the parameter `base_mask_ratio` is what it means);
+# - l.111-122: noise U(0, 1)/2 added to the salience, ascending argsort, keep the first len_keep:
+#   the most salient patches are masked first, softened by the noise; no cap.
+def sbam_salience(tokens: torch.Tensor) -> torch.Tensor:
+    """SBAM's token salience, min-max normalised per image.
+
+    tokens: [N, L, D] patch + position embeddings -> [N, L] float32 in [0, 1].
+    An image whose salience is the same everywhere gets all zeros (SBAM's code divides 0 by 0 there).
+    """
+    x = tokens.float()
+    attn = torch.softmax(x @ x.transpose(1, 2), dim=2)        # [N, L, L]: row i spreads 1 over the tokens j
+    s = attn.sum(dim=1)                                        # [N, L]: what token j receives
+    lo, hi = s.min(dim=1, keepdim=True).values, s.max(dim=1, keepdim=True).values
+    return (s - lo) / (hi - lo).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def sbam_ratio(salience: torch.Tensor, base: float = 0.75, var: float = 0.1, delta: float = 0.5,
+               per: Literal["batch", "image"] = "batch") -> torch.Tensor:
+    """SBAM's masking ratio, in float32 as its code computes it.
+
+    salience: [N, L] (`sbam_salience`) -> [N] float32. per="batch": one ratio from the batch's mean
+    salient share (the released code; under DDP each process's own batch); per="image": the share of
+    each image (the paper's "per image" wording).
+    """
+    if per not in ("batch", "image"):
+        raise SalmaeError(f"sbam ratio per={per!r} is unknown; use batch or image")
+    length = salience.shape[1]
+    count = (salience > delta).sum(dim=1).float()                       # [N] salient patches per image
+    share = count.mean() / length if per == "batch" else count / length
+    ratio = (base - var) + (2 * var) * share                            # the released code's order of operations
+    return ratio.expand(salience.shape[0]).contiguous() if ratio.dim() == 0 else ratio
+
+
+def sbam_keep(length: int, ratio: torch.Tensor) -> torch.Tensor:
+    """SBAM's keep count int(L * (1 - ratio)), in the ratio's float32: [N] -> [N] int64."""
+    return (length * (1 - ratio)).long()
+
+
+def sbam_keep_slots(length: int, base: float, var: float) -> int:
+    """The largest keep count `sbam_mask` can give (no salient patch: ratio base - var)."""
+    return int(sbam_keep(length, sbam_ratio(torch.zeros(1, length), base, var, delta=1.0))[0])
+
+
+def sbam_mask(salience: torch.Tensor, base: float = 0.75, var: float = 0.1, delta: float = 0.5,
+              per: Literal["batch", "image"] = "batch", generator: torch.Generator | None = None,
+              rows: Rows = None, keep_width: int | None = None) -> Triple:
+    """SBAM's masking: ratio from the salient share, patches ordered by salience + U(0, 0.5), no cap.
+
+    Args:
+        salience: [N, L] in [0, 1] (`sbam_salience` of the MAE's patch + position embeddings).
+        base, var, delta: SBAM's base ratio, ratio spread and salience threshold.
+        per: "batch" (as released) or "image" (see `sbam_ratio`).
+        keep_width: fixed K, at least `sbam_keep_slots` (None: the batch's largest, read on the host).
+    Returns:
+        ids_keep [N, K] (padded, see module doc), mask [N, L], ids_restore [N, L].
+    """
+    n, length = salience.shape
+    ratio = sbam_ratio(salience, base, var, delta, per)                          # [N] float32
+    noise = _rand(n, (length,), generator, rows, salience.device)                # [N, L] U(0, 1)
+    key = salience.float() + noise / 2                                           # ascending: least salient kept
+    return mask_from_key(key, sbam_keep(length, ratio), keep_width)
 
 
 # --------------------------------------------------------------------------- ratios, caps, weights
@@ -327,12 +441,12 @@ def boundary_weights(mask: torch.Tensor, grid: tuple[int, int], weight: float) -
 
 
 def online_saliency(tokens: torch.Tensor) -> torch.Tensor:
-    """SBAM-style token salience from patch embeddings, no precompute needed.
+    """Token salience from patch embeddings for `source=online`, no precompute needed.
 
-    Our reading of SBAM (Choi et al., 2024): a token's salience is the attention it *receives*
-    under one parameter-free self-attention over the (layer-normalised) patch embeddings,
-    A = softmax(x x^T / sqrt(D)), s_j = sum_i A_ij. It needs no stage-1 store and costs one
-    [L, L] product per image; it follows the model's own embedding as it trains.
+    An SBAM-like variant, not SBAM's (`sbam_salience` is): a token's salience is the attention it
+    *receives* under one parameter-free self-attention over the layer-normalised patch embeddings
+    (no position embeddings), A = softmax(x x^T / sqrt(D)), s_j = sum_i A_ij. It needs no stage-1
+    store and costs one [L, L] product per image; it follows the model's own embedding as it trains.
 
     tokens: [N, L, D] -> [N, L] (non-negative, sums to L per row).
     """
@@ -345,11 +459,14 @@ def online_saliency(tokens: torch.Tensor) -> torch.Tensor:
 def make_mask(strategy: str, n: int, grid: tuple[int, int], ratio: float | torch.Tensor = 0.75,
               saliency: torch.Tensor | None = None, generator: torch.Generator | None = None,
               rows: Rows = None, device: torch.device | str = "cpu", **opts) -> Triple:
-    """Dispatch to a strategy. `saliency` [N, L] is needed for saliency/adaptive.
+    """Dispatch to a strategy. `saliency` [N, L] is needed for saliency/amr-capped/sbam (for `sbam`,
+    `sbam_salience` of the model's tokens).
 
-    opts: saliency -> cap, select, tau, inverse; adaptive -> base, var, delta, cap, select, tau,
-    inverse (`ratio` is ignored: the ratio is computed per image); block -> min_block, min_aspect.
+    opts: saliency -> cap, select, tau, inverse; amr-capped -> base, var, delta, cap, select, tau,
+    inverse (`ratio` is ignored: the ratio is computed per image); sbam -> base, var, delta, per;
+    block -> min_block, min_aspect. `adaptive` is the deprecated name of `amr-capped`.
     """
+    strategy = canonical_strategy(strategy)
     length = grid[0] * grid[1]
     if strategy == "random":
         return random_mask(n, length, ratio, generator=generator, rows=rows, device=device)
@@ -357,12 +474,14 @@ def make_mask(strategy: str, n: int, grid: tuple[int, int], ratio: float | torch
         return block_mask(n, grid, ratio, generator=generator, rows=rows, device=device, **opts)
     if strategy == "grid":
         return grid_mask(n, grid, generator=generator, rows=rows, device=device)
-    if strategy in ("saliency", "adaptive"):
+    if strategy in ("saliency", "amr-capped", "sbam"):
         if saliency is None:
             raise SalmaeError(f"mask strategy {strategy!r} needs saliency; pass --saliency STORE.zarr "
                               "or set mask.source=online")
         saliency = saliency.reshape(n, length).to(device)
         if strategy == "saliency":
             return saliency_mask(saliency, ratio, generator=generator, rows=rows, **opts)
-        return adaptive_mask(saliency, generator=generator, rows=rows, **opts)
+        if strategy == "sbam":
+            return sbam_mask(saliency, generator=generator, rows=rows, **opts)
+        return amr_capped_mask(saliency, generator=generator, rows=rows, **opts)
     raise SalmaeError(f"unknown mask strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
