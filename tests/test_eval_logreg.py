@@ -52,12 +52,24 @@ def test_probe_is_deterministic_and_records_its_choice():
     x, y = _blobs(20, 6, 4, spread=1.5, seed=1)
     xv, yv = _blobs(10, 6, 4, spread=1.5, seed=1)
     grid = [1e-4, 1e-2, 1.0]
-    a = logreg_probe(x, y, xv, 4, l2_grid=grid, holdout=0.25, seed=3)
+    seen: list[int] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:                                                     # solved with one CPU thread, the setting restored
+        a = logreg_probe(x, y, xv, 4, l2_grid=grid, holdout=0.25, seed=3, on_fit=lambda *_: seen.append(
+            torch.get_num_threads()))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     b = logreg_probe(x, y, xv, 4, l2_grid=grid, holdout=0.25, seed=3)
+    assert seen == [1] * 4                                   # 3 strengths, then the final fit
     assert torch.equal(a.fit.weight, b.fit.weight) and torch.equal(a.val_logits, b.val_logits)
     assert a.holdout_top1 == b.holdout_top1 and list(a.holdout_top1) == grid and a.holdout_rows == 20
     best = max(a.holdout_top1.values())
     assert a.fit.l2 == max(l2 for l2, t in a.holdout_top1.items() if t == best)
+    # the path's warm starts save iterations only: from zeros, the same optimum
+    cold = fit_logreg(Standardiser.of(x)(x), y, 4, a.fit.l2)
+    assert torch.allclose(cold.weight, a.fit.weight, atol=1e-5) and torch.allclose(cold.bias, a.fit.bias, atol=1e-5)
     # far-apart classes: every strength is perfect on the held-out rows, and a tie goes to the strongest
     far, fy = _blobs(20, 6, 4, spread=0.01, seed=2)
     assert logreg_probe(far, fy, far, 4, l2_grid=grid, holdout=0.25, seed=0).fit.l2 == 1.0
