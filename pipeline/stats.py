@@ -17,6 +17,7 @@ rejection probability integrated over the chi distribution of the sample SD (Sim
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Hashable, Mapping, NamedTuple, Sequence
 
@@ -219,15 +220,19 @@ def paired_t_power(effect: float, sd: float, n: int, alpha: float = 0.05, interv
 
 def min_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
     """The smallest true mean difference a two-sided paired t-test at `alpha` detects with
-    probability `power`, at per-seed SD `sd` and n seeds (None below 2 seeds or without an SD)."""
+    probability `power`, at per-seed SD `sd` and n seeds (None below 2 seeds or without an SD).
+    Power depends on effect / sd only, so this is sd times the effect found for sd = 1."""
     if sd is None or n < 2:
         return None
-    if sd == 0:
-        return 0.0
-    lo, hi = 0.0, sd
-    while paired_t_power(hi, sd, n, alpha) < power:
+    return sd * _mde_per_sd(n, alpha, power)
+
+
+@functools.lru_cache(maxsize=64)
+def _mde_per_sd(n: int, alpha: float, power: float) -> float:
+    lo, hi = 0.0, 1.0
+    while paired_t_power(hi, 1.0, n, alpha) < power:
         lo, hi = hi, 2.0 * hi
-    while hi - lo > 1e-7 * hi:
+    while hi - lo > 1e-9 * hi:
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if paired_t_power(mid, sd, n, alpha) < power else (lo, mid)
+        lo, hi = (mid, hi) if paired_t_power(mid, 1.0, n, alpha) < power else (lo, mid)
     return 0.5 * (lo + hi)
