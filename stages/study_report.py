@@ -131,7 +131,8 @@ def primary_family(table: dict[str, dict[str, dict[int, float]]], rows: dict[str
             "p_holm": p_holm if tested else None, "holm_level": level if tested else None,
             "holm_ci": holm_half, "mde80": min_detectable_effect(test.sd, test.n, alpha, POWER),
             "of_gain": _of_gain(test.mean, holm_half, gain),
-            "verdict": ("no test (fewer than 2 paired seeds)" if not tested else
+            "verdict": ("not run (not among the study's settings)" if name not in table else
+                        "no test (fewer than 2 paired seeds)" if not tested else
                         f"{'above' if test.mean > 0 else 'below'} {baseline}" if rejected else "cannot tell"),
         })
     return family

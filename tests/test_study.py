@@ -34,7 +34,7 @@ def test_settings_parse_into_masks_and_caps():
     (dict(protocols=["probe"]), "protocols"), (dict(seeds=2, viz_seed=2), "viz_seed"),
     (dict(data="x/{0..1}.tar"), "clip_pretrained"), (dict(val_every=1), "val_every"),
     (dict(primary_protocol="finetune"), "primary_protocol"), (dict(curve_protocols=["linear"]), "curve_protocols"),
-    (dict(primary_comparisons=["random"]), "primary_comparisons"), (dict(primary_comparisons=["block"]), "primary_comparisons"),
+    (dict(primary_comparisons=["random"]), "primary_comparisons"), (dict(primary_comparisons=["sal-0.2"]), "unknown"),
     (dict(curve_epochs=[35]), "curve_epochs"),
 ])
 def test_validate_refuses_in_one_line(change, match):
@@ -145,17 +145,18 @@ def test_primary_family_is_holm_corrected_with_its_mde_and_share_of_the_gain():
              "inverse-0.25": {"logreg": {0: 39.0}},                               # one seed: no test
              "floor": {"logreg": {0: 30.0, 1: 31.0, 2: 29.0, 3: 30.0}}}
     rows = summarise(table)
-    family = primary_family(table, rows, "logreg", ["saliency-0.25", "saliency-0.75", "inverse-0.25"])
-    assert [f["setting"] for f in family] == ["saliency-0.25", "saliency-0.75", "inverse-0.25"]
-    a, b, c = family
+    family = primary_family(table, rows, "logreg", ["saliency-0.25", "saliency-0.75", "inverse-0.25", "block"])
+    assert [f["setting"] for f in family] == ["saliency-0.25", "saliency-0.75", "inverse-0.25", "block"]
+    a, b, c, missing = family
+    assert (missing["n"], missing["verdict"]) == (0, "not run (not among the study's settings)")
     pa, pb = (paired_t_test(table[s]["logreg"], base).p for s in ("saliency-0.25", "saliency-0.75"))
     assert pa < 0.01 and pb > 0.3                                                  # a clear gain, and none
-    assert [a["p_holm"], b["p_holm"]] == pytest.approx(holm([pa, pb, 1.0])[:2])     # the declared family: m = 3
-    assert (a["holm_level"], b["holm_level"]) == pytest.approx((0.05 / 3, 0.05 / 2))  # steps 1 and 2
-    assert holm_levels([pa, pb, 1.0])[:2] == pytest.approx([a["holm_level"], b["holm_level"]])
+    assert [a["p_holm"], b["p_holm"]] == pytest.approx(holm([pa, pb, 1.0, 1.0])[:2])  # the declared family: m = 4
+    assert (a["holm_level"], b["holm_level"]) == pytest.approx((0.05 / 4, 0.05 / 3))  # steps 1 and 2
+    assert holm_levels([pa, pb, 1.0, 1.0])[:2] == pytest.approx([a["holm_level"], b["holm_level"]])
     sd = math.sqrt(0.53 / 3)                                                       # diffs 2, 2.5, 1.5, 2.2: mean 2.05
     assert a["mean"] == pytest.approx(2.05) and a["sd"] == pytest.approx(sd)
-    assert a["holm_ci"] == pytest.approx(t_half_width(sd, 4, 0.05 / 3)) and a["holm_ci"] > a["ci95"]
+    assert a["holm_ci"] == pytest.approx(t_half_width(sd, 4, 0.05 / 4)) and a["holm_ci"] > a["ci95"]
     assert a["mde80"] == pytest.approx(min_detectable_effect(sd, 4))
     gain = 40.875 - 30.0                                                           # what pretraining adds
     assert a["of_gain"]["gain"] == pytest.approx(gain) and a["of_gain"]["mean"] == pytest.approx(2.05 / gain)
@@ -166,7 +167,7 @@ def test_primary_family_is_holm_corrected_with_its_mde_and_share_of_the_gain():
     assert d["of_gain"]["ci95"] == pytest.approx(d["ci95"] / gain)
 
     md = "\n".join(primary_result({"primary": {"protocol": "logreg", "alpha": 0.05, "power": 0.8, "family": family}}))
-    assert "## Primary result: `logreg`, Holm-corrected" in md and "(98.33%)" in md   # 1 - 0.05/3
+    assert "## Primary result: `logreg`, Holm-corrected" in md and "(98.75%)" in md   # 1 - 0.05/4
     assert f"| +19% ± {a['holm_ci'] / gain:.0%} of 10.9 |" in md and "cannot tell" in md
     cfg = study.StudyConfig(primary_comparisons=["saliency-0.25"])
     declared = "\n".join(preregistration(cfg))
