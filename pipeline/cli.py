@@ -310,7 +310,7 @@ def _eval_command(protocol: str):
     @click.option("--batch-size", type=int)
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
     @click.option("--global-pool/--cls-token", "global_pool", default=None,
-                  help="Mean-pool patch tokens (default for finetune) or use the class token (linear/knn default).")
+                  help="Mean-pool patch tokens (default for finetune) or use the class token (linear/knn/logreg default).")
     @_config_options
     def command(config_path, overrides, **named) -> None:
         if "augment" in named:  # --aug/--no-aug sets linear.augment
@@ -333,6 +333,8 @@ def _eval_command(protocol: str):
         "linear": "MAE's linear probe (crop + flip, BatchNorm + Linear, LARS, global batch 16384, 90 epochs); "
                   "--no-aug: cached features (linear-noaug).",
         "knn": "Weighted kNN on L2-normalised frozen features (k=20, T=0.07).",
+        "logreg": "Logistic regression on cached frozen features, solved to convergence (L-BFGS), its L2 chosen "
+                  "on a held-out part of the train split.",
         "finetune": "End-to-end fine-tuning with MAE's recipe for the encoder's size (layer decay, drop path, "
                     "blr, epochs), global batch 1024, mixup/cutmix, RandAugment.",
     }[protocol]
@@ -341,10 +343,10 @@ def _eval_command(protocol: str):
 
 @cli.group("eval")
 def eval_group() -> None:
-    """Stage 3: evaluate a pretrained encoder (linear, knn, finetune)."""
+    """Stage 3: evaluate a pretrained encoder (linear, knn, logreg, finetune)."""
 
 
-for _protocol in ("linear", "knn", "finetune"):
+for _protocol in ("linear", "knn", "logreg", "finetune"):
     eval_group.command(_protocol, cls=_ConfigCommand, config=("salmae.stages.evaluate", "EvalConfig"))(
         _eval_command(_protocol))
 

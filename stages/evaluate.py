@@ -1,6 +1,6 @@
 """Stage 3: measure what a pretrained encoder learned — linear probe, kNN or fine-tune.
 
-`salmae eval {linear,knn,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
+`salmae eval {linear,knn,logreg,finetune} --checkpoint CKPT --data ROOT --out DIR` loads the encoder
 (`pipeline.models.encoder`), reads an ImageFolder root or labelled shards (`pipeline.eval.data`) and runs one
 protocol with MAE's / DINO's defaults:
 - `linear` is MAE's linear probe: RandomResizedCrop + flip, BatchNorm (no affine) + Linear,
@@ -10,6 +10,11 @@ protocol with MAE's / DINO's defaults:
 - `finetune` takes MAE's recipe for the encoder's size (`pipeline.eval.recipes`: layer decay,
   drop path, blr, epochs; config values override it) at a global batch of 1024, head bias 0.
 - `knn` is DINO's weighted kNN (k 20, T 0.07).
+- `logreg` is a multinomial logistic regression on the same cached centre-crop features, solved
+  to convergence (full-batch L-BFGS in float64, deterministic; `pipeline.eval.logreg`), its L2
+  strength chosen from `logreg.l2_grid` on a seeded held-out part of probe-train, then refit on
+  all of it: the cheap probe without optimiser noise. results.json records the chosen L2, each
+  strength's held-out top-1 and how the final fit converged.
 results.json records the protocol name, epochs, the global batch asked for and used, the
 accumulation, the lr (and for fine-tuning the resolved recipe). The same command runs as one process or under torchrun:
 features are extracted split over ranks and all-gathered; kNN scores each rank's share of the
@@ -49,6 +54,7 @@ from salmae.pipeline.eval.features import Features, cached_features, extract_fea
 from salmae.pipeline.eval.finetune import evaluate_classifier, finetune_one_epoch, gather_ints, init_finetune_head
 from salmae.pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from salmae.pipeline.eval.knn import knn_hits
+from salmae.pipeline.eval.logreg import logreg_probe
 from salmae.pipeline.eval.linear import (CachedBatches, EncoderBatches, LinearProbeHead, lars_for_head,
                                   train_linear_head)
 from salmae.pipeline.eval.metrics import topk_correct
@@ -60,9 +66,10 @@ from salmae.pipeline.models.encoder import EncoderSpec, load_encoder
 from salmae.pipeline.models.hub import is_hub_name
 from salmae.pipeline.models.weights import weights_path
 
-DEFAULT_EPOCHS = {"linear": 90, "knn": 0}  # finetune: the recipe's (pipeline.eval.recipes)
-DEFAULT_BATCH = {"linear": 512, "knn": 256, "finetune": 64}  # linear: MAE's per-GPU 512 (the head's BatchNorm batch)
-DEFAULT_GLOBAL_BATCH = {"linear": 16384, "knn": 0, "finetune": FINETUNE_GLOBAL_BATCH}  # MAE's effective batches
+DEFAULT_EPOCHS = {"linear": 90, "knn": 0, "logreg": 0}  # finetune: the recipe's (pipeline.eval.recipes)
+DEFAULT_BATCH = {"linear": 512, "knn": 256, "logreg": 256, "finetune": 64}  # linear: MAE's per-GPU 512 (the head's
+                                                                            # BatchNorm batch); knn/logreg: extraction
+DEFAULT_GLOBAL_BATCH = {"linear": 16384, "knn": 0, "logreg": 0, "finetune": FINETUNE_GLOBAL_BATCH}  # MAE's effective batches
 
 
 @dataclass
@@ -78,6 +85,15 @@ class LinearConfig:
 class KnnConfig:
     k: int = 20                  # neighbours that vote
     temperature: float = 0.07    # vote weight exp(cos / T)
+
+
+@dataclass
+class LogregConfig:
+    l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # L2 strengths
+                                 # tried (on standardised features, mean cross-entropy + l2/2 ||W||^2)
+    holdout: float = 0.2         # share of probe-train held out (per class, seeded by `seed`) to choose the L2
+    max_iter: int = 1000         # L-BFGS iterations per fit (a fit that stops here is logged as not converged)
+    tolerance: float = 1e-6      # converged when the gradient's largest component is this small
 
 
 @dataclass
@@ -98,7 +114,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    protocol: Literal["linear", "knn", "finetune"] = "linear"  # which evaluation to run
+    protocol: Literal["linear", "knn", "logreg", "finetune"] = "linear"  # which evaluation to run
     checkpoint: str = ""          # stage-2 checkpoint, official MAE checkpoint or timm ViT weights
                                   # (a FILE, a timm hub FOLDER or hf-hub:ORG/NAME)
     data: str = ""                # ImageFolder root with train/ and val/ class folders, or labelled train shards
@@ -129,6 +145,7 @@ class EvalConfig:
     num_heads: int | None = None  # attention heads for inferred architectures (None: by width, 192->3 … 1280->16)
     linear: LinearConfig = field(default_factory=LinearConfig)    # linear-probe settings
     knn: KnnConfig = field(default_factory=KnnConfig)             # kNN settings
+    logreg: LogregConfig = field(default_factory=LogregConfig)    # logistic-regression probe settings
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tune settings
 
 
@@ -141,7 +158,7 @@ class _Context:
     device: torch.device
     epochs: int
     batch_size: int
-    protocol: str                 # as recorded: knn, linear, linear-noaug or finetune
+    protocol: str                 # as recorded: knn, logreg, linear, linear-noaug or finetune
     image_size: int
     checkpoint_sha256: str
     metrics: MetricsWriter
@@ -193,7 +210,7 @@ def _evaluate(cfg: EvalConfig, out: Path, device: torch.device, precision: str, 
                    batch_size=cfg.batch_size or DEFAULT_BATCH[cfg.protocol], protocol=protocol_name(cfg), image_size=0,
                    checkpoint_sha256=ckpt_sha, precision=precision,
                    metrics=MetricsWriter(out / "metrics.jsonl", purge_step=int(resumed["epoch"]) + 1 if resumed else 0))
-    protocol = {"linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[cfg.protocol]
+    protocol = {"linear": _run_linear, "knn": _run_knn, "logreg": _run_logreg, "finetune": _run_finetune}[cfg.protocol]
     outcome = protocol(ctx)
     results = _results(ctx, outcome, seconds=time.time() - start)
     if dist.is_main():
@@ -220,7 +237,12 @@ def validate(cfg: EvalConfig) -> None:
             "label_from", cfg.label_from, "auto, cls or json:FIELD (e.g. json:label)")
     require(cfg.knn.k >= 1, "knn.k", cfg.knn.k, "at least 1")
     require(cfg.knn.temperature > 0, "knn.temperature", cfg.knn.temperature, "above 0")
-    lc, fc = cfg.linear, cfg.finetune
+    lc, fc, rc = cfg.linear, cfg.finetune, cfg.logreg
+    require(len(rc.l2_grid) >= 1 and all(v > 0 for v in rc.l2_grid), "logreg.l2_grid", rc.l2_grid,
+            "at least one L2 strength, each above 0 (e.g. [1e-4, 1e-3, 1e-2])")
+    require(0 < rc.holdout < 1, "logreg.holdout", rc.holdout, "in (0, 1)")
+    require(rc.max_iter >= 1, "logreg.max_iter", rc.max_iter, "at least 1")
+    require(rc.tolerance > 0, "logreg.tolerance", rc.tolerance, "above 0")
     require(lc.blr > 0, "linear.blr", lc.blr, "above 0")
     require(lc.warmup_epochs >= 0, "linear.warmup_epochs", lc.warmup_epochs, ">= 0")
     require(lc.weight_decay >= 0, "linear.weight_decay", lc.weight_decay, ">= 0")
@@ -343,6 +365,39 @@ def _run_knn(ctx: _Context) -> dict[str, Any]:
     n = max(va.labels.numel(), 1)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": 0, "spec": spec,
             "train_unreadable": _bad(train), "val_unreadable": _bad(val)}
+
+
+def _run_logreg(ctx: _Context) -> dict[str, Any]:
+    cfg, rc = ctx.cfg, ctx.cfg.logreg
+    encoder, spec = _load(ctx, global_pool=bool(cfg.global_pool))
+    tf = eval_transform(ctx.image_size, cfg.mean, cfg.std, cfg.crop_pct)
+    data = _open_data(ctx, tf, tf)
+    train, val = _frozen_features(ctx, encoder, "train"), _frozen_features(ctx, encoder, "val")
+    tr, va = train.readable(), val.readable()
+
+    def on_fit(stage: str, fit, holdout_top1: float | None) -> None:
+        ctx.metrics.write(protocol=ctx.protocol, stage=stage, l2=fit.l2, holdout_top1=holdout_top1,
+                          iterations=fit.iterations, loss=fit.loss, grad_norm=fit.grad_norm, converged=fit.converged)
+
+    # every rank solves the same deterministic problem on the same gathered features: no collective needed
+    result = logreg_probe(tr.feats, tr.labels, va.feats, len(data.classes), l2_grid=rc.l2_grid, holdout=rc.holdout,
+                          seed=cfg.seed, device=ctx.device, max_iter=rc.max_iter, tolerance=rc.tolerance,
+                          on_fit=on_fit)
+    fit = result.fit
+    log = get_logger()
+    log.info("logreg: l2 %g chosen (held-out top-1 %s over %d rows); final fit %d iterations, gradient norm %.2e",
+             fit.l2, ", ".join(f"{k:g}: {v:.2f}" for k, v in result.holdout_top1.items()), result.holdout_rows,
+             fit.iterations, fit.grad_norm)
+    if not fit.converged:
+        log.warning("logreg: the final fit stopped after %d iterations with gradient norm %.2e (tolerance %g); "
+                    "raise logreg.max_iter", fit.iterations, fit.grad_norm, rc.tolerance)
+    top1, top5 = topk_correct(result.val_logits.cpu(), va.labels)
+    n = max(va.labels.numel(), 1)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": 0, "spec": spec,
+            "train_unreadable": _bad(train), "val_unreadable": _bad(val),
+            "logreg": {"l2": fit.l2, "holdout_top1": {f"{k:g}": round(v, 4) for k, v in result.holdout_top1.items()},
+                       "holdout_rows": result.holdout_rows, "iterations": fit.iterations, "loss": fit.loss,
+                       "grad_norm": fit.grad_norm, "converged": fit.converged}}
 
 
 def _run_linear(ctx: _Context) -> dict[str, Any]:
@@ -509,7 +564,8 @@ def _results(ctx: _Context, outcome: dict[str, Any], seconds: float) -> dict[str
     late = [data.train.name(i) for i in outcome["train_unreadable"]] + \
            [data.val.name(i) for i in outcome["val_unreadable"]]
     skipped = data.skipped + late
-    extra = {k: outcome[k] for k in ("cached_features", "lr", "blr", "resumed_from_epoch", "recipe") if k in outcome}
+    extra = {k: outcome[k] for k in ("cached_features", "lr", "blr", "resumed_from_epoch", "recipe", "logreg")
+             if k in outcome}
     if "accumulation" in outcome:  # batch_size, accum_iter, global_batch (used), requested_global_batch, steps
         extra.update(batch_size=ctx.batch_size, **outcome["accumulation"].as_dict())
     return {

@@ -42,8 +42,9 @@ from salmae.pipeline.logging import read_metrics
 from salmae.pipeline.stats import mean_ci, paired_diff
 from salmae.pipeline.figures.plots import SeedPoints, plot_accuracy_points, plot_loss_curves
 
-PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")  # table order; other protocols follow, sorted
-PROTOCOL_TITLES = {"knn": "kNN top-1", "linear": "linear probe top-1",
+PROTOCOLS = ("knn", "logreg", "linear", "linear-noaug", "finetune")  # table order; other protocols follow, sorted
+PROTOCOL_TITLES = {"knn": "kNN top-1", "logreg": "logistic regression (L-BFGS to convergence, cached features) top-1",
+                   "linear": "linear probe top-1",
                    "linear-noaug": "linear probe without augmentation (cached features) top-1",
                    "finetune": "fine-tune top-1"}
 # Masking parameters that matter for each strategy (shown in the Parameters column).

@@ -12,8 +12,15 @@ skipped when its marker `OUT/.done/STEP.json` exists (a killed study continues w
 3. `saliency`, `inspect` stage 1 into a Zarr store; pointing game on the labelled boxes -> OUT/saliency/
 4. `floor-*`            probes of an untrained encoder (seed s's initialisation)   -> OUT/floor/sS/
 5. `pretrain-*`, `eval-*` each setting and seed                                    -> OUT/runs/SETTING-sS/
-6. `study.md`, `study.json`, `accuracy_vs_cap.png`: per-seed values, mean with 95% interval,
-   paired difference to `random` with its 95% interval, the sensitivity checks, reconstructions.
+6. `curve-*`            the `curve_protocols` on every checkpoint-EEEE.pth a run saved before its last
+                        epoch (stage 2's `save_every`), features cached per checkpoint
+                                                          -> OUT/runs/SETTING-sS/curve/epoch-NNNN/
+7. `study.md`, `study.json`, `accuracy_vs_cap.png`, `delta_vs_epoch.png`: the pre-registered analysis
+   (primary protocol and comparisons, declared by the preset), per-seed values, mean with 95%
+   interval, paired difference to `random` with its 95% interval and as a fraction of what
+   pretraining adds (random - floor), the primary family Holm-corrected with its minimum
+   detectable effect, Δ to random against the pretraining epoch, the sensitivity checks,
+   reconstructions.
 
 Presets (`PRESETS`) fix the budget: `smoke` exercises every code path in minutes, `cpu` answers
 the question on a 2-core CPU in under two hours (few settings, many seeds), `cpu-full` runs the
@@ -37,7 +44,7 @@ from salmae.stages.pretrain import ArchConfig
 from salmae.stages.study_settings import parse_setting
 
 BASELINE = "random"
-PROTOCOLS = ("knn", "linear", "linear-noaug", "finetune")
+PROTOCOLS = ("knn", "logreg", "linear", "linear-noaug", "finetune")
 SWEEP = ["random", "saliency-0.1", "saliency-0.25", "saliency-0.5", "saliency-0.75", "inverse-0.25",
          "block", "amr-capped"]
 
@@ -91,8 +98,20 @@ class StudyConfig:
                                        # per epoch to load instead of 3.5); false for a large --data
     pretrain_set: list[str] = field(default_factory=list)  # extra `--set` items for every pretraining run
     # stage 3 (the same for every setting, the floor included)
-    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug"])  # evals of every run:
-                                       # knn | linear | linear-noaug | finetune
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear-noaug", "logreg"])  # evals of every run:
+                                       # knn | logreg | linear | linear-noaug | finetune
+    # the pre-registered analysis, declared here (in the preset) before any number is seen
+    primary_protocol: str = "logreg"   # the protocol the answer is read from (one of `protocols`); the others
+                                       # are reported as secondary. logreg: no optimiser noise in the probe
+    primary_comparisons: list[str] = field(default_factory=lambda: ["saliency-0.25", "saliency-0.75"])
+                                       # settings compared with `random` on the primary protocol: one family,
+                                       # paired t-tests Holm-corrected at family-wise alpha 0.05 (one that is
+                                       # not among `settings` stays in the family as "not run", p = 1)
+    curve_protocols: list[str] = field(default_factory=lambda: ["logreg"])  # also run on every checkpoint a
+                                       # run saves before its last epoch (save_every): Δ to random against the
+                                       # pretraining epoch; [] = no curve
+    curve_epochs: list[int] = field(default_factory=list)  # the epochs whose checkpoints the curve probes
+                                       # (each a multiple of stage 2's save_every, below `epochs`); [] = all saved
     linear_epochs: int | None = 30     # linear-probe epochs (None: MAE's 90)
     linear_blr: float | None = 50.0    # LARS base lr (None: MAE's 0.1, which assumes batch 16384)
     linear_global_batch: int | None = 256  # linear probe images per step (None: MAE's 16384)
@@ -111,17 +130,22 @@ class StudyConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # smoke: eval_images 320 and clip_steps 10 (were 640 and 20) pay for the logreg probes and the curve
     "smoke": dict(seeds=1, settings=["random", "saliency-0.25", "inverse-0.25", "adaptive"],
-                  n_images=512, eval_images=640, shard_size=256, clip_images=1024, clip_steps=20,
-                  epochs=2, batch_size=64, linear_epochs=4, eval_batch=128, compile=False),
+                  n_images=512, eval_images=320, shard_size=256, clip_images=1024, clip_steps=10,
+                  epochs=2, batch_size=64, linear_epochs=4, eval_batch=128, compile=False,
+                  pretrain_set=["save_every=1"],           # a checkpoint after epoch 1: one point of the curve
+                  eval_set=["crop_pct=1.0", "logreg.l2_grid=[0.01,0.1,1]"],  # 128 rows: weak L2s fit for long
+                  primary_comparisons=["saliency-0.25"]),
     "cpu": {},
     "cpu-full": dict(settings=list(SWEEP)),
 }
 
 
-# what a rerun into the same --out may change: these add or drop steps, or do not change the numbers
+# what a rerun into the same --out may change: these add or drop steps, or do not change the numbers (the
+# primary protocol and comparisons change only how study.md reads them; study.md states the ones it used)
 RESUME_MAY_CHANGE = ("out", "preset", "seeds", "settings", "protocols", "floor", "viz_seed", "workers", "device",
-                     "cache_images")
+                     "cache_images", "primary_protocol", "primary_comparisons", "curve_protocols", "curve_epochs")
 
 
 def preset_values(name: str) -> dict[str, Any]:
@@ -141,6 +165,17 @@ def validate(cfg: StudyConfig) -> None:
     for p in cfg.protocols:
         require(p in PROTOCOLS, "protocols", cfg.protocols, f"must be among {', '.join(PROTOCOLS)}")
     require(len(cfg.protocols) >= 1, "protocols", cfg.protocols, "must name at least one protocol")
+    require(cfg.primary_protocol in cfg.protocols, "primary_protocol", cfg.primary_protocol,
+            f"one of the study's protocols ({', '.join(cfg.protocols)})")
+    for name in cfg.primary_comparisons:   # one left out of `settings` stays in the family, reported as not run
+        parse_setting(name)
+    require(BASELINE not in cfg.primary_comparisons
+            and len(set(cfg.primary_comparisons)) == len(cfg.primary_comparisons), "primary_comparisons",
+            cfg.primary_comparisons, f"settings other than {BASELINE} (each compared with it), each once")
+    require(all(p in cfg.protocols for p in cfg.curve_protocols), "curve_protocols", cfg.curve_protocols,
+            f"among the study's protocols ({', '.join(cfg.protocols)}): the last epoch's point is their eval")
+    require(all(1 <= e < cfg.epochs for e in cfg.curve_epochs), "curve_epochs", cfg.curve_epochs,
+            f"epochs in 1..{cfg.epochs - 1} (the last epoch is the runs' own eval)")
     require(0 <= cfg.viz_seed < cfg.seeds, "viz_seed", cfg.viz_seed, "must be one of the study's seeds")
     require(cfg.val_every >= 2, "val_every", cfg.val_every, "must be >= 2 (one labelled image in val_every to val)")
     if not cfg.data:
@@ -206,6 +241,11 @@ def _run_study(cfg: StudyConfig) -> dict[str, Any]:
             step(f"pretrain-{setting}-s{seed}", lambda: _pretrain(cfg, paths, setting, seed, run_dir))
             for protocol in cfg.protocols:
                 step(f"eval-{protocol}-{setting}-s{seed}", lambda: _evaluate(cfg, protocol, run_dir, paths, seed))
+            for done, ckpt in curve_checkpoints(cfg, run_dir) if cfg.curve_protocols else []:
+                point = run_dir / "curve" / f"epoch-{done:04d}"
+                for protocol in cfg.curve_protocols:
+                    step(f"curve-{protocol}-{setting}-s{seed}-e{done}",
+                         lambda: _evaluate(cfg, protocol, point, paths, seed, checkpoint=ckpt))
 
     summary = None
     if dist.is_main():
@@ -215,6 +255,29 @@ def _run_study(cfg: StudyConfig) -> dict[str, Any]:
         log.info("study finished: %s", summary["study_md"])
         print(f"study: {summary['study_md']}")
     return summary or {}
+
+
+def saved_checkpoints(run_dir: Path, before: int) -> list[tuple[int, Path]]:
+    """(epochs done, path) of each checkpoint-EEEE.pth in `run_dir` saved before epoch `before` (the
+    run's last epoch is checkpoint-latest.pth, which the run's evals probe). EEEE counts from 0."""
+    import re
+
+    found = ((int(m.group(1)) + 1, p) for p in run_dir.glob("checkpoint-*.pth")
+             if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name)))
+    return sorted((done, p) for done, p in found if done < before)
+
+
+def curve_checkpoints(cfg: StudyConfig, run_dir: Path) -> list[tuple[int, Path]]:
+    """The (epochs done, checkpoint) pairs the curve probes in one run: `curve_epochs`, or every one saved."""
+    saved = saved_checkpoints(run_dir, cfg.epochs)
+    if not cfg.curve_epochs:
+        return saved
+    found = dict(saved)
+    missing = [e for e in cfg.curve_epochs if e not in found]
+    if missing:
+        raise SalmaeError(f"study: {run_dir} has no checkpoint-{missing[0] - 1:04d}.pth for curve_epochs {missing}; "
+                          "choose multiples of stage 2's save_every (pretrain_set: [save_every=N]) or curve_epochs: []")
+    return [(e, found[e]) for e in sorted(cfg.curve_epochs)]
 
 
 def _pattern(folder: Path, n: int, shard_size: int) -> str:
@@ -292,9 +355,11 @@ def _untrained_checkpoint(cfg: StudyConfig, paths: dict[str, Any], seed: int, fo
     return {"checkpoint": str(folder / "checkpoint-latest.pth")}
 
 
-def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int):
+def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int,
+                checkpoint: Path | None = None):
     """The stage-3 config of one probe: the same for every setting and the floor. The frozen-feature
-    probes of one checkpoint share RUN/features/ (kNN extracts, the linear probe reuses)."""
+    probes of one checkpoint share RUN/features/ (kNN extracts, the other probes reuse). `checkpoint`
+    (default RUN/checkpoint-latest.pth) probes another checkpoint into RUN (a point of the curve)."""
     from salmae.pipeline.config import resolve_config
     from salmae.stages import evaluate
 
@@ -307,15 +372,16 @@ def eval_config(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str,
         if cfg.linear_global_batch is not None:
             items.append(f"global_batch={cfg.linear_global_batch}")
     return resolve_config(evaluate.EvalConfig, None, items, protocol=name,
-                          checkpoint=str(run_dir / "checkpoint-latest.pth"), data=str(paths["eval"]),
+                          checkpoint=str(checkpoint or run_dir / "checkpoint-latest.pth"), data=str(paths["eval"]),
                           out=str(run_dir / f"eval-{protocol}"), device=cfg.device,
                           features=str(run_dir / "features") if name != "finetune" else "",
                           epochs=cfg.linear_epochs if name == "linear" else None, batch_size=cfg.eval_batch,
                           workers=cfg.workers, seed=seed)
 
 
-def _evaluate(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int) -> dict:
+def _evaluate(cfg: StudyConfig, protocol: str, run_dir: Path, paths: dict[str, Any], seed: int,
+              checkpoint: Path | None = None) -> dict:
     from salmae.stages import evaluate
 
-    result = evaluate.run(eval_config(cfg, protocol, run_dir, paths, seed))
+    result = evaluate.run(eval_config(cfg, protocol, run_dir, paths, seed, checkpoint))
     return {k: result.get(k) for k in ("protocol", "top1", "top5")} if isinstance(result, dict) else result

@@ -1,10 +1,19 @@
 """study.md / study.json of `salmae study`: the hypothesis, then the numbers as they came out.
 
+First what was declared before the numbers: the hypothesis and the pre-registered analysis (the
+preset's primary protocol and primary comparisons). Then the primary result: the paired
+differences of the primary comparisons on the primary protocol, one family, their two-sided
+paired t-tests Holm-corrected (with intervals at the level of the Holm step that decided each),
+each as a fraction of what pretraining adds on this task (random - floor), and the minimum
+detectable effect at 80% power from the measured paired SD.
+
 Per protocol and setting: each seed's top-1, the mean with its 95% t-interval, and the paired
-difference to `random` over the seeds both hold (with its own interval); the untrained encoder
-(the floor) and chance beside them; the sensitivity checks the preset was chosen to pass
-(reported as PASS or MISS, with the measured values, never adjusted); stage 1's pointing game;
-a plot of accuracy against the cap; one seed's reconstructions and the stage-1 overlays.
+difference to `random` over the seeds both hold (with its own interval, and as a fraction of
+random - floor); the untrained encoder (the floor) and chance beside them; the sensitivity checks
+the preset was chosen to pass (reported as PASS or MISS, with the measured values, never
+adjusted); the paired difference to `random` against the pretraining epoch (every checkpoint the
+runs saved, a table and `delta_vs_epoch.png`); stage 1's pointing game; a plot of accuracy
+against the cap; one seed's reconstructions and the stage-1 overlays.
 """
 
 from __future__ import annotations
@@ -15,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from salmae.pipeline.files import atomic_write_json, atomic_write_text
-from salmae.pipeline.stats import mean_ci, paired_diff
+from salmae.pipeline.stats import (holm, holm_levels, mean_ci, min_detectable_effect, paired_diff, paired_t_test,
+                                   t_half_width)
 
 # The targets a CPU study must reach to answer its question (issue 14); reported, never tuned to pass.
 CHANCE_FACTOR = 3.0     # the baseline's linear probe >= 3x chance
 FLOOR_MARGIN = 10.0     # ... and >= 10 points above the untrained encoder
 MAX_HALF_WIDTH = 2.0    # the 95% interval of each paired difference to the baseline within +-2 points
+ALPHA = 0.05            # the primary family's family-wise level (Holm), and the level of the MDE's test
+POWER = 0.8             # the power at which the minimum detectable effect is stated
+LINEAR_PROBES = ("linear", "linear-noaug", "logreg")   # the probes the sensitivity checks are stated for
 
 HYPOTHESIS = """\
 The finding this project exists to test (one run, no seeds; ViT-B MAE, 100 epochs, ImageNet-1k):
@@ -56,7 +69,8 @@ def load_results(out: Path, settings: list[str], protocols: list[str], seeds: in
 
 
 def summarise(table: dict[str, dict[str, dict[int, float]]], baseline: str = "random") -> dict[str, Any]:
-    """Mean, 95% interval and paired difference to `baseline` of every row and protocol."""
+    """Mean, 95% interval and paired difference to `baseline` of every row and protocol; each difference
+    with its paired SD, its minimum detectable effect (80% power) and as a fraction of random - floor."""
     rows: dict[str, Any] = {}
     for row, by_protocol in table.items():
         rows[row] = {}
@@ -66,16 +80,103 @@ def summarise(table: dict[str, dict[str, dict[int, float]]], baseline: str = "ra
                 entry["mean"], entry["ci95"] = mean_ci(list(values.values()))
             if row != baseline and baseline in table:
                 n, diff, half = paired_diff(values, table[baseline][protocol])
-                entry["diff_to_baseline"] = {"n": n, "mean": diff, "ci95": half}
+                sd = paired_t_test(values, table[baseline][protocol]).sd
+                entry["diff_to_baseline"] = {"n": n, "mean": diff, "ci95": half, "sd": sd,
+                                             "mde80": min_detectable_effect(sd, n, ALPHA, POWER)}
             rows[row][protocol] = entry
+    for protocol in {p for by_protocol in table.values() for p in by_protocol}:
+        gain = pretraining_gain(rows, protocol, baseline)
+        for row in rows.values():
+            diff = row.get(protocol, {}).get("diff_to_baseline")
+            if diff is not None:
+                diff["of_gain"] = _of_gain(diff["mean"], diff["ci95"], gain)
     return rows
 
 
+def pretraining_gain(rows: dict[str, Any], protocol: str, baseline: str = "random") -> float | None:
+    """What pretraining adds on this task: mean(baseline) - mean(floor), None without both (or if <= 0)."""
+    base = rows.get(baseline, {}).get(protocol, {}).get("mean")
+    floor = rows.get("floor", {}).get(protocol, {}).get("mean")
+    if base is None or floor is None or base <= floor:
+        return None
+    return base - floor
+
+
+def _of_gain(mean: float | None, half: float | None, gain: float | None) -> dict[str, Any] | None:
+    """A difference (and its half width) as a fraction of `gain`, the gain taken as known."""
+    if mean is None or gain is None:
+        return None
+    return {"gain": gain, "mean": mean / gain, "ci95": None if half is None else half / gain}
+
+
+def primary_family(table: dict[str, dict[str, dict[int, float]]], rows: dict[str, Any], protocol: str,
+                   comparisons: list[str], baseline: str = "random", alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """The pre-registered family: each comparison's paired t-test against `baseline` on `protocol`,
+    Holm-adjusted p, the interval at the level of the Holm step that decided it, the MDE and Δ as a
+    fraction of random - floor. A comparison with fewer than 2 paired seeds has no test and enters
+    Holm's family with p = 1 (the family's size is what was declared)."""
+    tests = [paired_t_test(table.get(c, {}).get(protocol, {}), table.get(baseline, {}).get(protocol, {}))
+             for c in comparisons]
+    raw = [t.p if t.p is not None else 1.0 for t in tests]
+    adjusted, levels = holm(raw), holm_levels(raw, alpha)
+    gain = pretraining_gain(rows, protocol, baseline)
+    family = []
+    for name, test, p_holm, level in zip(comparisons, tests, adjusted, levels):
+        tested = test.p is not None
+        half = t_half_width(test.sd, test.n, 0.05) if tested else None
+        holm_half = t_half_width(test.sd, test.n, level) if tested else None
+        rejected = tested and p_holm <= alpha
+        family.append({
+            "setting": name, "n": test.n, "mean": test.mean, "sd": test.sd, "ci95": half, "p": test.p,
+            "p_holm": p_holm if tested else None, "holm_level": level if tested else None,
+            "holm_ci": holm_half, "mde80": min_detectable_effect(test.sd, test.n, alpha, POWER),
+            "of_gain": _of_gain(test.mean, holm_half, gain),
+            "verdict": ("not run (not among the study's settings)" if name not in table else
+                        "no test (fewer than 2 paired seeds)" if not tested else
+                        f"{'above' if test.mean > 0 else 'below'} {baseline}" if rejected else "cannot tell"),
+        })
+    return family
+
+
+def load_curve(out: Path, settings: list[str], protocols: list[str],
+               seeds: int) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """{protocol: {setting: {epochs done: {seed: top1}}}} from every probe of every saved checkpoint
+    (RUN/curve/epoch-N/eval-P, and the run's own evals for its last epoch); the floor is epoch 0. The
+    epoch is the one results.json records for the checkpoint it probed."""
+    curve: dict[str, dict[str, dict[int, dict[int, float]]]] = {p: {} for p in protocols}
+    rows = [(s, out / "runs" / f"{s}-s{seed}", seed) for s in settings for seed in range(seeds)]
+    rows += [("floor", out / "floor" / f"s{seed}", seed) for seed in range(seeds)]
+    for setting, run_dir, seed in rows:
+        for protocol in protocols:
+            for path in [run_dir / f"eval-{protocol}" / "results.json",
+                         *sorted(run_dir.glob(f"curve/epoch-*/eval-{protocol}/results.json"))]:
+                if not path.is_file():
+                    continue
+                res = json.loads(path.read_text())
+                epoch = res.get("pretrain_epoch")
+                done = 0 if setting == "floor" or epoch is None or epoch < 0 else int(epoch) + 1
+                curve[protocol].setdefault(setting, {}).setdefault(done, {})[seed] = float(res["top1"])
+    return curve
+
+
+def summarise_curve(curve: dict[str, dict[str, dict[int, dict[int, float]]]],
+                    baseline: str = "random") -> dict[str, dict[int, dict[str, Any]]]:
+    """{protocol: {epoch: summarise()'s rows at that epoch}}: the baseline's mean and each setting's
+    paired difference to it at the same epoch (the floor only at epoch 0)."""
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for protocol, by_setting in curve.items():
+        epochs = sorted({e for points in by_setting.values() for e in points})
+        found[protocol] = {e: {row: entry[protocol] for row, entry in summarise(
+            {s: {protocol: points[e]} for s, points in by_setting.items() if e in points}, baseline).items()}
+            for e in epochs}
+    return found
+
+
 def checks(rows: dict[str, Any], protocols: list[str], classes: int, baseline: str = "random") -> list[dict[str, Any]]:
-    """The sensitivity targets, each {name, protocol, value, target, verdict} (linear probes only)."""
+    """The sensitivity targets, each {name, protocol, value, target, verdict} (linear probes and logreg only)."""
     chance = 100.0 / classes if classes else None
     found = []
-    for protocol in [p for p in protocols if p.startswith("linear")]:
+    for protocol in [p for p in protocols if p in LINEAR_PROBES]:
         base = rows.get(baseline, {}).get(protocol, {})
         mean = base.get("mean")
         if mean is not None and chance:
@@ -102,7 +203,7 @@ def _check(name: str, protocol: str, value: float | None, target: str, ok: bool)
 def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> dict[str, Any]:
     """Write OUT/study.json, OUT/study.md and OUT/accuracy_vs_cap.png; return their paths."""
     from salmae.pipeline.config import config_to_dict
-    from salmae.pipeline.figures.plots import plot_accuracy_vs_cap
+    from salmae.pipeline.figures.plots import CurvePoint, plot_accuracy_vs_cap, plot_delta_vs_epoch
     from salmae.pipeline import dist
     from salmae.pipeline.device import pick_device
     from salmae.stages.bench.report import machine_info
@@ -120,18 +221,29 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
                                {p: {s: table[s][p] for s in list(table) if s == "floor" or not on_cap_curve(s)}
                                 for p in cfg.protocols},
                                out / "accuracy_vs_cap.png", chance=100.0 / classes if classes else None)
+    family = primary_family(table, rows, cfg.primary_protocol, list(cfg.primary_comparisons))
+    curve = summarise_curve(load_curve(out, cfg.settings, list(cfg.curve_protocols), cfg.seeds))
+    curve_png = plot_delta_vs_epoch(
+        {p: {s: [CurvePoint(e, d["mean"], d["ci95"]) for e, at in sorted(by_epoch.items())
+                 if (d := at.get(s, {}).get("diff_to_baseline")) and d["n"]]
+             for s in cfg.settings if s != "random"} for p, by_epoch in curve.items()},
+        out / "delta_vs_epoch.png") if cfg.curve_protocols else None
     study = {
         "date": time.strftime("%Y-%m-%d"), "preset": cfg.preset,
         "machine": {**machine_info(pick_device(cfg.device)), "processes": dist.world_size()},
         "wall_seconds_this_invocation": wall_seconds, "compute_seconds_all_steps": compute,
         "classes": classes, "chance": 100.0 / classes if classes else None, "seeds": cfg.seeds,
         "settings": cfg.settings, "protocols": cfg.protocols, "rows": rows, "checks": found,
+        "primary": {"protocol": cfg.primary_protocol, "comparisons": list(cfg.primary_comparisons), "alpha": ALPHA,
+                    "power": POWER, "family": family},
+        "curve": {p: {str(e): at for e, at in by_epoch.items()} for p, by_epoch in curve.items()},
         "stage1": (inspect or {}).get("localisation"), "config": config_to_dict(cfg),
     }
     atomic_write_json(out / "study.json", study)
-    md = render_markdown(cfg, study, out, png, inspect)
+    md = render_markdown(cfg, study, out, png, inspect, curve_png)
     atomic_write_text(out / "study.md", md)
-    return {"study_md": str(out / "study.md"), "study_json": str(out / "study.json"), "plot": str(png)}
+    return {"study_md": str(out / "study.md"), "study_json": str(out / "study.json"), "plot": str(png),
+            "curve_plot": str(curve_png) if curve_png else None}
 
 
 def _classes(out: Path, cfg) -> int:
@@ -162,15 +274,17 @@ def _interval(mean: float | None, half: float | None, sign: bool = False) -> str
     return f"{_fmt(mean, 1, sign)} ± {_fmt(half)}" if half is not None else f"{_fmt(mean, 1, sign)} (1 seed)"
 
 
-def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: dict | None) -> str:
+def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: dict | None,
+                    curve_png: Path | None = None) -> str:
     m = study["machine"]
     where = m.get("GPU") or f"{m['cores']}-core CPU ({m['CPU']})"
     lines = [f"# salmae study — preset `{cfg.preset}`", "",
              f"{study['date']} · {where}, {m['OS']}, torch {m['torch']}, {m['processes']} process(es) · "
              f"compute {study['compute_seconds_all_steps'] / 60:.1f} min over all steps "
              f"(this invocation {study['wall_seconds_this_invocation'] / 60:.1f} min)", "",
-             "## Hypothesis (written before the numbers)", "", HYPOTHESIS,
-             "## Set-up", ""]
+             "## Hypothesis (written before the numbers)", "", HYPOTHESIS]
+    lines += preregistration(cfg)
+    lines += ["## Set-up", ""]
     data = cfg.data or (f"{cfg.n_images} generated `main-object` shapes at {cfg.image_size} px (seed 0); probes on a "
                         f"separate labelled set of {cfg.eval_images} (seed 2, 1 in {cfg.val_every} to val)")
     arch = {k: v for k, v in cfg.arch.__dict__.items() if v is not None}
@@ -182,7 +296,9 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
               f"- Stage 3: {', '.join(f'`{p}`' for p in cfg.protocols)}"
               f"{f' (linear: {cfg.linear_epochs} epochs, LARS blr {cfg.linear_blr}, global batch {cfg.linear_global_batch})' if any(p.startswith('linear') for p in cfg.protocols) else ''}"
               f"{'; ' + ', '.join(cfg.eval_set) if cfg.eval_set else ''}. `linear-noaug` = the linear probe on "
-              "cached features without crop/flip (a CPU-budget protocol, not MAE's).",
+              "cached features without crop/flip (a CPU-budget protocol, not MAE's); `logreg` = a multinomial "
+              "logistic regression on the same features solved to convergence (L-BFGS), its L2 chosen on a held-out "
+              "fifth of probe-train (no optimiser noise).",
               f"- Seeds 0..{cfg.seeds - 1}: seed s gives every setting the same initialisation, data order and probe.",
               ""]
     loc = study.get("stage1") or {}
@@ -194,17 +310,21 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
     else:
         lines.append("No labelled boxes in this data: no pointing game.")
     lines.append("")
+    lines += primary_result(study)
     for protocol in cfg.protocols:
-        lines += [f"## `{protocol}` top-1 (%)", "",
-                  "| setting | " + " | ".join(f"s{s}" for s in range(cfg.seeds)) + " | mean ± 95% | Δ to random ± 95% (paired, n) |",
-                  "|---|" + "---:|" * cfg.seeds + "---:|---:|"]
+        role = "primary" if protocol == cfg.primary_protocol else "secondary"
+        lines += [f"## `{protocol}` top-1 (%) ({role})", "",
+                  "| setting | " + " | ".join(f"s{s}" for s in range(cfg.seeds))
+                  + " | mean ± 95% | Δ to random ± 95% (paired, n) | Δ / (random − floor) |",
+                  "|---|" + "---:|" * cfg.seeds + "---:|---:|---:|"]
         for row, by_protocol in study["rows"].items():
             e = by_protocol[protocol]
             cells = [_fmt(e["values"].get(str(s))) for s in range(cfg.seeds)]
             d = e.get("diff_to_baseline")
             diff = f"{_interval(d['mean'], d['ci95'], sign=True)} (n={d['n']})" if d and d["n"] else "–"
             name = "floor (untrained encoder)" if row == "floor" else f"`{row}`"
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_interval(e.get('mean'), e.get('ci95'))} | {diff} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_interval(e.get('mean'), e.get('ci95'))} | {diff} "
+                         f"| {_share(d.get('of_gain') if d else None)} |")
         lines.append("")
     lines += ["## Is the study sensitive enough to answer?", "",
               "| check | protocol | value | target | verdict |", "|---|---|---:|---|---|"]
@@ -212,7 +332,8 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
         lines.append(f"| {c['name']} | `{c['protocol']}` | {_fmt(c['value'], 2)} | {c['target']} | {c['verdict']} |")
     if not study["checks"]:
         lines.append("| (no linear probe in this study) | | | | |")
-    lines += ["", f"![accuracy against the cap]({png.name})", "",
+    lines += [""] + curve_section(cfg, study, curve_png)
+    lines += [f"![accuracy against the cap]({png.name})", "",
               "Accuracy against the saliency cap (0 = `random`): hollow points are seeds, black the mean with its "
               "95% interval; dashed lines are the settings without a cap and the floor.", ""]
     lines += _pictures(cfg, out, inspect)
@@ -220,8 +341,109 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
               "A setting helps only if its paired interval lies above 0: the difference is taken seed by seed, "
               "so what a seed does to both runs (initialisation, data order) cancels. Means whose own intervals "
               "overlap can still differ in the paired column. A MISS in the checks means this budget cannot "
-              "answer the question at that precision; it does not mean the answer is no.", ""]
+              "answer the question at that precision; it does not mean the answer is no.", "",
+              f"Differences are top-1 points on this {study['classes']}-class task: read them against what "
+              "pretraining adds here (Δ / (random − floor)) and against the minimum detectable effect, not as "
+              "points on another benchmark.", ""]
     return "\n".join(lines)
+
+
+def preregistration(cfg) -> list[str]:
+    """study.md's declaration of the analysis, from the preset (written before any number below it)."""
+    others = [f"`{p}`" for p in cfg.protocols if p != cfg.primary_protocol]
+    lines = ["## Pre-registered analysis (declared in the preset, before the numbers)", "",
+             f"- **Primary protocol: `{cfg.primary_protocol}`.** "
+             + (f"The others ({', '.join(others)}) are secondary: reported, not used for the answer." if others
+                else "")]
+    if cfg.primary_comparisons:
+        family = ", ".join(f"`{c}` − `random`" for c in cfg.primary_comparisons)
+        lines += [f"- **Primary comparisons** (one family of {len(cfg.primary_comparisons)}): {family}, paired by "
+                  f"seed, each a two-sided paired t-test on `{cfg.primary_protocol}`; the family is Holm-corrected at "
+                  f"family-wise α = {ALPHA:g}, and each interval is given at the level of the Holm step that "
+                  "decided it."]
+    else:
+        lines.append("- **No primary comparison declared**: every difference below is descriptive.")
+    lines += ["- Each difference is also given as a fraction of what pretraining adds on this task, "
+              "Δ / (`random` − floor), on the same protocol.",
+              f"- Sensitivity: the minimum detectable effect (MDE), the true difference a two-sided paired t-test at "
+              f"α = {ALPHA:g} detects with {POWER:.0%} power, from the measured paired SD and the number of seeds. An "
+              "interval that contains 0 says *cannot tell* for effects smaller than the MDE, not *no effect*.",
+              "- Everything else (the secondary protocols, the Δ-vs-epoch curve"
+              + (f" on {', '.join(f'`{p}`' for p in cfg.curve_protocols)}" if cfg.curve_protocols else "")
+              + ", the other settings) is descriptive.", ""]
+    return lines
+
+
+def primary_result(study: dict[str, Any]) -> list[str]:
+    """The primary family's table: paired differences, p, Holm, the Holm-step interval, Δ / gain, MDE."""
+    primary = study["primary"]
+    if not primary["family"]:
+        return []
+    lines = [f"## Primary result: `{primary['protocol']}`, Holm-corrected", "",
+             "| comparison | n | Δ ± 95% | paired SD | p | Holm p | Δ ± Holm interval (level) "
+             f"| Δ / (random − floor) | MDE ({primary['power']:.0%} power) "
+             f"| verdict (family-wise α = {primary['alpha']:g}) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for f in primary["family"]:
+        level = "–" if f["holm_ci"] is None else \
+            f"{_interval(f['mean'], f['holm_ci'], sign=True)} ({1 - f['holm_level']:.2%})"
+        lines.append(f"| `{f['setting']}` − `random` | {f['n']} | {_interval(f['mean'], f['ci95'], sign=True)} "
+                     f"| {_fmt(f['sd'], 2)} | {_p(f['p'])} | {_p(f['p_holm'])} | {level} | {_share(f['of_gain'])} "
+                     f"| {_fmt(f['mde80'], 2)} | {f['verdict']} |")
+    lines += ["", "Δ in top-1 points. The Holm interval is the t-interval at the level of the Holm step that decided "
+              "the comparison (α / (m − j + 1) for the j-th smallest p, up to the first not rejected; it and all "
+              "after it take that step's level), so it excludes 0 exactly for the comparisons Holm rejects; "
+              "Δ / (random − floor) uses that interval.", ""]
+    return lines
+
+
+def curve_section(cfg, study: dict[str, Any], curve_png: Path | None) -> list[str]:
+    """Δ to `random` against the pretraining epoch: one table per curve protocol, and the plot."""
+    if not cfg.curve_protocols:
+        return []
+    lines = ["## Δ to random against the pretraining epoch", "",
+             "The same probe on every checkpoint the runs saved (stage 2's `save_every`) and on the last; epoch 0 "
+             "is the untrained encoder (the floor: every setting starts from these weights, so Δ is 0 there).", ""]
+    others = [s for s in cfg.settings if s != "random"]
+    for protocol in cfg.curve_protocols:
+        by_epoch = study["curve"].get(protocol, {})
+        lines += [f"`{protocol}`:", "", "| epoch | `random` top-1 mean ± 95% | "
+                  + " | ".join(f"`{s}` Δ ± 95% (n)" for s in others) + " |", "|---:|---:|" + "---:|" * len(others)]
+        for epoch in sorted(by_epoch, key=int):
+            at = by_epoch[epoch]
+            if int(epoch) == 0:
+                floor = at.get("floor", {})
+                lines.append(f"| 0 (untrained) | {_interval(floor.get('mean'), floor.get('ci95'))} | "
+                             + " | ".join("0" for _ in others) + " |")
+                continue
+            base = at.get("random", {})
+            cells = []
+            for s in others:
+                d = at.get(s, {}).get("diff_to_baseline")
+                cells.append(f"{_interval(d['mean'], d['ci95'], sign=True)} (n={d['n']})" if d and d["n"] else "–")
+            lines.append(f"| {epoch} | {_interval(base.get('mean'), base.get('ci95'))} | " + " | ".join(cells) + " |")
+        if len([e for e in by_epoch if int(e) > 0]) < 2:
+            lines.append("")
+            lines.append("Only the last epoch was probed: the runs saved no checkpoint-EEEE.pth before it "
+                         "(`--set pretrain_set=[save_every=N]`).")
+        lines.append("")
+    if curve_png is not None:
+        lines += [f"![Δ to random against the pretraining epoch]({curve_png.name})", ""]
+    return lines
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _share(of_gain: dict[str, Any] | None) -> str:
+    """Δ / gain as a percentage with its half width, and the gain in points."""
+    if not of_gain:
+        return "–"
+    half = f" ± {of_gain['ci95']:.0%}" if of_gain["ci95"] is not None else ""
+    return f"{of_gain['mean']:+.0%}{half} of {of_gain['gain']:.1f}"
 
 
 def _pictures(cfg, out: Path, inspect: dict | None) -> list[str]:

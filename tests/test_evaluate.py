@@ -456,6 +456,35 @@ def test_cli_no_aug_is_the_named_linear_noaug_variant(colour_folder, mae_checkpo
     assert {m["protocol"] for m in read_metrics(out / "metrics.jsonl")} == {"linear-noaug"}
 
 
+def test_cli_logreg_reuses_knns_features_and_records_its_l2(colour_folder, mae_checkpoint, tmp_path):
+    """`salmae eval logreg`: on kNN's cached features (no second extraction), the L2 chosen from the grid on the
+    held-out rows is recorded in results.json and metrics.jsonl (one line per fit), the final fit converged."""
+    from click.testing import CliRunner
+
+    from salmae.pipeline.cli import cli
+
+    shared = tmp_path / "features"
+    run(_cfg("knn", mae_checkpoint, colour_folder, tmp_path / "knn", features=str(shared), batch_size=32))
+    out = tmp_path / "logreg"
+    result = CliRunner().invoke(cli, ["eval", "logreg", "--checkpoint", str(mae_checkpoint), "--data",
+                                      str(colour_folder), "--out", str(out), "--batch-size", "32", "--device", "cpu",
+                                      "--set", "workers=0", "--set", "num_heads=1", "--set", f"features={shared}",
+                                      "--set", "logreg.l2_grid=[0.001,0.1,10]"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"] == "logreg" and res["top1"] >= 90.0 and res["epochs"] == 0
+    assert "features reused from" in (out / "run.log").read_text() and not list(out.glob("features-*.pt"))
+    lr = res["logreg"]
+    assert list(lr["holdout_top1"]) == ["0.001", "0.1", "10"] and lr["l2"] in (0.001, 0.1, 10.0)
+    assert lr["holdout_top1"][f"{lr['l2']:g}"] == max(lr["holdout_top1"].values())
+    assert lr["converged"] is True and lr["grad_norm"] < 1e-5 and lr["holdout_rows"] == 8    # 2 of each class's 12
+    fits = read_metrics(out / "metrics.jsonl")
+    assert [m["stage"] for m in fits] == ["select"] * 3 + ["final"] and fits[-1]["l2"] == lr["l2"]
+    assert res["config"]["logreg"]["holdout"] == 0.2
+    with pytest.raises(SalmaeError, match="logreg.l2_grid"):
+        run(_cfg("logreg", mae_checkpoint, colour_folder, tmp_path / "bad", **{"logreg.l2_grid": "[0]"}))
+
+
 def test_finetune_defaults_follow_maes_recipe_for_the_width(colour_folder, mae_checkpoint, tmp_path, monkeypatch):
     """Width 32 gets ViT-B's recipe (MAE has none smaller): layer decay 0.65, drop path 0.1, blr 5e-4, 100 epochs
     (1 here), global batch 1024 by accumulation (capped at the 3 micro-batches of an epoch); the new head's bias

@@ -13,9 +13,11 @@ from click.testing import CliRunner
 from salmae.pipeline.cli import cli
 from salmae.pipeline.config import config_to_dict, resolve_config
 from salmae.pipeline.errors import SalmaeError
-from salmae.pipeline.stats import t_quantile_975
+from salmae.pipeline.stats import (holm, holm_levels, min_detectable_effect, paired_t_test, t_half_width,
+                                   t_quantile_975)
 from salmae.stages import study
-from salmae.stages.study_report import checks, load_results, summarise
+from salmae.stages.study_report import (checks, curve_section, load_curve, load_results, preregistration,
+                                        primary_family, primary_result, summarise, summarise_curve)
 
 
 def test_settings_parse_into_masks_and_caps():
@@ -32,6 +34,9 @@ def test_settings_parse_into_masks_and_caps():
     (dict(seeds=0), "seeds"), (dict(settings=["random", "random"]), "settings"),
     (dict(protocols=["probe"]), "protocols"), (dict(seeds=2, viz_seed=2), "viz_seed"),
     (dict(data="x/{0..1}.tar"), "clip_pretrained"), (dict(val_every=1), "val_every"),
+    (dict(primary_protocol="finetune"), "primary_protocol"), (dict(curve_protocols=["linear"]), "curve_protocols"),
+    (dict(primary_comparisons=["random"]), "primary_comparisons"), (dict(primary_comparisons=["sal-0.2"]), "unknown"),
+    (dict(curve_epochs=[35]), "curve_epochs"),
 ])
 def test_validate_refuses_in_one_line(change, match):
     with pytest.raises(SalmaeError, match=match):
@@ -158,6 +163,97 @@ def test_summary_means_intervals_and_paired_differences():
     assert checks(rows, ["knn"], classes=8) == []                               # targets are on linear probes
 
 
+def test_primary_family_is_holm_corrected_with_its_mde_and_share_of_the_gain():
+    base = {0: 40.0, 1: 42.0, 2: 41.0, 3: 40.5}
+    table = {"random": {"logreg": base},
+             "saliency-0.25": {"logreg": {s: v + d for (s, v), d in zip(base.items(), (2.0, 2.5, 1.5, 2.2))}},
+             "saliency-0.75": {"logreg": {s: v + d for (s, v), d in zip(base.items(), (0.5, -1.0, 1.0, -0.3))}},
+             "inverse-0.25": {"logreg": {0: 39.0}},                               # one seed: no test
+             "floor": {"logreg": {0: 30.0, 1: 31.0, 2: 29.0, 3: 30.0}}}
+    rows = summarise(table)
+    family = primary_family(table, rows, "logreg", ["saliency-0.25", "saliency-0.75", "inverse-0.25", "block"])
+    assert [f["setting"] for f in family] == ["saliency-0.25", "saliency-0.75", "inverse-0.25", "block"]
+    a, b, c, missing = family
+    assert (missing["n"], missing["verdict"]) == (0, "not run (not among the study's settings)")
+    pa, pb = (paired_t_test(table[s]["logreg"], base).p for s in ("saliency-0.25", "saliency-0.75"))
+    assert pa < 0.01 and pb > 0.3                                                  # a clear gain, and none
+    assert [a["p_holm"], b["p_holm"]] == pytest.approx(holm([pa, pb, 1.0, 1.0])[:2])  # the declared family: m = 4
+    assert (a["holm_level"], b["holm_level"]) == pytest.approx((0.05 / 4, 0.05 / 3))  # steps 1 and 2
+    assert holm_levels([pa, pb, 1.0, 1.0])[:2] == pytest.approx([a["holm_level"], b["holm_level"]])
+    sd = math.sqrt(0.53 / 3)                                                       # diffs 2, 2.5, 1.5, 2.2: mean 2.05
+    assert a["mean"] == pytest.approx(2.05) and a["sd"] == pytest.approx(sd)
+    assert a["holm_ci"] == pytest.approx(t_half_width(sd, 4, 0.05 / 4)) and a["holm_ci"] > a["ci95"]
+    assert a["mde80"] == pytest.approx(min_detectable_effect(sd, 4))
+    gain = 40.875 - 30.0                                                           # what pretraining adds
+    assert a["of_gain"]["gain"] == pytest.approx(gain) and a["of_gain"]["mean"] == pytest.approx(2.05 / gain)
+    assert a["verdict"] == "above random" and b["verdict"] == "cannot tell"
+    assert (c["n"], c["p_holm"], c["verdict"]) == (1, None, "no test (fewer than 2 paired seeds)")
+    d = rows["saliency-0.25"]["logreg"]["diff_to_baseline"]                       # the per-protocol tables' column
+    assert d["of_gain"]["mean"] == pytest.approx(2.05 / gain) and d["mde80"] == pytest.approx(a["mde80"])
+    assert d["of_gain"]["ci95"] == pytest.approx(d["ci95"] / gain)
+
+    md = "\n".join(primary_result({"primary": {"protocol": "logreg", "alpha": 0.05, "power": 0.8, "family": family}}))
+    assert "## Primary result: `logreg`, Holm-corrected" in md and "(98.75%)" in md   # 1 - 0.05/4
+    assert f"| +19% ± {a['holm_ci'] / gain:.0%} of 10.9 |" in md and "cannot tell" in md
+    cfg = study.StudyConfig(primary_comparisons=["saliency-0.25"])
+    declared = "\n".join(preregistration(cfg))
+    assert "**Primary protocol: `logreg`.** The others (`knn`, `linear-noaug`) are secondary" in declared
+    assert "one family of 1): `saliency-0.25` − `random`" in declared and "80% power" in declared
+
+
+def _write_eval(folder, protocol, top1, pretrain_epoch):
+    path = folder / f"eval-{protocol}" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"protocol": protocol, "top1": top1, "pretrain_epoch": pretrain_epoch}))
+
+
+def test_the_curve_reads_every_probed_checkpoint_by_its_epoch(tmp_path):
+    for seed, (r5, r10, s5, s10) in enumerate(((30.0, 35.0, 28.0, 35.5), (31.0, 36.0, 29.5, 36.0))):
+        run = tmp_path / "runs" / f"random-s{seed}"
+        _write_eval(run, "logreg", r10, 9)                                        # the run's own eval: epoch 10
+        _write_eval(run / "curve" / "epoch-0005", "logreg", r5, 4)
+        sal = tmp_path / "runs" / f"saliency-0.25-s{seed}"
+        _write_eval(sal, "logreg", s10, 9)
+        _write_eval(sal / "curve" / "epoch-0005", "logreg", s5, 4)
+        _write_eval(tmp_path / "floor" / f"s{seed}", "logreg", 20.0 + seed, -1)
+    curve = load_curve(tmp_path, ["random", "saliency-0.25"], ["logreg"], seeds=2)
+    assert curve["logreg"]["random"] == {5: {0: 30.0, 1: 31.0}, 10: {0: 35.0, 1: 36.0}}
+    assert curve["logreg"]["floor"] == {0: {0: 20.0, 1: 21.0}}
+    summary = summarise_curve(curve)["logreg"]
+    assert sorted(summary) == [0, 5, 10]
+    assert summary[5]["saliency-0.25"]["diff_to_baseline"]["mean"] == pytest.approx(-1.75)   # -2, -1.5
+    assert summary[10]["random"]["mean"] == pytest.approx(35.5)
+    cfg = study.StudyConfig(settings=["random", "saliency-0.25"])
+    text = "\n".join(curve_section(cfg, {"curve": {"logreg": {str(e): v for e, v in summary.items()}}}, None))
+    assert "| 0 (untrained) | 20.5 ± 6.4 | 0 |" in text
+    assert "| 5 | 30.5 ± 6.4 | −" not in text and "| 5 | 30.5 ± 6.4 | -1.8 ± 3.2 (n=2) |" in text
+    assert text.index("| 5 |") < text.index("| 10 |") and "Only the last epoch" not in text
+    for name in ("checkpoint-0004.pth", "checkpoint-0009.pth", "checkpoint-latest.pth", "checkpoint-0019.pth"):
+        (tmp_path / name).touch()
+    assert study.saved_checkpoints(tmp_path, before=20) == [(5, tmp_path / "checkpoint-0004.pth"),
+                                                            (10, tmp_path / "checkpoint-0009.pth")]
+    assert [e for e, _ in study.saved_checkpoints(tmp_path, before=35)] == [5, 10, 20]
+    cfg = study.StudyConfig(epochs=35, curve_epochs=[20, 5])
+    assert study.curve_checkpoints(cfg, tmp_path) == [(5, tmp_path / "checkpoint-0004.pth"),
+                                                       (20, tmp_path / "checkpoint-0019.pth")]
+    with pytest.raises(SalmaeError, match=r"no checkpoint-0014.pth for curve_epochs \[15\]"):
+        study.curve_checkpoints(study.StudyConfig(epochs=35, curve_epochs=[15]), tmp_path)
+
+
+def test_delta_figure_draws_each_setting_against_the_epoch():
+    from salmae.pipeline.figures.plots import CurvePoint, delta_epoch_figure
+
+    fig = delta_epoch_figure({"logreg": {"saliency-0.25": [CurvePoint(5, -1.0, 0.5), CurvePoint(10, 0.5, None)],
+                                         "saliency-0.75": [CurvePoint(5, -3.0, 1.0)]}})
+    ax = fig.axes[0]
+    bars = {c.get_label(): c.lines[0] for c in ax.containers}                       # errorbar: (data line, caps, bars)
+    assert list(bars["saliency-0.25"].get_ydata()) == [-1.0, 0.5] and list(bars["saliency-0.75"].get_ydata()) == [-3.0]
+    assert [round(x) for x in bars["saliency-0.25"].get_xdata()] == [5, 10]
+    zero = [ln for ln in ax.lines if ln.get_label() == "random"]
+    assert list(zero[0].get_ydata()) == [0.0, 0.0] and ax.get_xlabel() == "pretraining epoch"
+    assert ax.get_ylim()[0] < -4.0                                                  # the interval is in view
+
+
 def test_load_results_reads_runs_and_floor(tmp_path):
     for folder, top1 in (("runs/random-s0", 30.0), ("runs/random-s1", 32.5), ("floor/s0", 20.0)):
         path = tmp_path / folder / "eval-knn" / "results.json"
@@ -192,7 +288,7 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert data["preset"] == "smoke" and list(data["rows"]) == settings + ["floor"]
     for name, row in data["rows"].items():
         folder = out / "floor" / "s0" if name == "floor" else out / "runs" / f"{name}-s0"
-        for protocol in ("knn", "linear-noaug"):
+        for protocol in ("knn", "linear-noaug", "logreg"):
             (seed, top1), = row[protocol]["values"].items()
             results = json.loads((folder / f"eval-{protocol}" / "results.json").read_text())
             assert seed == "0" and top1 == results["top1"] and row[protocol]["mean"] == top1
@@ -202,7 +298,27 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert {c["name"] for c in data["checks"]} >= {"random >= 3x chance", "random - floor >= 10 points"}
     assert data["stage1"]["n"] == 512                                            # every pretraining image's map
     md = (out / "study.md").read_text()
-    assert md.index("## Hypothesis") < md.index("top-1 (%)")
+    assert md.index("## Hypothesis") < md.index("## Pre-registered analysis") < md.index("## Primary result") \
+        < md.index("## `knn` top-1 (%) (secondary)") < md.index("## `logreg` top-1 (%) (primary)")
+    assert "**Primary protocol: `logreg`.**" in md and "one family of 1): `saliency-0.25` − `random`" in md
+    (family,) = data["primary"]["family"]
+    assert (data["primary"]["protocol"], family["setting"], family["n"]) == ("logreg", "saliency-0.25", 1)
+    assert family["verdict"] == "no test (fewer than 2 paired seeds)" and family["p_holm"] is None
+    lr = json.loads((out / "runs" / "random-s0" / "eval-logreg" / "results.json").read_text())["logreg"]
+    assert lr["converged"] and f"{lr['l2']:g}" in lr["holdout_top1"]
+    # the curve: stage 2 saved a checkpoint after epoch 1 (save_every=1), probed with logreg into curve/epoch-0001
+    point = out / "runs" / "saliency-0.25-s0" / "curve" / "epoch-0001"
+    assert json.loads((point / "eval-logreg" / "results.json").read_text())["pretrain_epoch"] == 0
+    assert sorted(p.name for p in (point / "features").iterdir()) == ["features-train.pt", "features-val.pt"]
+    assert sorted(data["curve"]["logreg"], key=int) == ["0", "1", "2"]
+    at1 = data["curve"]["logreg"]["1"]["saliency-0.25"]["diff_to_baseline"]
+    assert at1["n"] == 1 and at1["mean"] == pytest.approx(
+        json.loads((point / "eval-logreg" / "results.json").read_text())["top1"]
+        - json.loads((out / "runs" / "random-s0" / "curve" / "epoch-0001" / "eval-logreg" / "results.json")
+                     .read_text())["top1"])
+    assert md.index("## Δ to random against the pretraining epoch") < md.index("delta_vs_epoch.png")
+    assert "| 0 (untrained) |" in md and "\n| 1 | " in md and "\n| 2 | " in md
+    assert (out / "delta_vs_epoch.png").stat().st_size > 0
     assert f"over 512 maps: **{data['stage1']['pointing_game']:.3f}**" in md
     assert (out / "accuracy_vs_cap.png").stat().st_size > 0
     masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
@@ -214,6 +330,7 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
         epochs = read_object_check(out / "runs" / f"{s}-s0")
         marker = json.loads((out / ".done" / f"pretrain-{s}-s0.json").read_text())["result"]["object_check"]
         assert [e["epoch"] for e in epochs] == [0, 1] and marker == {k: epochs[-1][k] for k in marker}
+    assert all(masks[s]["save_every"] == 1 for s in settings)
     for folder in (out / "runs" / "random-s0", out / "floor" / "s0"):             # both probes, one extraction
         assert sorted(p.name for p in (folder / "features").iterdir()) == ["features-train.pt", "features-val.pt"]
         assert not list(folder.glob("eval-*/features-*.pt"))

@@ -9,6 +9,8 @@ build a figure (tests read its axes); `plot_*` write it as one PNG.
 - Accuracy: one panel per protocol, one column per table row: every seed a hollow point, the
   mean a black diamond with its 95% interval. The y-axis is fitted to the points and the
   intervals (not fixed at 0-100), so differences of a point or two stay visible.
+- The study's figures: accuracy against the saliency cap, and the paired difference to `random`
+  against the pretraining epoch (`delta_epoch_figure`).
 """
 
 from __future__ import annotations
@@ -138,6 +140,50 @@ def cap_figure(curves: Mapping[str, Mapping[str, tuple[float, Mapping[int, float
 def plot_accuracy_vs_cap(curves, lines, path: str | Path, chance: float | None = None) -> Path:
     """Write `cap_figure(curves, lines, chance)` to `path` (PNG)."""
     return _save(cap_figure(curves, lines, chance), path)
+
+
+class CurvePoint(NamedTuple):
+    """One point of a Δ-vs-epoch curve: pretraining epochs done, mean paired difference, 95% half width."""
+
+    epoch: int
+    mean: float
+    half_width: float | None
+
+
+def delta_epoch_figure(panels: Mapping[str, Mapping[str, Sequence[CurvePoint]]]) -> Figure:
+    """Paired difference to `random` against the pretraining epoch, one panel per protocol (`salmae study`).
+
+    panels: protocol -> setting -> its points. One line per setting, each point the mean
+    difference over the seeds with its 95% paired interval as an error bar (none with one seed);
+    a black line at 0 is `random` itself. Settings are nudged apart on the x-axis to keep bars apart.
+    """
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.8), dpi=100, squeeze=False)
+    for ax, (protocol, curves) in zip(axes.flat, panels.items()):
+        shown = [0.0]
+        for i, (setting, points) in enumerate(curves.items()):
+            if not points:
+                continue
+            nudge = 0.08 * (i - (len(curves) - 1) / 2)
+            xs = [p.epoch + nudge for p in points]
+            ax.errorbar(xs, [p.mean for p in points], yerr=[p.half_width or 0.0 for p in points], fmt="-o",
+                        markersize=3, capsize=3, color=f"C{i % 10}", label=setting)
+            shown += [p.mean + sign * (p.half_width or 0.0) for p in points for sign in (-1, 1)]
+        ax.axhline(0.0, color="black", linewidth=1, label="random")
+        ax.set_ylim(*fitted_ylim(shown))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("pretraining epoch")
+        ax.set_ylabel("Δ top-1 to random (points)")
+        ax.set_title(protocol, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("paired difference to random against the pretraining epoch (mean ± 95% CI over seeds)", fontsize=9)
+    return fig
+
+
+def plot_delta_vs_epoch(panels: Mapping[str, Mapping[str, Sequence[CurvePoint]]], path: str | Path) -> Path:
+    """Write `delta_epoch_figure(panels)` to `path` (PNG)."""
+    return _save(delta_epoch_figure(panels), path)
 
 
 def fitted_ylim(values: Sequence[float], pad_frac: float = 0.1, min_pad: float = 0.5,
