@@ -172,6 +172,21 @@ def summarise_curve(curve: dict[str, dict[str, dict[int, dict[int, float]]]],
     return found
 
 
+def manipulation_check(out: Path, settings: list[str], seeds: int) -> dict[str, dict[str, Any]]:
+    """Per setting, the manipulation check of its runs' last epoch (`pipeline.pretrain.object_check`):
+    {setting: {object_hidden, object_seen, object_all_hidden, object_patches (means over seeds), n}};
+    settings whose runs logged none (no object boxes in the data) are left out."""
+    from salmae.pipeline.pretrain.object_check import FIELDS, read_object_check
+
+    found: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        last = [epochs[-1] for seed in range(seeds)
+                if (epochs := read_object_check(Path(out) / "runs" / f"{setting}-s{seed}"))]
+        if last:
+            found[setting] = {k: sum(e[k] for e in last) / len(last) for k in FIELDS} | {"n": len(last)}
+    return found
+
+
 def checks(rows: dict[str, Any], protocols: list[str], classes: int, baseline: str = "random") -> list[dict[str, Any]]:
     """The sensitivity targets, each {name, protocol, value, target, verdict} (linear probes and logreg only)."""
     chance = 100.0 / classes if classes else None
@@ -238,6 +253,7 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
                     "power": POWER, "family": family},
         "curve": {p: {str(e): at for e, at in by_epoch.items()} for p, by_epoch in curve.items()},
         "stage1": (inspect or {}).get("localisation"), "config": config_to_dict(cfg),
+        "manipulation": manipulation_check(out, cfg.settings, cfg.seeds),
     }
     atomic_write_json(out / "study.json", study)
     md = render_markdown(cfg, study, out, png, inspect, curve_png)
@@ -310,6 +326,7 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
     else:
         lines.append("No labelled boxes in this data: no pointing game.")
     lines.append("")
+    lines += manipulation_section(study.get("manipulation") or {})
     lines += primary_result(study)
     for protocol in cfg.protocols:
         role = "primary" if protocol == cfg.primary_protocol else "secondary"
@@ -346,6 +363,23 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
               "pretraining adds here (Δ / (random − floor)) and against the minimum detectable effect, not as "
               "points on another benchmark.", ""]
     return "\n".join(lines)
+
+
+def manipulation_section(found: dict[str, dict[str, Any]]) -> list[str]:
+    """study.md's manipulation check: how much of the main object each setting hides (last epoch)."""
+    if not found:
+        return []
+    lines = ["## Manipulation check: how much of the main object each setting hides", "",
+             "Counted in every training step (the object's box cropped and flipped with the image; a patch is an "
+             "object patch when half of it lies in the box), last epoch, mean over seeds. Random masking at ratio "
+             "0.75 hides about 75% of the object; a setting that hides nearly all of it tests \"mask everything "
+             "salient\", the condition the claim says hurts.", "",
+             "| setting | object patches hidden | seen by the encoder | images with the whole object hidden | "
+             "object patches per image | runs |", "|---|---|---|---|---|---|"]
+    for setting, v in found.items():
+        lines.append(f"| {setting} | {100 * v['object_hidden']:.1f}% | {100 * v['object_seen']:.1f}% | "
+                     f"{100 * v['object_all_hidden']:.1f}% | {v['object_patches']:.1f} | {v['n']} |")
+    return lines + [""]
 
 
 def preregistration(cfg) -> list[str]:

@@ -330,6 +330,11 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
         epochs = read_object_check(out / "runs" / f"{s}-s0")
         marker = json.loads((out / ".done" / f"pretrain-{s}-s0.json").read_text())["result"]["object_check"]
         assert [e["epoch"] for e in epochs] == [0, 1] and marker == {k: epochs[-1][k] for k in marker}
+        shown = data["manipulation"][s]                                      # study.json and study.md beside it
+        assert shown["n"] == 1 and shown["object_hidden"] == pytest.approx(epochs[-1]["object_hidden"])
+        assert (f"| {s} | {100 * shown['object_hidden']:.1f}% | {100 * shown['object_seen']:.1f}% | "
+                f"{100 * shown['object_all_hidden']:.1f}% | {shown['object_patches']:.1f} | 1 |") in md
+    assert md.index("## Manipulation check") < md.index("## Primary result")
     assert all(masks[s]["save_every"] == 1 for s in settings)
     for folder in (out / "runs" / "random-s0", out / "floor" / "s0"):             # both probes, one extraction
         assert sorted(p.name for p in (folder / "features").iterdir()) == ["features-train.pt", "features-val.pt"]
