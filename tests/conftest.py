@@ -29,6 +29,18 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def shapes_copy(tmp_path, shapes_dir) -> Path:
+    """A writable copy of `shapes_dir`'s two shards, for tests that change or replace a tar."""
+    import shutil
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(shapes_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shapes_pattern(shapes_dir) -> str:
     """Brace pattern over the shards of `shapes_dir`."""

@@ -54,12 +54,8 @@ def _same_size_edit(first_jpg: list):
 
 
 @pytest.fixture()
-def data_copy(tmp_path, shapes_dir) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for name in ("00000.tar", "00001.tar"):
-        shutil.copy(shapes_dir / name, folder / name)
-    return folder
+def data_copy(shapes_copy) -> Path:
+    return shapes_copy
 
 
 def test_same_size_content_change_changes_the_hash_and_verify_names_it(data_copy):

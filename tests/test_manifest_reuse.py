@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,8 @@ from salmae.pipeline.errors import SalmaeError
 
 
 @pytest.fixture()
-def shards(tmp_path, shapes_dir) -> str:
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for name in ("00000.tar", "00001.tar"):
-        shutil.copy(shapes_dir / name, folder / name)
-    return str(folder / "{00000..00001}.tar")
+def shards(shapes_copy) -> str:
+    return str(shapes_copy / "{00000..00001}.tar")
 
 
 @pytest.fixture()

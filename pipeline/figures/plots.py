@@ -128,13 +128,18 @@ def cap_figure(curves: Mapping[str, Mapping[str, tuple[float, Mapping[int, float
         if chance is not None and lo <= chance <= hi:   # drawn (and in the legend) only where it is in view
             ax.axhline(chance, linestyle=":", color="grey", linewidth=1, label="chance")
         ax.set_ylim(lo, hi)
-        ax.set_xlabel("saliency cap (0 = random)")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title(protocol, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _label_panel(ax, "saliency cap (0 = random)", "top-1 (%)", protocol)
     fig.suptitle("accuracy against the saliency cap (ratio fixed)", fontsize=9)
     return fig
+
+
+def _label_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, a small title, a light grid and the legend of one panel of the study's figures."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
 
 
 def plot_accuracy_vs_cap(curves, lines, path: str | Path, chance: float | None = None) -> Path:
@@ -172,11 +177,7 @@ def delta_epoch_figure(panels: Mapping[str, Mapping[str, Sequence[CurvePoint]]])
         ax.axhline(0.0, color="black", linewidth=1, label="random")
         ax.set_ylim(*fitted_ylim(shown))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("pretraining epoch")
-        ax.set_ylabel("Δ top-1 to random (points)")
-        ax.set_title(protocol, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _label_panel(ax, "pretraining epoch", "Δ top-1 to random (points)", protocol)
     fig.suptitle("paired difference to random against the pretraining epoch (mean ± 95% CI over seeds)", fontsize=9)
     return fig
 

@@ -25,11 +25,9 @@ import math
 import time
 from typing import Callable
 
-from salmae.pipeline import signals
-
 import torch
 
-from salmae.pipeline import dist
+from salmae.pipeline import dist, signals
 from salmae.pipeline.data.transforms import normalise, pixel_stats
 from salmae.pipeline.device import autocast
 from salmae.pipeline.errors import SalmaeError
@@ -75,7 +73,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                     metrics: MetricsWriter | None = None, log_every: int = 20, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, check_syncs: bool = False,
                     loss_reduction: str = "mean", step_partial: bool = False, start_step: int = 0,
-                    totals: dict | None = None, stop_requested: Callable[[], object] | None = None) -> dict:
+                    totals: dict | None = None) -> dict:
     """One pass over `loader`; returns {loss, masked, fallback, zero_maps, steps} (global means / counts),
     the steady-state {timed_steps, timed_seconds} (`steady_state`), `object_check` (the shares of
     `pipeline.pretrain.object_check.summarise`; None without main-object boxes) and `stop`: whether the
@@ -84,8 +82,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
     A stop before the epoch's end returns early with `stopped_at` (the steps done, the position to save)
     and `totals` (the running sums to save with it); `start_step` and `totals` resume from them (the
     loader then yields the batches from `start_step` on, as `GlobalBatchSampler.set_epoch` arranges).
-    `stop_requested` (default `signals.requested`: a signal number or None) is read on each logging step:
-    this rank's vote.
+    This rank's vote is `signals.requested()`, read on each logging step.
 
     `model` may be the DDP/compiled wrapper; `raw_model` is the bare MAE (grid, token salience).
     A non-finite loss raises SalmaeError on the next logging step, before anything is saved.
@@ -152,8 +149,8 @@ def train_one_epoch(model, raw_model, loader, optimizer, device: torch.device, e
                 window[i] += value
         since += 1
         if logging_step:  # the only host sync and collective of a step
-            mine = (stop_requested or signals.requested)()              # this rank's signal, if any
-            host[8:] = torch.tensor([1.0 if mine == s else 0.0 for s in signals.DEFERRED_SIGNALS], dtype=torch.float64)
+            mine = signals.requested()                                   # this rank's signal, if any
+            host[8:] = torch.tensor([float(mine == s) for s in signals.DEFERRED_SIGNALS], dtype=torch.float64)
             reduced = dist.all_reduce_sum(window + host.to(device)).tolist()
             loss_sum, masked_sum, fallback_sum, zero_sum = reduced[:4]
             totals["objects"] = [a + b for a, b in zip(totals["objects"], reduced[4:8])]
