@@ -375,9 +375,10 @@ def demo(config_path, overrides, print_config, out, seeds) -> None:
 
 @cli.command(cls=_ConfigCommand, config=("salmae.stages.study", "StudyConfig"))
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "cpu-full"]), default=None,
-              help="Budget: smoke (minutes, every code path), cpu (< 2 h on 2 cores: random vs cap 0.25 and 0.75, "
-                   "5 seeds x 35 epochs), cpu-full (the whole cap sweep, as many seeds and epochs). "
-                   "Default cpu; a --config is layered over it.")
+              help="Budget: smoke (minutes, every code path), cpu (about 2 h on the reference 2-core CPU: random, "
+                   "cap 0.25 and its shuffled-map and inverse controls, 5 seeds x 20 epochs, the curve at epochs "
+                   "10 and 15), cpu-full (the whole cap sweep, as many seeds and epochs). "
+                   "Default cpu; a --config is layered over --preset when given, else over the config keys' defaults.")
 @click.option("--out", default=None, help="Study folder (resumable) [default: runs/study/PRESET].")
 @click.option("--seeds", type=int, default=None, help="Seeds 0..K-1 for every setting (default: the preset's).")
 @_config_options
@@ -389,9 +390,8 @@ def study(config_path, overrides, print_config, preset, out, seeds) -> None:
     from salmae.stages import study as study_stage
 
     name = preset or "cpu"
-    base = study_stage.preset_values(name)
-    if config_path and not preset:
-        base["preset"] = Path(config_path).stem
+    # a --config alone starts from StudyConfig's defaults, not from the cpu preset's curve and probe choices
+    base = {"preset": Path(config_path).stem} if config_path and not preset else study_stage.preset_values(name)
     cfg = resolve_config(study_stage.StudyConfig, config_path, overrides, base=base,
                          out=out or (None if config_path else f"runs/study/{name}"), seeds=seeds)
     if print_config:

@@ -37,10 +37,20 @@ def test_settings_parse_into_masks_and_caps():
     (dict(primary_protocol="finetune"), "primary_protocol"), (dict(curve_protocols=["linear"]), "curve_protocols"),
     (dict(primary_comparisons=["random"]), "primary_comparisons"), (dict(primary_comparisons=["sal-0.2"]), "unknown"),
     (dict(curve_epochs=[35]), "curve_epochs"),
+    (dict(curve_settings=["saliency-0.25"]), "curve_settings"), (dict(curve_settings=["random", "block"]), "curve_settings"),
 ])
 def test_validate_refuses_in_one_line(change, match):
     with pytest.raises(SalmaeError, match=match):
         study.validate(study.StudyConfig(**change))
+
+
+def test_curve_settings_choose_which_runs_the_curve_probes():
+    some = study.StudyConfig(settings=["random", "saliency-0.25", "inverse-0.25"], curve_settings=["random", "saliency-0.25"])
+    study.validate(some)
+    assert [s for s in some.settings if study.on_curve(some, s)] == ["random", "saliency-0.25"]
+    every = study.StudyConfig(settings=["random", "inverse-0.25"])
+    assert [s for s in every.settings if study.on_curve(every, s)] == ["random", "inverse-0.25"]
+    assert not study.on_curve(study.StudyConfig(curve_protocols=[]), "random")
 
 
 def test_presets_layer_under_config_file_and_set(tmp_path):
@@ -50,7 +60,13 @@ def test_presets_layer_under_config_file_and_set(tmp_path):
     path.write_text(yaml.safe_dump({"seeds": 3, "epochs": 5}))
     cfg = resolve_config(study.StudyConfig, path, ["epochs=7"], base=study.preset_values("smoke"))
     assert (cfg.preset, cfg.seeds, cfg.epochs, cfg.n_images) == ("smoke", 3, 7, 512)  # preset < file < --set
-    assert study.StudyConfig().preset == "cpu" and study.preset_values("cpu") == {"preset": "cpu"}
+    assert study.StudyConfig().preset == "cpu"
+    cpu = resolve_config(study.StudyConfig, None, [], base=study.preset_values("cpu"))
+    study.validate(cpu)   # the curve's epochs and settings fit the preset's epochs and settings
+    assert (cpu.settings, cpu.epochs, cpu.primary_comparisons) == (
+        ["random", "saliency-0.25", "shuffled-0.25", "inverse-0.25"], 20, ["saliency-0.25"])
+    assert [s for s in cpu.settings if study.on_curve(cpu, s)] == ["random", "saliency-0.25"]
+    assert study.LOGREG_GRID in cpu.eval_set and cpu.curve_epochs == [10, 15]
     assert study.preset_values("cpu-full")["settings"] == study.SWEEP
 
 
@@ -322,7 +338,7 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert f"over 512 maps: **{data['stage1']['pointing_game']:.3f}**" in md
     assert (out / "accuracy_vs_cap.png").stat().st_size > 0
     masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
-    assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "adaptive"]
+    assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "amr-capped"]
     assert masks["inverse-0.25"]["masking"]["inverse"] is True and masks["saliency-0.25"]["masking"]["cap"] == 0.25
     # the manipulation check of every run, per epoch, and the last epoch's in the pretrain step's marker
     from salmae.pipeline.pretrain.object_check import read_object_check
@@ -343,13 +359,13 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
 
     # a killed study: one probe and the report lost; the rerun redoes that probe only
     markers = {p.name: p.stat().st_mtime_ns for p in (out / ".done").iterdir()}
-    (out / ".done" / "eval-knn-adaptive-s0.json").unlink()
+    (out / ".done" / "eval-knn-amr-capped-s0.json").unlink()
     (out / "study.md").unlink()
     again = CliRunner().invoke(cli, ["study", "--preset", "smoke", "--out", str(out)])
     assert again.exit_code == 0, again.output
     after = {p.name: p.stat().st_mtime_ns for p in (out / ".done").iterdir()}
     assert set(after) == set(markers)
-    assert [n for n in after if after[n] != markers[n]] == ["eval-knn-adaptive-s0.json"]
+    assert [n for n in after if after[n] != markers[n]] == ["eval-knn-amr-capped-s0.json"]
     assert json.loads((out / "study.json").read_text())["rows"]["random"] == data["rows"]["random"]
     assert (out / "study.md").is_file()
 
