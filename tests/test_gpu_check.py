@@ -33,7 +33,7 @@ def test_gpu_check_on_cpu_writes_every_stage_with_the_cpu_note(tmp_path):
         assert (st["images"], st["images_timed"], st["images_kind"]) == (48, 32, kind), name
         assert st["images_per_s"] == pytest.approx(32 / st["seconds_timed"], rel=0.01) and st["host_syncs_checked"]
     # stage 2: 3 epochs of 3 steps, epoch 0 left out, and of epochs 1-2 the first logging window (step 0)
-    for name, mask in (("pretrain", "saliency"), ("pretrain_online", "adaptive")):
+    for name, mask in (("pretrain", "saliency"), ("pretrain_online", "amr-capped")):
         st = stages[name]
         assert (st["steps"], st["steps_timed"], st["images_timed"], st["mask"]) == (9, 4, 64, mask), name
         assert st["images_per_s"] == pytest.approx(64 / st["seconds_timed"], rel=0.01)

@@ -159,7 +159,7 @@ def run(cfg: GpuCheckConfig) -> dict[str, Any]:
             stages[name] = _stage2(sizes, data, work / "store.zarr", work / name, device, precision, compiled)
         # the one plan whose masks are built inside the step (from the model's salience): its syncs checked too
         stages["pretrain_online"] = _stage2(sizes, data, None, work / "pretrain_online", device, precision, False,
-                                            mask="adaptive")
+                                            mask="amr-capped")
         ckpt = work / ("pretrain" if False in compiles else "pretrain_compiled") / "checkpoint-latest.pth"
         stages["knn"] = _stage3(sizes, work / "shapes" / "imagefolder", ckpt, work / "knn", device, precision)
     finally:
@@ -331,7 +331,7 @@ def rows(summary: dict[str, Any]) -> list[Row]:
              "saliency_jpeg500": ("saliency", "stage 1 fast Grad-CAM, 500x375 JPEGs"),
              "pretrain": ("pretrain", "stage 2 MAE, compile off"),
              "pretrain_compiled": ("pretrain", "stage 2 MAE, compile on"),
-             "pretrain_online": ("pretrain", "stage 2 MAE, online adaptive masks"), "knn": ("eval", "stage 3 kNN features")}
+             "pretrain_online": ("pretrain", "stage 2 MAE, online amr-capped masks"), "knn": ("eval", "stage 3 kNN features")}
     out = []
     for key, stage in summary["stages"].items():
         section, figure = names[key]
