@@ -59,7 +59,8 @@ def _micro_arch() -> ArchConfig:
 
 @dataclass
 class StudyConfig:
-    """One study: settings x seeds, all else equal. Defaults are the `cpu` preset."""
+    """One study: settings x seeds, all else equal. Defaults are the `cpu` preset's settings, data, models and
+    probes; the preset adds its curve and probe choices (`PRESETS`), which a --config alone does not inherit."""
 
     out: Path = Path("runs/study")     # study folder; everything the study writes lives here
     preset: str = "cpu"                # the preset these values started from (recorded; `custom` for a --config)
@@ -137,6 +138,11 @@ class StudyConfig:
     device: str = "auto"               # auto | cpu | cuda
 
 
+# cpu: the curve on H1's setting and random only, at epochs 10 and 15 (and 0 and 20: the floor and the runs'
+# own evals); check=none: the study wrote the labelled set itself (probing its 26216 headers took 6 s per eval)
+_CPU_CHOICES: dict[str, Any] = dict(curve_epochs=[10, 15], curve_settings=["random", "saliency-0.25"],
+                                    eval_set=["crop_pct=1.0", "check=none", LOGREG_GRID])
+
 PRESETS: dict[str, dict[str, Any]] = {
     # smoke: eval_images 320 and clip_steps 10 (were 640 and 20) pay for the logreg probes and the curve
     "smoke": dict(seeds=1, settings=["random", "saliency-0.25", "inverse-0.25", "amr-capped"],
@@ -145,13 +151,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   pretrain_set=["save_every=1"],           # a checkpoint after epoch 1: one point of the curve
                   eval_set=["crop_pct=1.0", "logreg.l2_grid=[0.01,0.1,1]"],  # 128 rows: weak L2s fit for long
                   primary_comparisons=["saliency-0.25"]),
-    # cpu: the curve on H1's setting and random only, at epochs 10 and 15 (and 0 and 20: the floor and the runs'
-    # own evals); check=none: the study wrote the labelled set itself (probing its 26216 headers took 6 s per eval)
-    "cpu": dict(curve_epochs=[10, 15], curve_settings=["random", "saliency-0.25"],
-                eval_set=["crop_pct=1.0", "check=none", LOGREG_GRID]),
-    "cpu-full": dict(settings=list(SWEEP), primary_comparisons=["saliency-0.25", "saliency-0.75"],
-                     curve_epochs=[10, 15], curve_settings=["random", "saliency-0.25"],
-                     eval_set=["crop_pct=1.0", "check=none", LOGREG_GRID]),
+    "cpu": dict(_CPU_CHOICES),
+    "cpu-full": dict(_CPU_CHOICES, settings=list(SWEEP), primary_comparisons=["saliency-0.25", "saliency-0.75"]),
 }
 
 
