@@ -20,14 +20,15 @@ from salmae.pipeline import dist
 from salmae.pipeline.config import config_to_dict, resume_differences, save_config
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.files import atomic_write_json
-from salmae.pipeline.logging import get_logger
+from salmae.pipeline.logging import get_logger, setup_logging
 
 
 class Steps:
     """`steps(name, fn)` runs `fn` unless OUT/.done/NAME.json exists; `seconds` holds this run's step times."""
 
     def __init__(self, out: str | Path, job: str):
-        self.done = Path(out) / ".done"
+        self.out = Path(out)
+        self.done = self.out / ".done"
         self.job = job
         self.seconds: dict[str, float] = {}
 
@@ -40,11 +41,20 @@ class Steps:
         log.info("%s: %s ...", self.job, name)
         t0 = time.time()
         result = fn() if (dist.is_main() or not main_only) else None
+        setup_logging(self.out)          # a stage logs to its own run.log: the job's lines go back to OUT/run.log
         dist.barrier(waiting_for=f"{self.job} step {name}" if main_only else None)
         self.seconds[name] = round(time.time() - t0, 1)
         if dist.is_main():
             atomic_write_json(marker, {"seconds": self.seconds[name], "result": jsonable(result)})
         return result
+
+    def is_done(self, name: str) -> bool:
+        return (self.done / f"{name}.json").exists()
+
+    def recorded_seconds(self) -> dict[str, float]:
+        """{step: seconds} from every marker in OUT/.done, this invocation's and earlier ones'."""
+        markers = sorted(self.done.glob("*.json")) if self.done.is_dir() else []
+        return {m.stem: float(json.loads(m.read_text()).get("seconds", 0.0)) for m in markers}
 
 
 def record_config(out: str | Path, cfg: Any, may_change: tuple[str, ...], job: str) -> None:

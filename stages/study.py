@@ -15,6 +15,7 @@ skipped when its marker `OUT/.done/STEP.json` exists (a killed study continues w
 6. `curve-*`            the `curve_protocols` on every checkpoint-EEEE.pth a run saved before its last
                         epoch (stage 2's `save_every`), features cached per checkpoint
                                                           -> OUT/runs/SETTING-sS/curve/epoch-NNNN/
+   Before each run it logs `run K of N` and the time left at the cost per run so far (from the markers).
 7. `study.md`, `study.json`, `accuracy_vs_cap.png`, `delta_vs_epoch.png`: the pre-registered analysis
    (primary protocol and comparisons, declared by the preset), per-seed values, mean with 95%
    interval, paired difference to `random` with its 95% interval and as a fraction of what
@@ -38,6 +39,7 @@ from salmae.pipeline import dist
 from salmae.pipeline.config import require
 from salmae.pipeline.errors import SalmaeError
 from salmae.pipeline.logging import get_logger, setup_logging
+from salmae.pipeline.progress import format_duration
 from salmae.pipeline.run_lock import RunLock
 from salmae.pipeline.steps import Steps, record_config
 from salmae.stages.pretrain import ArchConfig
@@ -247,14 +249,18 @@ def _run_study(cfg: StudyConfig) -> dict[str, Any]:
     inspect = step("inspect", lambda: _inspect(paths, out / "saliency" / "png",
                                                labelled=not cfg.data), main_only=True)
 
+    n_runs = cfg.seeds * len(cfg.settings)
     for seed in range(cfg.seeds):
         if cfg.floor:
             floor_dir = out / "floor" / f"s{seed}"
             step(f"floor-init-s{seed}", lambda: _untrained_checkpoint(cfg, paths, seed, floor_dir), main_only=True)
             for protocol in cfg.protocols:
                 step(f"eval-{protocol}-floor-s{seed}", lambda: _evaluate(cfg, protocol, floor_dir, paths, seed))
-        for setting in cfg.settings:
+        for i, setting in enumerate(cfg.settings):
             run_dir = out / "runs" / f"{setting}-s{seed}"
+            if not step.is_done(f"pretrain-{setting}-s{seed}"):
+                log.info("study: run %d of %d (%s, seed %d)%s", seed * len(cfg.settings) + i + 1, n_runs, setting,
+                         seed, time_left_text(step.recorded_seconds(), n_runs))
             step(f"pretrain-{setting}-s{seed}", lambda: _pretrain(cfg, paths, setting, seed, run_dir))
             for protocol in cfg.protocols:
                 step(f"eval-{protocol}-{setting}-s{seed}", lambda: _evaluate(cfg, protocol, run_dir, paths, seed))
@@ -272,6 +278,20 @@ def _run_study(cfg: StudyConfig) -> dict[str, Any]:
         log.info("study finished: %s", summary["study_md"])
         print(f"study: {summary['study_md']}")
     return summary or {}
+
+
+def time_left_text(seconds: dict[str, float], n_runs: int) -> str:
+    """'; about 2h35m00s left at 15m30s a run so far' from the study's step markers ({step: seconds}): the
+    per-seed steps recorded (floors, pretraining, probes, curve points; names ending -sS or -sS-eE) over
+    the runs pretrained, times the runs not yet pretrained. '' before the first run is done."""
+    import re
+
+    per_seed = [s for name, s in seconds.items() if re.search(r"-s\d+(-e\d+)?$", name)]
+    done = sum(name.startswith("pretrain-") for name in seconds)
+    if not done or done >= n_runs:
+        return ""
+    per_run = sum(per_seed) / done
+    return f"; about {format_duration(per_run * (n_runs - done))} left at {format_duration(per_run)} a run so far"
 
 
 def saved_checkpoints(run_dir: Path, before: int) -> list[tuple[int, Path]]:

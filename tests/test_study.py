@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from salmae.pipeline.cli import cli
 from salmae.pipeline.config import config_to_dict, resolve_config
 from salmae.pipeline.errors import SalmaeError
+from salmae.pipeline.steps import Steps
 from salmae.pipeline.stats import (holm, holm_levels, min_detectable_effect, paired_t_test, t_half_width,
                                    t_quantile_975)
 from salmae.stages import study
@@ -295,6 +297,17 @@ def test_cap_figure_draws_means_against_caps():
     assert "chance" in [t.get_text() for t in near.get_legend().get_texts()]
 
 
+def test_time_left_counts_every_per_seed_step_over_the_runs_pretrained():
+    seconds = {"data": 5.0, "eval-data": 17.0, "clip": 150.0, "saliency": 11.0, "inspect": 3.0,   # set-up: not counted
+               "floor-init-s0": 1.0, "eval-knn-floor-s0": 59.0,
+               "pretrain-random-s0": 600.0, "eval-knn-random-s0": 140.0, "curve-logreg-random-s0-e10": 100.0,
+               "pretrain-inverse-0.25-s0": 700.0, "eval-knn-inverse-0.25-s0": 200.0}
+    # (1 + 59 + 600 + 140 + 100 + 700 + 200) / 2 runs = 900 s a run; 6 runs left of 8
+    assert study.time_left_text(seconds, n_runs=8) == "; about 1h30m00s left at 15m00s a run so far"
+    assert study.time_left_text({"data": 5.0, "floor-init-s0": 1.0}, n_runs=8) == ""           # no run yet
+    assert study.time_left_text(seconds, n_runs=2) == ""                                       # every run pretrained
+
+
 def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "smoke"
     result = CliRunner().invoke(cli, ["study", "--preset", "smoke", "--out", str(out)])
@@ -337,6 +350,12 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "delta_vs_epoch.png").stat().st_size > 0
     assert f"over 512 maps: **{data['stage1']['pointing_game']:.3f}**" in md
     assert (out / "accuracy_vs_cap.png").stat().st_size > 0
+    # the study's own log holds its steps after the stages' logs took over, and each run's place with the time left
+    log = (out / "run.log").read_text()
+    assert "study: run 1 of 4 (random, seed 0)\n" in log and "study: eval-logreg-amr-capped-s0 ..." in log
+    assert re.search(r"study: run 4 of 4 \(amr-capped, seed 0\); about [\dhms]+ left at [\dhms]+ a run so far\n", log)
+    recorded = Steps(out, "study").recorded_seconds()
+    assert len(recorded) == len(list((out / ".done").glob("*.json"))) and recorded["pretrain-random-s0"] > 0
     masks = {s: yaml.safe_load((out / "runs" / f"{s}-s0" / "config.yaml").read_text()) for s in settings}
     assert [masks[s]["mask"] for s in settings] == ["random", "saliency", "saliency", "amr-capped"]
     assert masks["inverse-0.25"]["masking"]["inverse"] is True and masks["saliency-0.25"]["masking"]["cap"] == 0.25
@@ -368,6 +387,7 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert [n for n in after if after[n] != markers[n]] == ["eval-knn-amr-capped-s0.json"]
     assert json.loads((out / "study.json").read_text())["rows"]["random"] == data["rows"]["random"]
     assert (out / "study.md").is_file()
+    assert (out / "run.log").read_text().count("study: run ") == 4                 # every run was already done
 
     # a rerun with other epochs would skip the finished runs and report them as longer ones: refused
     saved = (out / "config.yaml").read_text()
