@@ -1,19 +1,21 @@
 """study.md / study.json of `salmae study`: the hypothesis, then the numbers as they came out.
 
 First what was declared before the numbers: the hypothesis and the pre-registered analysis (the
-preset's primary protocol and primary comparisons). Then the primary result: the paired
-differences of the primary comparisons on the primary protocol, one family, their two-sided
-paired t-tests Holm-corrected (with intervals at the level of the Holm step that decided each),
-each as a fraction of what pretraining adds on this task (random - floor), and the minimum
-detectable effect at 80% power from the measured paired SD.
+preset's primary protocol and primary comparisons). Then, in the order a reader checks them: the
+manipulation check (how much of the main object each setting hid); the paired difference to
+`random` against the pretraining epoch (every checkpoint the runs saved, a table and
+`delta_vs_epoch.png`); the primary result: the paired differences of the primary comparisons on
+the primary protocol, one family, their two-sided paired t-tests Holm-corrected (with intervals at
+the level of the Holm step that decided each), each as a fraction of what pretraining adds on this
+task (random - floor), and the minimum detectable effect at 80% power from the measured paired SD;
+and the controls of each primary setting (`shuffled-C`, `inverse-C`: descriptive).
 
 Per protocol and setting: each seed's top-1, the mean with its 95% t-interval, and the paired
 difference to `random` over the seeds both hold (with its own interval, and as a fraction of
 random - floor); the untrained encoder (the floor) and chance beside them; the sensitivity checks
 the preset was chosen to pass (reported as PASS or MISS, with the measured values, never
-adjusted); the paired difference to `random` against the pretraining epoch (every checkpoint the
-runs saved, a table and `delta_vs_epoch.png`); stage 1's pointing game; a plot of accuracy
-against the cap; one seed's reconstructions and the stage-1 overlays.
+adjusted); stage 1's pointing game; a plot of accuracy against the cap; one seed's reconstructions
+and the stage-1 overlays.
 """
 
 from __future__ import annotations
@@ -144,6 +146,43 @@ def primary_family(table: dict[str, dict[str, dict[int, float]]], rows: dict[str
     return family
 
 
+def control_comparisons(table: dict[str, dict[str, dict[int, float]]], protocol: str, comparisons: list[str],
+                        manipulation: dict[str, dict[str, Any]] | None = None,
+                        baseline: str = "random") -> list[dict[str, Any]]:
+    """The controls of each primary comparison, on `protocol` (descriptive: no test, no correction).
+
+    A control of `saliency-C` is a setting of the study with the same cap (and cap_of) whose map is
+    another image's (`shuffled-C`) or whose order is reversed (`inverse-C`). For each: the control's
+    paired difference to `baseline`, the primary setting's paired difference to the control (what the
+    map's content, or its direction, adds over a mask of the same size and structure), each with its
+    95% interval, and both settings' shares of object patches hidden when the runs logged them."""
+    from salmae.stages.study_settings import parse_setting
+
+    found = []
+    for name in comparisons:
+        if name not in table or name in ("floor", baseline):
+            continue
+        spec = parse_setting(name)
+        if spec["cap"] is None or spec["inverse"] or spec["map"] != "own":
+            continue
+        for other in table:
+            if other in ("floor", baseline, name):
+                continue
+            ctl = parse_setting(other)
+            if (ctl["cap"], ctl["cap_of"]) != (spec["cap"], spec["cap_of"]) or not (ctl["inverse"] or ctl["map"] != "own"):
+                continue
+            ours, theirs = table[name].get(protocol, {}), table[other].get(protocol, {})
+            n_b, to_base, half_b = paired_diff(theirs, table.get(baseline, {}).get(protocol, {}))
+            n_c, to_ctl, half_c = paired_diff(ours, theirs)
+            hidden = manipulation or {}
+            found.append({"setting": name, "control": other,
+                          "controls_for": "direction" if ctl["inverse"] else "the map's content",
+                          "to_baseline": {"n": n_b, "mean": to_base, "ci95": half_b},
+                          "setting_minus_control": {"n": n_c, "mean": to_ctl, "ci95": half_c},
+                          "object_hidden": {s: hidden[s]["object_hidden"] for s in (name, other) if s in hidden}})
+    return found
+
+
 def load_curve(out: Path, settings: list[str], protocols: list[str],
                seeds: int) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
     """{protocol: {setting: {epochs done: {seed: top1}}}} from every probe of every saved checkpoint
@@ -243,6 +282,8 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
                                 for p in cfg.protocols},
                                out / "accuracy_vs_cap.png", chance=100.0 / classes if classes else None)
     family = primary_family(table, rows, cfg.primary_protocol, list(cfg.primary_comparisons))
+    manipulation = manipulation_check(out, cfg.settings, cfg.seeds)
+    controls = control_comparisons(table, cfg.primary_protocol, list(cfg.primary_comparisons), manipulation)
     curve = summarise_curve(load_curve(out, cfg.settings, list(cfg.curve_protocols), cfg.seeds))
     curve_png = plot_delta_vs_epoch(
         {p: {s: [CurvePoint(e, d["mean"], d["ci95"]) for e, at in sorted(by_epoch.items())
@@ -256,10 +297,10 @@ def write_study(cfg, out: Path, inspect: dict | None, wall_seconds: float) -> di
         "classes": classes, "chance": 100.0 / classes if classes else None, "seeds": cfg.seeds,
         "settings": cfg.settings, "protocols": cfg.protocols, "rows": rows, "checks": found,
         "primary": {"protocol": cfg.primary_protocol, "comparisons": list(cfg.primary_comparisons), "alpha": ALPHA,
-                    "power": POWER, "family": family},
+                    "power": POWER, "family": family, "controls": controls},
         "curve": {p: {str(e): at for e, at in by_epoch.items()} for p, by_epoch in curve.items()},
         "stage1": (inspect or {}).get("localisation"), "config": config_to_dict(cfg),
-        "manipulation": manipulation_check(out, cfg.settings, cfg.seeds),
+        "manipulation": manipulation,
     }
     atomic_write_json(out / "study.json", study)
     md = render_markdown(cfg, study, out, png, inspect, curve_png)
@@ -333,7 +374,9 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
         lines.append("No labelled boxes in this data: no pointing game.")
     lines.append("")
     lines += manipulation_section(study.get("manipulation") or {})
+    lines += curve_section(cfg, study, curve_png)
     lines += primary_result(study)
+    lines += controls_section(study)
     for protocol in cfg.protocols:
         role = "primary" if protocol == cfg.primary_protocol else "secondary"
         lines += [f"## `{protocol}` top-1 (%) ({role})", "",
@@ -355,7 +398,7 @@ def render_markdown(cfg, study: dict[str, Any], out: Path, png: Path, inspect: d
         lines.append(f"| {c['name']} | `{c['protocol']}` | {_fmt(c['value'], 2)} | {c['target']} | {c['verdict']} |")
     if not study["checks"]:
         lines.append("| (no linear probe in this study) | | | | |")
-    lines += [""] + curve_section(cfg, study, curve_png)
+    lines += [""]
     lines += [f"![accuracy against the cap]({png.name})", "",
               "Accuracy against the saliency cap (0 = `random`): hollow points are seeds, black the mean with its "
               "95% interval; dashed lines are the settings without a cap and the floor.", ""]
@@ -435,6 +478,30 @@ def primary_result(study: dict[str, Any]) -> list[str]:
               "after it take that step's level), so it excludes 0 exactly for the comparisons Holm rejects; "
               "Δ / (random − floor) uses that interval.", ""]
     return lines
+
+
+def controls_section(study: dict[str, Any]) -> list[str]:
+    """The primary setting against its controls on the primary protocol (descriptive)."""
+    found = study["primary"].get("controls") or []
+    if not found:
+        return []
+    protocol = study["primary"]["protocol"]
+    lines = [f"## Controls: the primary setting against its controls, `{protocol}` (descriptive)", "",
+             "Each control keeps the primary setting's cap and masks as many patches; `shuffled` takes another "
+             "image's map under this image's crop and flip (the same structure, the wrong content), `inverse` the "
+             "least salient patches (the direction). A gain of the primary setting over `random` that a control "
+             "matches is not about what the map points at. Paired by seed, 95% t-intervals; not part of the "
+             "pre-registered family, so no test and no correction.", "",
+             "| setting | control | controls for | object patches hidden (setting / control) "
+             "| control − `random` ± 95% (n) | setting − control ± 95% (n) |", "|---|---|---|---|---:|---:|"]
+    for c in found:
+        hidden = c["object_hidden"]
+        shares = " / ".join(f"{100 * hidden[s]:.1f}%" if s in hidden else "–" for s in (c["setting"], c["control"]))
+        cells = [f"{_interval(d['mean'], d['ci95'], sign=True)} (n={d['n']})" if d["n"] else "–"
+                 for d in (c["to_baseline"], c["setting_minus_control"])]
+        lines.append(f"| `{c['setting']}` | `{c['control']}` | {c['controls_for']} | {shares} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def curve_section(cfg, study: dict[str, Any], curve_png: Path | None) -> list[str]:

@@ -18,8 +18,9 @@ from salmae.pipeline.steps import Steps
 from salmae.pipeline.stats import (holm, holm_levels, min_detectable_effect, paired_t_test, t_half_width,
                                    t_quantile_975)
 from salmae.stages import study
-from salmae.stages.study_report import (checks, curve_section, load_curve, load_results, preregistration,
-                                        primary_family, primary_result, summarise, summarise_curve)
+from salmae.stages.study_report import (checks, control_comparisons, controls_section, curve_section, load_curve,
+                                        load_results, preregistration, primary_family, primary_result, summarise,
+                                        summarise_curve)
 
 
 def test_settings_parse_into_masks_and_caps():
@@ -219,6 +220,33 @@ def test_primary_family_is_holm_corrected_with_its_mde_and_share_of_the_gain():
     assert "one family of 1): `saliency-0.25` − `random`" in declared and "80% power" in declared
 
 
+def test_controls_pair_the_primary_setting_with_its_same_cap_controls_only():
+    base = {0: 40.0, 1: 42.0, 2: 41.0}
+    shift = lambda *d: {s: v + x for (s, v), x in zip(base.items(), d)}   # noqa: E731
+    table = {"random": {"logreg": base}, "saliency-0.25": {"logreg": shift(2.0, 3.0, 1.0)},
+             "shuffled-0.25": {"logreg": shift(1.0, 1.0, 1.0)}, "inverse-0.25": {"logreg": {0: 39.0, 1: 41.0}},
+             "shuffled-0.5": {"logreg": base}, "saliency-0.25@salient": {"logreg": base},   # other caps: not controls
+             "floor": {"logreg": {0: 30.0, 1: 30.0, 2: 30.0}}}
+    hidden = {"saliency-0.25": {"object_hidden": 0.799}, "shuffled-0.25": {"object_hidden": 0.769}}
+    found = control_comparisons(table, "logreg", ["saliency-0.25", "block"], hidden)
+    assert [(c["setting"], c["control"], c["controls_for"]) for c in found] == [
+        ("saliency-0.25", "shuffled-0.25", "the map's content"), ("saliency-0.25", "inverse-0.25", "direction")]
+    shuffled, inverse = found
+    assert shuffled["to_baseline"] == {"n": 3, "mean": pytest.approx(1.0), "ci95": 0.0}
+    d = shuffled["setting_minus_control"]                                   # diffs 1, 2, 0: mean 1, sd 1
+    assert (d["n"], d["mean"]) == (3, pytest.approx(1.0)) and d["ci95"] == pytest.approx(t_quantile_975(2) / math.sqrt(3))
+    assert inverse["to_baseline"]["n"] == 2 and inverse["to_baseline"]["mean"] == pytest.approx(-1.0)
+    assert inverse["setting_minus_control"]["mean"] == pytest.approx(3.5)  # seeds 0 and 1: 42 - 39, 45 - 41
+    assert shuffled["object_hidden"] == {"saliency-0.25": 0.799, "shuffled-0.25": 0.769}
+    assert inverse["object_hidden"] == {"saliency-0.25": 0.799}
+    md = "\n".join(controls_section({"primary": {"protocol": "logreg", "controls": found}}))
+    assert "## Controls: the primary setting against its controls, `logreg` (descriptive)" in md
+    assert "| `saliency-0.25` | `shuffled-0.25` | the map's content | 79.9% / 76.9% | +1.0 ± 0.0 (n=3) |" in md
+    assert "| `saliency-0.25` | `inverse-0.25` | direction | 79.9% / – | -1.0 ± " in md
+    assert control_comparisons(table, "logreg", ["shuffled-0.25"]) == []      # a control has no controls
+    assert controls_section({"primary": {"protocol": "logreg", "controls": []}}) == []
+
+
 def _write_eval(folder, protocol, top1, pretrain_epoch):
     path = folder / f"eval-{protocol}" / "results.json"
     path.parent.mkdir(parents=True)
@@ -327,8 +355,15 @@ def test_smoke_preset_runs_end_to_end_and_resumes(tmp_path):
     assert {c["name"] for c in data["checks"]} >= {"random >= 3x chance", "random - floor >= 10 points"}
     assert data["stage1"]["n"] == 512                                            # every pretraining image's map
     md = (out / "study.md").read_text()
-    assert md.index("## Hypothesis") < md.index("## Pre-registered analysis") < md.index("## Primary result") \
-        < md.index("## `knn` top-1 (%) (secondary)") < md.index("## `logreg` top-1 (%) (primary)")
+    assert md.index("## Hypothesis") < md.index("## Pre-registered analysis") < md.index("## Manipulation check") \
+        < md.index("## Δ to random against the pretraining epoch") < md.index("## Primary result") \
+        < md.index("## Controls") < md.index("## `knn` top-1 (%) (secondary)") \
+        < md.index("## `logreg` top-1 (%) (primary)")
+    (control,) = data["primary"]["controls"]                                # inverse-0.25 is saliency-0.25's control
+    assert (control["setting"], control["control"]) == ("saliency-0.25", "inverse-0.25")
+    logreg = {s: data["rows"][s]["logreg"]["values"]["0"] for s in ("random", "saliency-0.25", "inverse-0.25")}
+    assert control["to_baseline"]["mean"] == pytest.approx(logreg["inverse-0.25"] - logreg["random"])
+    assert control["setting_minus_control"]["mean"] == pytest.approx(logreg["saliency-0.25"] - logreg["inverse-0.25"])
     assert "**Primary protocol: `logreg`.**" in md and "one family of 1): `saliency-0.25` − `random`" in md
     (family,) = data["primary"]["family"]
     assert (data["primary"]["protocol"], family["setting"], family["n"]) == ("logreg", "saliency-0.25", 1)
