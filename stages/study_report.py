@@ -158,6 +158,7 @@ def control_comparisons(table: dict[str, dict[str, dict[int, float]]], protocol:
     95% interval, and both settings' shares of object patches hidden when the runs logged them."""
     from salmae.stages.study_settings import parse_setting
 
+    hidden = manipulation or {}
     found = []
     for name in comparisons:
         if name not in table or name in ("floor", baseline):
@@ -174,7 +175,6 @@ def control_comparisons(table: dict[str, dict[str, dict[int, float]]], protocol:
             ours, theirs = table[name].get(protocol, {}), table[other].get(protocol, {})
             n_b, to_base, half_b = paired_diff(theirs, table.get(baseline, {}).get(protocol, {}))
             n_c, to_ctl, half_c = paired_diff(ours, theirs)
-            hidden = manipulation or {}
             found.append({"setting": name, "control": other,
                           "controls_for": "direction" if ctl["inverse"] else "the map's content",
                           "to_baseline": {"n": n_b, "mean": to_base, "ci95": half_b},
